@@ -1,0 +1,87 @@
+"""Weights and training state as safetensors (loading never executes code).
+
+A model file holds the network tensors and, in its metadata, the network settings
+(``net_config``), the domain (``image`` or ``kspace``) and the training settings, so a
+file alone is enough to rebuild the network.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .networks import NCSNpp, NetConfig
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_WEIGHTS = {"image": WEIGHTS_DIR / "image.safetensors", "kspace": WEIGHTS_DIR / "kspace.safetensors"}
+
+
+def save_model(path, net: NCSNpp, domain: str, settings: dict | None = None, dtype=torch.float32) -> None:
+    """Save network weights (cast to ``dtype``) with the settings needed to rebuild it."""
+    tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in net.state_dict().items()}
+    meta = {"format": "ddugm-score-model/1", "domain": domain,
+            "net_config": json.dumps(net.config.to_dict()), "settings": json.dumps(settings or {})}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def read_metadata(path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "ddugm-score-model/1":
+        raise ValueError(f"{path} is not a DD-UGM score model file (metadata format={meta.get('format')!r})")
+    return meta
+
+
+def load_model(path, device="cpu", expect_domain: str | None = None) -> NCSNpp:
+    """Rebuild a network from a model file; checks its domain when ``expect_domain`` is given."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"score model weights not found: {path}")
+    meta = read_metadata(path)
+    if expect_domain is not None and meta.get("domain") != expect_domain:
+        raise ValueError(f"{path} holds a {meta.get('domain')!r} model, expected {expect_domain!r}")
+    net = NCSNpp(NetConfig.from_dict(json.loads(meta["net_config"])))
+    state = load_file(str(path), device="cpu")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    net.load_state_dict(state)
+    return net.to(device).eval()
+
+
+# --------------------------------------------------------------------------- training state
+def save_training_state(directory, net, ema, optimizer, step: int, settings: dict) -> None:
+    """Resumable state: weights, EMA weights and Adam moments in one safetensors file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
+    opt = optimizer.state_dict()
+    for pid, st in opt["state"].items():
+        for name, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"opt.{pid}.{name}"] = val.detach().cpu().reshape(-1) if val.dim() == 0 else val.detach().cpu().contiguous()
+    info = {"step": step, "settings": settings, "param_groups": opt["param_groups"]}
+    tmp = directory / "state.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"info": json.dumps(info)})
+    tmp.replace(directory / "state.safetensors")
+
+
+def load_training_state(directory, net, ema, optimizer) -> int:
+    """Restore what :func:`save_training_state` wrote; returns the step to continue from."""
+    path = Path(directory) / "state.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        info = json.loads(f.metadata()["info"])
+    tensors = load_file(str(path))
+    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v.reshape(()) if name == "step" else v
+    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    return int(info["step"])

@@ -1,0 +1,162 @@
+"""Training frames: loading, normalisation, whole-patient splits, augmentation.
+
+Sources: the ACDC cine files (``patientNNN.npz`` with ``cine`` int16 ``[T, Z, H, W]``)
+or plain ``.npy``/``.npz`` stacks ``[T, H, W]``, ``[T, Z, H, W]`` or ``[H, W]``, complex or
+magnitude. Each series (one slice, all frames) is divided by the 99th percentile of the
+magnitude of its time average, the same normalisation the reconstruction applies, so one
+set of weights serves any scanner's units. Magnitude frames get a random smooth phase.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .operators import fft2c, kspace_weight
+
+SUFFIXES = (".npz", ".npy")
+
+
+def list_series_files(source) -> list[Path]:
+    source = Path(source)
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise FileNotFoundError(f"training data not found: {source}")
+    files = sorted(p for p in source.iterdir() if p.suffix in SUFFIXES)
+    if not files:
+        raise ValueError(f"no .npz/.npy files in {source}")
+    return files
+
+
+def split_files(files: list[Path], val_every: int = 10) -> tuple[list[Path], list[Path]]:
+    """Whole-file (whole-patient) split: every ``val_every``-th file (sorted) is validation."""
+    files = sorted(files)
+    if len(files) < 2 or val_every <= 0:
+        return files, []
+    val = files[val_every - 1::val_every] or files[-1:]
+    return [f for f in files if f not in val], val
+
+
+def read_array(path: Path) -> np.ndarray:
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    with np.load(path, allow_pickle=False) as z:
+        for key in ("cine", "frames", "images", "x"):
+            if key in z.files:
+                return z[key]
+        return z[z.files[0]]
+
+
+def series_of(arr: np.ndarray) -> list[np.ndarray]:
+    """Split an array into series ``[T, H, W]`` (ACDC ``[T, Z, H, W]`` gives one per slice)."""
+    if arr.ndim == 2:
+        return [arr[None]]
+    if arr.ndim == 3:
+        return [arr]
+    if arr.ndim == 4:
+        return [arr[:, z] for z in range(arr.shape[1])]
+    raise ValueError(f"expected frames [T,H,W], [T,Z,H,W] or [H,W], got shape {arr.shape}")
+
+
+def robust_scale(series: np.ndarray | torch.Tensor, q: float = 99.0) -> float:
+    """99th percentile of |time average|: the normalisation shared by training and recon."""
+    if isinstance(series, torch.Tensor):
+        m = series.mean(0).abs().flatten().float()
+        s = float(torch.quantile(m, q / 100.0)) if m.numel() <= 2**24 else float(m.max())
+    else:
+        s = float(np.percentile(np.abs(series.mean(0)), q))
+    return s
+
+
+def load_frames(files: list[Path]) -> torch.Tensor:
+    """All frames of ``files``, normalised per series, as complex64 ``[N, H, W]``.
+
+    Frames of different sizes are centre-padded/cropped to the first file's size.
+    """
+    out, size = [], None
+    for path in files:
+        for s in series_of(read_array(path)):
+            s = s.astype(np.complex64) if np.iscomplexobj(s) else s.astype(np.float32)
+            scale = robust_scale(s)
+            if not np.isfinite(s).all() or scale <= 0:
+                continue
+            t = torch.from_numpy(s / scale)
+            size = size or t.shape[-2:]
+            out.append(center_fit(t, size))
+    if not out:
+        raise ValueError("no usable frames (all series empty or non-finite)")
+    return torch.cat(out).to(torch.complex64)
+
+
+def center_fit(x: torch.Tensor, size) -> torch.Tensor:
+    """Centre-crop or zero-pad the last two axes to ``size``."""
+    ny, nx = size
+    h, w = x.shape[-2:]
+    if h > ny:
+        x = x[..., (h - ny) // 2:(h - ny) // 2 + ny, :]
+    if w > nx:
+        x = x[..., (w - nx) // 2:(w - nx) // 2 + nx]
+    h, w = x.shape[-2:]
+    if h < ny or w < nx:
+        x = F.pad(x, ((nx - w) // 2, nx - w - (nx - w) // 2, (ny - h) // 2, ny - h - (ny - h) // 2))
+    return x
+
+
+def smooth_phase(n: int, size: int, generator: torch.Generator, device) -> torch.Tensor:
+    """Random smooth phase maps ``[n, size, size]``: a low-order field plus a linear ramp."""
+    coarse = torch.randn(n, 1, 4, 4, generator=generator, device=device)
+    field = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True)[:, 0]
+    amp = torch.rand(n, 1, 1, generator=generator, device=device) * math.pi
+    g = torch.linspace(-1, 1, size, device=device)
+    ramp = (torch.randn(n, 2, 1, 1, generator=generator, device=device) * 0.5)
+    return amp * field + ramp[:, 0] * g[:, None] + ramp[:, 1] * g[None, :]
+
+
+class FrameSampler:
+    """Draws augmented training batches of single frames in the image or weighted k-space domain.
+
+    Augmentation: random position on a zero-padded canvas, flips, transposition, intensity
+    jitter (x0.8-1.25), and a random smooth phase for magnitude data.
+    """
+
+    def __init__(self, frames: torch.Tensor, size: int, domain: str, device="cpu"):
+        if domain not in ("image", "kspace"):
+            raise ValueError(f"domain must be 'image' or 'kspace', got {domain!r}")
+        h, w = frames.shape[-2:]
+        canvas = (max(h, size), max(w, size))
+        self.frames = center_fit(frames, canvas).to(device)
+        self.is_complex = bool((frames.imag != 0).any())
+        self.size, self.domain, self.device = size, domain, torch.device(device)
+        self.weight = kspace_weight(size, size, device=device) if domain == "kspace" else None
+
+    def __len__(self) -> int:
+        return self.frames.shape[0]
+
+    def images(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        dev, s = self.device, self.size
+        idx = torch.randint(len(self), (n,), generator=generator, device=dev)
+        hc, wc = self.frames.shape[-2:]
+        oy = torch.randint(hc - s + 1, (n,), generator=generator, device=dev)
+        ox = torch.randint(wc - s + 1, (n,), generator=generator, device=dev)
+        ar = torch.arange(s, device=dev)
+        x = self.frames[idx[:, None, None], (oy[:, None] + ar)[:, :, None], (ox[:, None] + ar)[:, None, :]]
+        flips = torch.rand(n, 3, generator=generator, device=dev) < 0.5
+        x = torch.where(flips[:, 0, None, None], x.flip(-1), x)
+        x = torch.where(flips[:, 1, None, None], x.flip(-2), x)
+        x = torch.where(flips[:, 2, None, None], x.transpose(-1, -2), x)
+        gain = torch.exp((torch.rand(n, 1, 1, generator=generator, device=dev) - 0.5) * 0.45)
+        x = x * gain
+        if not self.is_complex:
+            x = x.real * torch.exp(1j * smooth_phase(n, s, generator, dev))
+        return x.to(torch.complex64)
+
+    def batch(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Complex training samples ``[n, size, size]`` in this sampler's domain."""
+        x = self.images(n, generator)
+        if self.domain == "kspace":
+            x = fft2c(x) * self.weight
+        return x

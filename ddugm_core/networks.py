@@ -1,0 +1,225 @@
+"""NCSN++-style score network and the adapter from network output to score.
+
+The architecture follows score_sde's "ncsnpp" U-Net: Gaussian Fourier embedding of
+log(sigma), BigGAN-style residual blocks that carry the time embedding and resample with
+a [1, 3, 3, 1] FIR filter, self-attention at chosen resolutions, skip connections scaled
+by 1/sqrt(2), output divided by sigma. Width and depth come from :class:`NetConfig`; the
+published configuration is ``NetConfig.paper()``.
+
+Inputs and outputs are 2 channels (real, imaginary) of single 2D frames.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class NetConfig:
+    nf: int = 32
+    ch_mult: tuple = (1, 2, 2, 2)
+    num_res_blocks: int = 1
+    attn_resolutions: tuple = (12,)
+    dropout: float = 0.0
+    fourier_scale: float = 16.0
+    in_channels: int = 2
+    image_size: int = 96  # training size; attention resolutions are relative to it
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def paper(cls) -> "NetConfig":
+        """The published DD-UGM network: nf=128, ch_mult (1,1,2,2,2,2,2), 192 x 192."""
+        return cls(nf=128, ch_mult=(1, 1, 2, 2, 2, 2, 2), num_res_blocks=2, attn_resolutions=(12,),
+                   dropout=0.0, image_size=192)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ch_mult"], d["attn_resolutions"] = list(self.ch_mult), list(self.attn_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        unknown = set(d) - set(known)
+        if unknown:
+            raise ValueError(f"unknown network settings: {sorted(unknown)}")
+        for k in ("ch_mult", "attn_resolutions"):
+            if k in known:
+                known[k] = tuple(int(v) for v in known[k])
+        return cls(**known)
+
+    @property
+    def divisor(self) -> int:
+        """Spatial sizes must be multiples of this (one halving per level below the first)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+def _groups(ch: int) -> int:
+    return min(32, max(1, ch // 4))
+
+
+class GaussianFourierEmbedding(nn.Module):
+    def __init__(self, dim: int, scale: float):
+        super().__init__()
+        self.register_buffer("W", torch.randn(dim // 2) * scale)
+
+    def forward(self, x):
+        proj = x[:, None] * self.W[None] * 2 * math.pi
+        return torch.cat([proj.sin(), proj.cos()], dim=1)
+
+
+class FIRResample(nn.Module):
+    """Down- or up-sampling by 2 with the separable [1, 3, 3, 1] FIR kernel (depthwise)."""
+
+    def __init__(self, up: bool):
+        super().__init__()
+        k = torch.tensor([1.0, 3.0, 3.0, 1.0])
+        k = torch.outer(k, k)
+        k = k / k.sum()
+        self.up = up
+        self.register_buffer("k", (k * 4 if up else k)[None, None])
+
+    def forward(self, x):
+        c = x.shape[1]
+        w = self.k.to(x.dtype).expand(c, 1, 4, 4)
+        if self.up:
+            return F.conv_transpose2d(x, w, stride=2, padding=1, groups=c)
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), w, stride=2, groups=c)
+
+
+class ResBlock(nn.Module):
+    """BigGAN residual block with time embedding and optional FIR up/down sampling."""
+
+    def __init__(self, cin: int, cout: int, temb: int, dropout: float, up=False, down=False):
+        super().__init__()
+        self.norm0 = nn.GroupNorm(_groups(cin), cin, eps=1e-6)
+        self.conv0 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.dense = nn.Linear(temb, cout)
+        self.norm1 = nn.GroupNorm(_groups(cout), cout, eps=1e-6)
+        self.drop = nn.Dropout(dropout)
+        self.conv1 = nn.Conv2d(cout, cout, 3, padding=1)
+        nn.init.zeros_(self.conv1.weight)
+        nn.init.zeros_(self.conv1.bias)
+        self.resample = FIRResample(up) if (up or down) else None
+        self.skip = nn.Conv2d(cin, cout, 1) if (cin != cout or up or down) else None
+
+    def forward(self, x, emb):
+        h = F.silu(self.norm0(x))
+        if self.resample is not None:
+            h, x = self.resample(h), self.resample(x)
+        h = self.conv0(h)
+        h = h + self.dense(F.silu(emb))[:, :, None, None]
+        h = self.conv1(self.drop(F.silu(self.norm1(h))))
+        if self.skip is not None:
+            x = self.skip(x)
+        return (x + h) / math.sqrt(2.0)
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(_groups(ch), ch, eps=1e-6)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).unbind(1)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2)[:, None], k.transpose(1, 2)[:, None],
+                                           v.transpose(1, 2)[:, None])[:, 0]
+        return (x + self.proj(a.transpose(1, 2).reshape(b, c, h, w))) / math.sqrt(2.0)
+
+
+class NCSNpp(nn.Module):
+    """Score U-Net. ``forward(x [B, 2, H, W], sigma [B]) -> score [B, 2, H, W]`` (already / sigma)."""
+
+    def __init__(self, config: NetConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or NetConfig()
+        nf, temb = cfg.nf, cfg.nf * 4
+        self.embed = GaussianFourierEmbedding(nf * 2, cfg.fourier_scale)
+        self.temb = nn.Sequential(nn.Linear(nf * 2, temb), nn.SiLU(), nn.Linear(temb, temb))
+        self.conv_in = nn.Conv2d(cfg.in_channels, nf, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        chans, ch, res = [nf], nf, cfg.image_size
+        for level, mult in enumerate(cfg.ch_mult):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(ResBlock(ch, nf * mult, temb, cfg.dropout))
+                ch = nf * mult
+                if res in cfg.attn_resolutions:
+                    self.down.append(AttnBlock(ch))
+                chans.append(ch)
+            if level != len(cfg.ch_mult) - 1:
+                self.down.append(ResBlock(ch, ch, temb, cfg.dropout, down=True))
+                chans.append(ch)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(ch, ch, temb, cfg.dropout), AttnBlock(ch),
+                                  ResBlock(ch, ch, temb, cfg.dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.ch_mult))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(ResBlock(ch + chans.pop(), nf * mult, temb, cfg.dropout))
+                ch = nf * mult
+                if res in cfg.attn_resolutions:
+                    self.up.append(AttnBlock(ch))
+            if level != 0:
+                self.up.append(ResBlock(ch, ch, temb, cfg.dropout, up=True))
+                res *= 2
+        self.norm_out = nn.GroupNorm(_groups(ch), ch, eps=1e-6)
+        self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        emb = self.temb(self.embed(torch.log(sigma)))
+        h = self.conv_in(x)
+        hs = [h]
+        for m in self.down:
+            if isinstance(m, AttnBlock):
+                h = m(h)
+                hs[-1] = h
+            else:
+                h = m(h, emb)
+                hs.append(h)
+        for m in self.mid:
+            h = m(h) if isinstance(m, AttnBlock) else m(h, emb)
+        for m in self.up:
+            if isinstance(m, AttnBlock):
+                h = m(h)
+            elif m.resample is not None:
+                h = m(h, emb)
+            else:
+                h = m(torch.cat([h, hs.pop()], dim=1), emb)
+        h = self.conv_out(F.silu(self.norm_out(h)))
+        return h / sigma.to(h.dtype)[:, None, None, None]
+
+
+class ScoreFunction:
+    """Adapter: complex frames ``[B, y, x]`` and a noise level -> complex score ``[B, y, x]``.
+
+    Pads each frame to a multiple of the network's divisor (zeros; frames of any size
+    work) and crops back; runs under bf16 autocast on CUDA when ``amp`` is set.
+    """
+
+    def __init__(self, net: NCSNpp, amp: bool = False):
+        self.net = net.eval()
+        self.amp = amp
+        self.divisor = net.config.divisor
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        b, ny, nx = x.shape
+        py, px = (-ny) % self.divisor, (-nx) % self.divisor
+        h = torch.view_as_real(x).permute(0, 3, 1, 2)
+        if py or px:
+            h = F.pad(h, (px // 2, px - px // 2, py // 2, py - py // 2))
+        s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(b)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp and x.device.type == "cuda"):
+            out = self.net(h, s)
+        out = out.float()[:, :, py // 2: py // 2 + ny, px // 2: px // 2 + nx]
+        return torch.complex(out[:, 0], out[:, 1])
