@@ -1,0 +1,59 @@
+"""Coil sensitivities from the time-averaged, fully sampled k-space centre.
+
+Across a cine series each frame samples different lines; averaging the frames where each
+sample was acquired gives the k-space of the time-averaged image, usually fully sampled
+near the centre. A smooth (Hann-windowed) low-resolution coil image divided by the
+root-sum-of-squares gives the maps. The band used may have a few unsampled lines (at
+most 20 %); the smooth window keeps their effect small. They are normalised (sum_c |S_c|^2 = 1 inside the
+support), so the SENSE normal operator is the identity where everything is sampled, and
+zero where the signal is below ``threshold`` times its maximum (no image is defined there).
+"""
+from __future__ import annotations
+
+import torch
+
+from .operators import ifft2c
+
+
+def time_averaged_kspace(kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the frames that sampled each location: ``[coil, frame, ky, kx] -> [coil, ky, kx]``."""
+    count = mask.sum(0)
+    return (kspace * mask).sum(1) / count.clamp(min=1)
+
+
+def calibration_width(mask: torch.Tensor, max_width: int = 24, min_fill: float = 0.8) -> int:
+    """Width (odd, <= ``max_width``) of the ky band around the centre in which at least
+    ``min_fill`` of the lines are sampled by some frame (the centre line itself must be)."""
+    ny = mask.shape[-2]
+    lines = mask.any(dim=-1).any(dim=0).float()  # [ky]: line sampled by any frame
+    c = ny // 2
+    if not lines[c]:
+        return 0
+    best = 1
+    for half in range(1, min(max_width // 2, c, ny - 1 - c) + 1):
+        if float(lines[c - half:c + half + 1].mean()) >= min_fill:
+            best = 2 * half + 1
+    return best
+
+
+def estimate_coil_maps(kspace: torch.Tensor, mask: torch.Tensor, calib: int = 24, threshold: float = 0.05) -> torch.Tensor:
+    """Normalised coil maps ``[coil, y, x]`` from k-space ``[coil, frame, ky, kx]`` and mask ``[frame, ky, kx]``."""
+    _, _, ny, nx = kspace.shape
+    width = calibration_width(mask, calib)
+    if width < 3:
+        raise ValueError("cannot estimate coil maps: the k-space centre line is not sampled by any frame; "
+                         "pass coil_maps or sample the centre")
+    avg = time_averaged_kspace(kspace, mask)
+    wy = _hann(ny, width, kspace.device)
+    wx = _hann(nx, max(3, round(width * nx / ny)), kspace.device)
+    low = ifft2c(avg * (wy[:, None] * wx[None, :]))
+    rss = (low.abs() ** 2).sum(0).sqrt()
+    support = rss > threshold * rss.max()
+    return torch.where(support, low / torch.where(support, rss, torch.ones_like(rss)), torch.zeros_like(low))
+
+
+def _hann(n: int, width: int, device) -> torch.Tensor:
+    """A Hann window of ``width`` samples centred at n // 2, zero elsewhere."""
+    i = torch.arange(n, device=device, dtype=torch.float32) - n // 2
+    half = width / 2.0
+    return torch.where(i.abs() < half, 0.5 + 0.5 * torch.cos(torch.pi * i / half), torch.zeros_like(i))

@@ -1,0 +1,76 @@
+"""Data consistency: bring an estimate back into agreement with the measured samples.
+
+Single coil (no maps): the exact projection, measured k-space samples put back.
+Multi-coil: the SENSE model A = M F S; a few conjugate-gradient steps on
+(A^H A + lam I) x = A^H y + lam x0, warm-started at the estimate x0 (lam = 0 with few
+steps acts as an early-stopped least-squares projection). With normalised maps and full
+sampling A^H A = I inside the support and one step is exact.
+"""
+from __future__ import annotations
+
+import torch
+
+from .operators import FFT2, Mask, Sense, fft2c, ifft2c
+
+
+class DataConsistency:
+    """Measured k-space ``y`` ``[coil, frame, ky, kx]`` (zeros where not sampled), mask ``[frame, ky, kx]``."""
+
+    def __init__(self, y: torch.Tensor, mask: torch.Tensor, maps: torch.Tensor | None = None,
+                 cg_iters: int = 5, lam: float = 0.0):
+        self.mask = mask.to(y.real.dtype)
+        self.maps = maps
+        self.cg_iters, self.lam = cg_iters, lam
+        if maps is None:
+            if y.shape[0] != 1:
+                raise ValueError("multi-coil data needs coil maps")
+            self.y = y[0] * self.mask
+            self.A = None
+        else:
+            self.y = y * self.mask
+            self.A = Mask(self.mask) @ FFT2() @ Sense(maps)
+            self.Ahy = self.A.H(self.y)
+            diag = Sense(maps).normal_diagonal()
+            self.support = diag > 0
+
+    # -- the two entry points used by the sampler
+    def kspace(self, k: torch.Tensor) -> torch.Tensor:
+        """Project combined k-space ``[frame, ky, kx]``."""
+        if self.A is None:
+            return torch.where(self.mask > 0, self.y, k)
+        return fft2c(self.image(ifft2c(k)))
+
+    def image(self, x: torch.Tensor) -> torch.Tensor:
+        """Project an image ``[frame, y, x]``."""
+        if self.A is None:
+            return ifft2c(torch.where(self.mask > 0, self.y, fft2c(x)))
+        return self._cg(x)
+
+    def adjoint_image(self) -> torch.Tensor:
+        """A^H y normalised by S^H S: the coil-combined zero-filled image."""
+        if self.A is None:
+            return ifft2c(self.y)
+        diag = Sense(self.maps).normal_diagonal()
+        return torch.where(self.support, self.Ahy / torch.where(self.support, diag, torch.ones_like(diag)), torch.zeros_like(self.Ahy))
+
+    def _normal(self, x):
+        out = self.A.H(self.A(x))
+        return out + self.lam * x if self.lam else out
+
+    def _cg(self, x0: torch.Tensor) -> torch.Tensor:
+        b = self.Ahy + self.lam * x0 if self.lam else self.Ahy
+        x = x0
+        r = b - self._normal(x)
+        p = r
+        rr = torch.vdot(r.flatten(), r.flatten()).real
+        tiny = 1e-30 + 1e-12 * torch.vdot(b.flatten(), b.flatten()).real
+        for _ in range(self.cg_iters):
+            ap = self._normal(p)
+            pap = torch.vdot(p.flatten(), ap.flatten()).real
+            alpha = torch.where(pap > tiny, rr / pap.clamp(min=1e-30), torch.zeros_like(rr))
+            x = x + alpha * p
+            r = r - alpha * ap
+            rr_new = torch.vdot(r.flatten(), r.flatten()).real
+            p = r + (rr_new / rr.clamp(min=1e-30)) * p
+            rr = rr_new
+        return x

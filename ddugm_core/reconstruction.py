@@ -1,0 +1,293 @@
+"""The one public entry: ``Reconstructor(config, device).recon(kspace, mask, coil_maps, seed)``.
+
+It validates the input, derives the mask and coil maps when not given, normalises the
+scale, runs the chosen method (DD-UGM, low-rank-only or zero-filled) on the compute
+device, and returns complex64 images ``[frame, y, x]`` in the input's scale.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from . import baselines
+from .checkpoints import DEFAULT_WEIGHTS, load_model
+from .coils import estimate_coil_maps, time_averaged_kspace
+from .consistency import DataConsistency
+from .lowrank import default_rank
+from .networks import ScoreFunction
+from .operators import KWeight, expand_mask, fft2c, ifft2c, kspace_weight
+from .sampler import SamplerSettings, ddugm_sample
+
+METHODS = ("ddugm", "low_rank", "zero_filled")
+
+#: Sampling schedules. "paper" is the published one; "default" is the fast preset,
+#: chosen by measurement (README, "Presets").
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"steps": 1000, "sigma_min": 0.01, "sigma_max": 4.0, "snr": 0.075, "kspace_sigma_scale": 1.0},
+    "default": {"steps": 20, "sigma_min": 0.01, "sigma_max": 0.2, "snr": 0.075, "kspace_sigma_scale": 0.1},
+}
+
+
+@dataclass
+class ReconConfig:
+    """Reconstruction settings. ``None`` means "take it from the preset"."""
+
+    method: str = "ddugm"
+    preset: str = "default"
+    steps: Optional[int] = None
+    sigma_min: Optional[float] = None
+    sigma_max: Optional[float] = None
+    snr: Optional[float] = None
+    kspace_sigma_scale: Optional[float] = None
+    eps: float = 1e-5
+    fusion: float = 0.75
+    window: int = 6
+    rank: Optional[int] = None          # default floor(1.5 * window^2) = 54
+    lowrank_iters: int = 50             # iterations of the low-rank-only method
+    dc_iters: int = 5                   # conjugate-gradient steps of multi-coil data consistency
+    dc_lambda: float = 0.0
+    coil_calib: int = 24                # max calibration lines for coil maps
+    coil_threshold: float = 0.05        # support threshold (fraction of max) for coil maps
+    scale_percentile: float = 99.0
+    image_weights: str = ""             # "" = the shipped weights
+    kspace_weights: str = ""
+    device: str = "auto"
+    amp: bool = True                    # bf16 network calls on CUDA
+
+    # ------------------------------------------------------------------ loading and checks
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReconConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"settings must be a mapping, got {type(d).__name__}")
+        names = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"unknown reconstruction setting(s): {', '.join(unknown)}; known: {', '.join(names)}")
+        values = {}
+        for key, val in d.items():
+            values[key] = _coerce(key, val, names[key].type)
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path) -> "ReconConfig":
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
+        data = data or {}
+        if isinstance(data, dict) and isinstance(data.get("recon"), dict):
+            data = data["recon"]
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
+        s = self.sampler_settings()
+        if s.steps < 1:
+            raise ValueError("steps must be >= 1")
+        if not 0 < s.sigma_min <= s.sigma_max:
+            raise ValueError(f"need 0 < sigma_min <= sigma_max, got {s.sigma_min}, {s.sigma_max}")
+        if s.snr <= 0 or s.kspace_sigma_scale <= 0:
+            raise ValueError("snr and kspace_sigma_scale must be positive")
+        if not 0 <= self.fusion <= 1:
+            raise ValueError(f"fusion must be in [0, 1], got {self.fusion}")
+        if self.window < 2 or s.rank < 1:
+            raise ValueError("window must be >= 2 and rank >= 1")
+        if self.lowrank_iters < 1 or self.dc_iters < 1 or self.dc_lambda < 0:
+            raise ValueError("lowrank_iters and dc_iters must be >= 1, dc_lambda >= 0")
+        if not 0 < self.scale_percentile <= 100 or not 0 <= self.coil_threshold < 1 or self.coil_calib < 3:
+            raise ValueError("scale_percentile in (0, 100], coil_threshold in [0, 1), coil_calib >= 3")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as e:
+                raise ValueError(f"device: {e}") from None
+
+    def sampler_settings(self) -> SamplerSettings:
+        p = PRESETS[self.preset]
+        pick = lambda name: p[name] if getattr(self, name) is None else getattr(self, name)  # noqa: E731
+        return SamplerSettings(steps=int(pick("steps")), sigma_min=float(pick("sigma_min")),
+                               sigma_max=float(pick("sigma_max")), eps=self.eps, snr=float(pick("snr")),
+                               kspace_sigma_scale=float(pick("kspace_sigma_scale")), fusion=self.fusion,
+                               rank=self.rank if self.rank is not None else default_rank(self.window),
+                               window=self.window)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(key: str, val, typ):
+    t = str(typ)
+    if val is None and "Optional" in t:
+        return None
+    if "bool" in t:
+        if isinstance(val, bool):
+            return val
+        raise ValueError(f"{key} must be true or false, got {val!r}")
+    if "int" in t:
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or float(val) != int(val):
+            raise ValueError(f"{key} must be an integer, got {val!r}")
+        return int(val)
+    if "float" in t:
+        if isinstance(val, bool) or not isinstance(val, (int, float)):
+            raise ValueError(f"{key} must be a number, got {val!r}")
+        return float(val)
+    if not isinstance(val, str):
+        raise ValueError(f"{key} must be a string, got {val!r}")
+    return val
+
+
+# ---------------------------------------------------------------------- input checks
+def _as_tensor(x, name: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    raise ValueError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
+
+
+def prepare_inputs(kspace, mask=None, coil_maps=None, device="cpu"):
+    """Validate and convert. Returns (kspace ``[coil, frame, ky, kx]``, mask ``[frame, ky, kx]``
+    float 0/1, maps or None), all on ``device``. Raises ValueError naming the problem."""
+    k = _as_tensor(kspace, "kspace")
+    if not k.is_complex():
+        raise ValueError(f"kspace must be complex (complex64), got dtype {k.dtype}")
+    if k.dim() == 3:
+        k = k[None]
+    if k.dim() != 4:
+        raise ValueError(f"kspace must be [coil, frame, ky, kx] or [frame, ky, kx], got {k.dim()} dimensions {tuple(k.shape)}")
+    if min(k.shape) == 0:
+        raise ValueError(f"kspace is empty: shape {tuple(k.shape)}")
+    k = k.to(device=device, dtype=torch.complex64)
+    if not torch.isfinite(torch.view_as_real(k)).all():
+        raise ValueError("kspace contains NaN or Inf values")
+    c, t, ny, nx = k.shape
+    if mask is None:
+        m = (k.abs() > 0).any(dim=0).any(dim=-1)  # [frame, ky]: lines that carry data
+    else:
+        m = _as_tensor(mask, "mask")
+        if m.is_complex():
+            raise ValueError(f"mask must be boolean or 0/1 numbers, got dtype {m.dtype}")
+        m = m.to(device)
+        if m.dtype != torch.bool:
+            if not torch.isfinite(m.float()).all() or not ((m == 0) | (m == 1)).all():
+                raise ValueError("mask values must be 0 or 1")
+            m = m != 0
+        if tuple(m.shape) not in ((t, ny), (t, ny, nx)):
+            raise ValueError(f"mask shape {tuple(m.shape)} does not match kspace {tuple(k.shape)}: "
+                             f"expected [frame, ky] = ({t}, {ny}) or [frame, ky, kx] = ({t}, {ny}, {nx})")
+    m = expand_mask(m, (ny, nx))
+    if not m.any():
+        raise ValueError("the mask samples nothing")
+    empty = torch.nonzero(~m.flatten(1).any(1)).flatten().tolist()
+    if empty:
+        raise ValueError(f"frame(s) {empty} have no acquired samples")
+    sampled = k * m
+    zero_frames = torch.nonzero(~(sampled.abs() > 0).any(0).flatten(1).any(1)).flatten().tolist()
+    if zero_frames:
+        raise ValueError(f"frame(s) {zero_frames} are all zero")
+    zero_coils = torch.nonzero(~(sampled.abs() > 0).flatten(1).any(1)).flatten().tolist()
+    if zero_coils:
+        raise ValueError(f"coil(s) {zero_coils} are all zero")
+    maps = None
+    if coil_maps is not None:
+        maps = _as_tensor(coil_maps, "coil_maps")
+        if not maps.is_complex():
+            raise ValueError(f"coil_maps must be complex, got dtype {maps.dtype}")
+        if tuple(maps.shape) not in ((c, ny, nx), (c, t, ny, nx)):
+            raise ValueError(f"coil_maps shape {tuple(maps.shape)} does not match kspace {tuple(k.shape)}: "
+                             f"expected ({c}, {ny}, {nx}) or ({c}, {t}, {ny}, {nx})")
+        maps = maps.to(device=device, dtype=torch.complex64)
+        if not torch.isfinite(torch.view_as_real(maps)).all():
+            raise ValueError("coil_maps contain NaN or Inf values")
+        if not (maps.abs() > 0).any():
+            raise ValueError("coil_maps are all zero")
+    return k, m.to(torch.float32), maps
+
+
+# ---------------------------------------------------------------------- the reconstructor
+class Reconstructor:
+    """Holds the settings and (lazily) the two score models on the compute device."""
+
+    def __init__(self, config: ReconConfig | None = None, device: str | torch.device | None = None):
+        self.config = config or ReconConfig()
+        self.config.validate()
+        dev = device if device is not None else self.config.device
+        if str(dev) == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(dev)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available")
+        self._scores = None
+
+    def load_models(self):
+        """Load the image and k-space score models (done once, on first use)."""
+        if self._scores is None:
+            cfg = self.config
+            paths = {d: Path(getattr(cfg, f"{d}_weights") or DEFAULT_WEIGHTS[d]) for d in ("image", "kspace")}
+            amp = cfg.amp and self.device.type == "cuda"
+            self._scores = {d: ScoreFunction(load_model(p, self.device, expect_domain=d), amp=amp) for d, p in paths.items()}
+        return self._scores
+
+    def recon(self, kspace, mask=None, coil_maps=None, seed: int = 0, method: str | None = None,
+              callback: Optional[Callable[[int, int], None]] = None):
+        """Reconstruct ``[frame, y, x]`` complex64 images from centred k-space.
+
+        kspace: ``[coil, frame, ky, kx]`` or ``[frame, ky, kx]``, zeros where not acquired.
+        mask: ``[frame, ky, kx]`` or ``[frame, ky]``; inferred from the non-zero lines if None.
+        coil_maps: ``[coil, y, x]``, normalised (sum |S|^2 = 1); estimated if None and coil > 1.
+        Returns a numpy array for numpy input, else a tensor on the input's device.
+        """
+        cfg = self.config
+        method = method or cfg.method
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        as_numpy = isinstance(kspace, np.ndarray)
+        out_device = None if as_numpy else getattr(kspace, "device", None)
+        k, m, maps = prepare_inputs(kspace, mask, coil_maps, self.device)
+        if maps is None and k.shape[0] > 1:
+            maps = estimate_coil_maps(k, m, cfg.coil_calib, cfg.coil_threshold)
+
+        scale = self._scale(k, m, maps)
+        dc = DataConsistency(k / scale, m, maps, cg_iters=cfg.dc_iters, lam=cfg.dc_lambda)
+        if method == "zero_filled":
+            x = baselines.zero_filled(dc)
+        elif method == "low_rank":
+            s = cfg.sampler_settings()
+            x = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window, callback)
+        else:
+            scores = self.load_models()
+            gen = torch.Generator(self.device).manual_seed(int(seed))
+            k0 = fft2c(dc.image(baselines.zero_filled(dc)))
+            weight = KWeight(kspace_weight(*k0.shape[-2:], device=self.device))
+            x = ddugm_sample(k0, dc, scores["kspace"], scores["image"], weight, cfg.sampler_settings(), gen, callback)
+        if maps is not None:
+            x = x * dc.support
+        x = (x * scale).to(torch.complex64)
+        if as_numpy:
+            return x.cpu().numpy()
+        return x.to(out_device) if out_device is not None else x
+
+    def _scale(self, k, m, maps) -> torch.Tensor:
+        """Robust percentile of the time-averaged coil-combined image (no reference used)."""
+        avg = ifft2c(time_averaged_kspace(k, m))
+        img = (maps.conj() * avg[:, None] if maps.dim() == 4 else maps.conj() * avg).sum(0) if maps is not None else avg[0]
+        mag = img.abs().flatten()
+        scale = torch.quantile(mag, self.config.scale_percentile / 100.0) if mag.numel() <= 2**24 else mag.max()
+        if not scale > 0:
+            raise ValueError("the data have no signal (time-averaged image is zero)")
+        return scale

@@ -1,0 +1,92 @@
+"""The DD-UGM dual-domain predictor-corrector sampler (one function, no I/O).
+
+State: the coil-combined k-space of all frames ``[frame, ky, kx]`` (normalised scale).
+Every network call sees all frames as one batch; the low-rank step ties the frames.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .consistency import DataConsistency
+from .lowrank import lowrank_project
+from .operators import HankelLift, KWeight, fft2c, ifft2c
+from .sde import VESDE
+
+Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    steps: int = 1000
+    sigma_min: float = 0.01
+    sigma_max: float = 4.0
+    eps: float = 1e-5
+    snr: float = 0.075
+    kspace_sigma_scale: float = 1.0  # k-space noise levels = this x the image ones
+    fusion: float = 0.75             # weight of the low-rank k-space in the fused estimate
+    rank: int = 54
+    window: int = 6
+
+
+def _randn(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Complex noise with unit variance in each real component (what the networks were trained on)."""
+    return torch.complex(torch.randn(like.shape, generator=generator, device=like.device),
+                         torch.randn(like.shape, generator=generator, device=like.device))
+
+
+def _frame_norm(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x.flatten(1), dim=1)[:, None, None]
+
+
+def reverse_diffusion(x, score: Score, sigma, sigma_next, generator, add_noise=True):
+    """VE reverse-diffusion predictor: x + (s^2 - s'^2) score + sqrt(s^2 - s'^2) z."""
+    g2 = sigma**2 - sigma_next**2
+    mean = x + g2 * score(x, sigma)
+    return mean + g2.sqrt() * _randn(x, generator) if add_noise else mean
+
+
+def langevin(x, score: Score, sigma, snr: float, generator, add_noise=True):
+    """Annealed Langevin corrector with the step set by the signal-to-noise ratio (per frame)."""
+    grad = score(x, sigma)
+    z = _randn(x, generator)
+    step = 2 * (snr * _frame_norm(z) / _frame_norm(grad).clamp(min=1e-12)) ** 2
+    mean = x + step * grad
+    return mean + (2 * step).sqrt() * z if add_noise else mean
+
+
+def ddugm_sample(k0: torch.Tensor, dc: DataConsistency, score_k: Score, score_i: Score,
+                 weight: KWeight, settings: SamplerSettings, generator: torch.Generator,
+                 callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+    """Reconstruct images ``[frame, y, x]`` from a data-consistent start ``k0`` ``[frame, ky, kx]``."""
+    s = settings
+    sde = VESDE(s.sigma_min, s.sigma_max)
+    sigmas = sde.discrete_sigmas(s.steps, s.eps, device=k0.device)
+    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+    lift = HankelLift(tuple(k0.shape), s.window, device=k0.device)
+    ks = s.kspace_sigma_scale
+
+    # start: the measured data plus noise at the first level, made consistent again
+    k = dc.kspace(weight.unweight(weight(k0) + ks * sigmas[0] * _randn(k0, generator), k0))
+    for i in range(s.steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        last = i == s.steps - 1  # the final step returns the noise-free mean
+        sig_c = sigma_next if not last else sigma  # corrector level: what remains after the predictor
+        # 1-2. k-space predictor on the weighted k-space; unweight, data consistency, reweight
+        kw = reverse_diffusion(weight(k), score_k, ks * sigma, ks * sigma_next, generator, not last)
+        k = dc.kspace(weight.unweight(kw, k))
+        # 3-4. k-space Langevin corrector; unweight, data consistency
+        kw = langevin(weight(k), score_k, ks * sig_c, s.snr, generator, not last)
+        k = dc.kspace(weight.unweight(kw, k))
+        # 5. structured low-rank step over all frames; data consistency
+        k_lr = dc.kspace(lowrank_project(k, lift, s.rank))
+        # 6-7. image predictor and corrector, each followed by data consistency
+        x = dc.image(reverse_diffusion(ifft2c(k_lr), score_i, sigma, sigma_next, generator, not last))
+        x = dc.image(langevin(x, score_i, sig_c, s.snr, generator, not last))
+        # 8. fuse the two domains; both chains restart from the fused estimate
+        k = dc.kspace(s.fusion * k_lr + (1 - s.fusion) * fft2c(x))
+        if callback is not None:
+            callback(i + 1, s.steps)
+    return ifft2c(k)
