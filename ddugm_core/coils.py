@@ -2,8 +2,8 @@
 
 Across a cine series each frame samples different lines; averaging the frames where each
 sample was acquired gives the k-space of the time-averaged image, usually fully sampled
-near the centre. A smooth (Hann-windowed) low-resolution coil image divided by the
-root-sum-of-squares gives the maps. The band used may have a few unsampled lines (at
+near the centre. Maps come from the Hann-windowed low-resolution coil images of that
+band by Walsh's local covariance method. The band used may have a few unsampled lines (at
 most 20 %); the smooth window keeps their effect small. They are normalised (sum_c |S_c|^2 = 1 inside the
 support), so the SENSE normal operator is the identity where everything is sampled, and
 zero where the signal is below ``threshold`` times its maximum (no image is defined there).
@@ -11,6 +11,7 @@ zero where the signal is below ``threshold`` times its maximum (no image is defi
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .operators import ifft2c
 
@@ -36,9 +37,15 @@ def calibration_width(mask: torch.Tensor, max_width: int = 24, min_fill: float =
     return best
 
 
-def estimate_coil_maps(kspace: torch.Tensor, mask: torch.Tensor, calib: int = 24, threshold: float = 0.05) -> torch.Tensor:
-    """Normalised coil maps ``[coil, y, x]`` from k-space ``[coil, frame, ky, kx]`` and mask ``[frame, ky, kx]``."""
-    _, _, ny, nx = kspace.shape
+def estimate_coil_maps(kspace: torch.Tensor, mask: torch.Tensor, calib: int = 24, threshold: float = 0.05,
+                       kernel: int = 7, power_iters: int = 12) -> torch.Tensor:
+    """Normalised coil maps ``[coil, y, x]`` from k-space ``[coil, frame, ky, kx]`` and mask ``[frame, ky, kx]``.
+
+    Walsh's method (Walsh et al., MRM 2000) on the time-averaged calibration band: at each
+    pixel the dominant eigenvector of the coil covariance over a ``kernel`` x ``kernel``
+    neighbourhood, by batched power iteration. The phase is referred to the first coil.
+    """
+    c, _, ny, nx = kspace.shape
     width = calibration_width(mask, calib)
     if width < 3:
         raise ValueError("cannot estimate coil maps: the k-space centre line is not sampled by any frame; "
@@ -46,10 +53,21 @@ def estimate_coil_maps(kspace: torch.Tensor, mask: torch.Tensor, calib: int = 24
     avg = time_averaged_kspace(kspace, mask)
     wy = _hann(ny, width, kspace.device)
     wx = _hann(nx, max(3, round(width * nx / ny)), kspace.device)
-    low = ifft2c(avg * (wy[:, None] * wx[None, :]))
-    rss = (low.abs() ** 2).sum(0).sqrt()
-    support = rss > threshold * rss.max()
-    return torch.where(support, low / torch.where(support, rss, torch.ones_like(rss)), torch.zeros_like(low))
+    low = ifft2c(avg * (wy[:, None] * wx[None, :]))  # [coil, y, x]
+    # local coil covariance R[y, x] = sum over the neighbourhood of low low^H
+    outer = (low[:, None] * low[None].conj()).reshape(c * c, ny, nx)
+    ri = torch.view_as_real(outer).permute(3, 0, 1, 2)  # [2, c*c, y, x]
+    ri = F.avg_pool2d(ri, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    cov = torch.complex(ri[0], ri[1]).reshape(c, c, ny, nx).permute(2, 3, 0, 1)  # [y, x, c, c]
+    v = low.permute(1, 2, 0)[..., None]  # start from the pixel's own coil vector
+    v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp(min=1e-30)
+    for _ in range(power_iters):
+        v = cov @ v
+        v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp(min=1e-30)
+    power = torch.linalg.vector_norm(cov @ v, dim=-2)[..., 0]  # dominant eigenvalue
+    v = v[..., 0] * torch.exp(-1j * torch.angle(v[..., :1, 0]))  # phase relative to coil 0
+    support = power.sqrt() > threshold * power.max().sqrt()
+    return torch.where(support, v.permute(2, 0, 1), torch.zeros_like(low))
 
 
 def _hann(n: int, width: int, device) -> torch.Tensor:

@@ -1,10 +1,16 @@
 """Data consistency: bring an estimate back into agreement with the measured samples.
 
 Single coil (no maps): the exact projection, measured k-space samples put back.
-Multi-coil: the SENSE model A = M F S; a few conjugate-gradient steps on
-(A^H A + lam I) x = A^H y + lam x0, warm-started at the estimate x0 (lam = 0 with few
-steps acts as an early-stopped least-squares projection). With normalised maps and full
-sampling A^H A = I inside the support and one step is exact.
+Multi-coil, SENSE model A = M F S, two modes:
+
+- ``replace`` (default): expand to coil images, put the measured coil k-space samples
+  back, combine with (S^H S)^-1 S^H. With normalised maps this is one gradient step of
+  step 1 on ||A x - y||^2. It is exact for single coil and for full sampling, and it
+  does not drift when applied again and again, as the sampler does six times a step.
+- ``cg``: a few conjugate-gradient steps on (A^H A + lam I) x = A^H y + lam x0,
+  warm-started at x0. Closer to the least-squares fit per call, but repeated calls
+  converge to the (noise-amplifying) unregularised SENSE solution: measured on the demo,
+  33.6 dB -> 32.0 dB after one extra call on an already consistent estimate.
 """
 from __future__ import annotations
 
@@ -17,7 +23,10 @@ class DataConsistency:
     """Measured k-space ``y`` ``[coil, frame, ky, kx]`` (zeros where not sampled), mask ``[frame, ky, kx]``."""
 
     def __init__(self, y: torch.Tensor, mask: torch.Tensor, maps: torch.Tensor | None = None,
-                 cg_iters: int = 5, lam: float = 0.0):
+                 cg_iters: int = 5, lam: float = 0.0, mode: str = "replace"):
+        if mode not in ("replace", "cg"):
+            raise ValueError(f"data consistency mode must be 'replace' or 'cg', got {mode!r}")
+        self.mode = mode
         self.mask = mask.to(y.real.dtype)
         self.maps = maps
         self.cg_iters, self.lam = cg_iters, lam
@@ -32,6 +41,8 @@ class DataConsistency:
             self.Ahy = self.A.H(self.y)
             diag = Sense(maps).normal_diagonal()
             self.support = diag > 0
+            self._inv_diag = torch.where(self.support, 1.0 / torch.where(self.support, diag, torch.ones_like(diag)),
+                                         torch.zeros_like(diag))
 
     # -- the two entry points used by the sampler
     def kspace(self, k: torch.Tensor) -> torch.Tensor:
@@ -44,14 +55,16 @@ class DataConsistency:
         """Project an image ``[frame, y, x]``."""
         if self.A is None:
             return ifft2c(torch.where(self.mask > 0, self.y, fft2c(x)))
+        if self.mode == "replace":
+            coil_k = torch.where(self.mask > 0, self.y, fft2c(Sense(self.maps)(x)))
+            return Sense(self.maps).adjoint(ifft2c(coil_k)) * self._inv_diag
         return self._cg(x)
 
     def adjoint_image(self) -> torch.Tensor:
         """A^H y normalised by S^H S: the coil-combined zero-filled image."""
         if self.A is None:
             return ifft2c(self.y)
-        diag = Sense(self.maps).normal_diagonal()
-        return torch.where(self.support, self.Ahy / torch.where(self.support, diag, torch.ones_like(diag)), torch.zeros_like(self.Ahy))
+        return self.Ahy * self._inv_diag
 
     def _normal(self, x):
         out = self.A.H(self.A(x))

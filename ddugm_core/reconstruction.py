@@ -29,8 +29,10 @@ METHODS = ("ddugm", "low_rank", "zero_filled")
 #: Sampling schedules. "paper" is the published one; "default" is the fast preset,
 #: chosen by measurement (README, "Presets").
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"steps": 1000, "sigma_min": 0.01, "sigma_max": 4.0, "snr": 0.075, "kspace_sigma_scale": 1.0},
-    "default": {"steps": 20, "sigma_min": 0.01, "sigma_max": 0.2, "snr": 0.075, "kspace_sigma_scale": 0.1},
+    "paper": {"steps": 1000, "sigma_min": 0.01, "sigma_max": 4.0, "snr": 0.075, "kspace_sigma_scale": 1.0,
+              "init": "zero_filled"},
+    "default": {"steps": 20, "sigma_min": 0.01, "sigma_max": 0.1, "snr": 0.075, "kspace_sigma_scale": 0.1,
+                "init": "low_rank"},
 }
 
 
@@ -45,12 +47,14 @@ class ReconConfig:
     sigma_max: Optional[float] = None
     snr: Optional[float] = None
     kspace_sigma_scale: Optional[float] = None
+    init: Optional[str] = None          # start of the sampler: zero_filled or low_rank (warm start)
     eps: float = 1e-5
     fusion: float = 0.75
     window: int = 6
     rank: Optional[int] = None          # default floor(1.5 * window^2) = 54
     lowrank_iters: int = 50             # iterations of the low-rank-only method
-    dc_iters: int = 5                   # conjugate-gradient steps of multi-coil data consistency
+    dc_mode: str = "replace"            # multi-coil data consistency: replace (coil k-space) or cg
+    dc_iters: int = 5                   # conjugate-gradient steps when dc_mode is cg
     dc_lambda: float = 0.0
     coil_calib: int = 24                # max calibration lines for coil maps
     coil_threshold: float = 0.05        # support threshold (fraction of max) for coil maps
@@ -103,10 +107,14 @@ class ReconConfig:
             raise ValueError(f"need 0 < sigma_min <= sigma_max, got {s.sigma_min}, {s.sigma_max}")
         if s.snr <= 0 or s.kspace_sigma_scale <= 0:
             raise ValueError("snr and kspace_sigma_scale must be positive")
+        if self.resolved("init") not in ("zero_filled", "low_rank"):
+            raise ValueError(f"init must be zero_filled or low_rank, got {self.init!r}")
         if not 0 <= self.fusion <= 1:
             raise ValueError(f"fusion must be in [0, 1], got {self.fusion}")
         if self.window < 2 or s.rank < 1:
             raise ValueError("window must be >= 2 and rank >= 1")
+        if self.dc_mode not in ("replace", "cg"):
+            raise ValueError(f"dc_mode must be 'replace' or 'cg', got {self.dc_mode!r}")
         if self.lowrank_iters < 1 or self.dc_iters < 1 or self.dc_lambda < 0:
             raise ValueError("lowrank_iters and dc_iters must be >= 1, dc_lambda >= 0")
         if not 0 < self.scale_percentile <= 100 or not 0 <= self.coil_threshold < 1 or self.coil_calib < 3:
@@ -117,9 +125,13 @@ class ReconConfig:
             except RuntimeError as e:
                 raise ValueError(f"device: {e}") from None
 
+    def resolved(self, name: str):
+        """A setting's value, the preset's where it is None."""
+        value = getattr(self, name)
+        return PRESETS[self.preset][name] if value is None else value
+
     def sampler_settings(self) -> SamplerSettings:
-        p = PRESETS[self.preset]
-        pick = lambda name: p[name] if getattr(self, name) is None else getattr(self, name)  # noqa: E731
+        pick = self.resolved
         return SamplerSettings(steps=int(pick("steps")), sigma_min=float(pick("sigma_min")),
                                sigma_max=float(pick("sigma_max")), eps=self.eps, snr=float(pick("snr")),
                                kspace_sigma_scale=float(pick("kspace_sigma_scale")), fusion=self.fusion,
@@ -263,7 +275,7 @@ class Reconstructor:
             maps = estimate_coil_maps(k, m, cfg.coil_calib, cfg.coil_threshold)
 
         scale = self._scale(k, m, maps)
-        dc = DataConsistency(k / scale, m, maps, cg_iters=cfg.dc_iters, lam=cfg.dc_lambda)
+        dc = DataConsistency(k / scale, m, maps, cg_iters=cfg.dc_iters, lam=cfg.dc_lambda, mode=cfg.dc_mode)
         if method == "zero_filled":
             x = baselines.zero_filled(dc)
         elif method == "low_rank":
@@ -272,7 +284,11 @@ class Reconstructor:
         else:
             scores = self.load_models()
             gen = torch.Generator(self.device).manual_seed(int(seed))
-            k0 = fft2c(dc.image(baselines.zero_filled(dc)))
+            if cfg.resolved("init") == "low_rank":  # warm start: the classical estimate, then refine
+                x0 = baselines.low_rank(dc, cfg.lowrank_iters, cfg.sampler_settings().rank, cfg.window)
+            else:
+                x0 = dc.image(baselines.zero_filled(dc))
+            k0 = fft2c(x0)
             weight = KWeight(kspace_weight(*k0.shape[-2:], device=self.device))
             x = ddugm_sample(k0, dc, scores["kspace"], scores["image"], weight, cfg.sampler_settings(), gen, callback)
         if maps is not None:

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from ddugm_core.checkpoints import DEFAULT_WEIGHTS, load_model, read_metadata, save_model
+from ddugm_core.networks import NCSNpp, NetConfig, ScoreFunction
+
+
+def test_network_shapes_and_sigma_scaling():
+    net = NCSNpp(NetConfig(nf=8, ch_mult=(1, 2, 2), attn_resolutions=(8,), image_size=16))
+    x = torch.randn(3, 2, 16, 16)
+    out = net(x, torch.tensor([0.1, 1.0, 10.0]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_score_function_pads_any_size():
+    score = ScoreFunction(NCSNpp(NetConfig(nf=8, ch_mult=(1, 2, 2), attn_resolutions=(), image_size=16)))
+    x = torch.randn(2, 13, 22, dtype=torch.complex64)
+    s = score(x, torch.tensor(0.5))
+    assert s.shape == x.shape and s.dtype == torch.complex64
+
+
+def test_paper_configuration_is_constructible():
+    cfg = NetConfig.paper()
+    assert (cfg.nf, cfg.ch_mult, cfg.image_size) == (128, (1, 1, 2, 2, 2, 2, 2), 192)
+    n = sum(p.numel() for p in NCSNpp(cfg).parameters())
+    assert 30e6 < n < 120e6
+
+
+def test_save_load_roundtrip(tmp_path):
+    net = NCSNpp(NetConfig(nf=8, ch_mult=(1, 2), attn_resolutions=(), image_size=16))
+    p = tmp_path / "m.safetensors"
+    save_model(p, net, "kspace", {"steps": 3})
+    back = load_model(p, expect_domain="kspace")
+    x, s = torch.randn(2, 2, 16, 16), torch.tensor([0.3, 2.0])
+    assert torch.allclose(back(x, s), net(x, s), atol=1e-6)
+    with pytest.raises(ValueError, match="expected 'image'"):
+        load_model(p, expect_domain="image")
+
+
+def test_non_model_file_rejected(tmp_path):
+    from safetensors.torch import save_file
+
+    p = tmp_path / "other.safetensors"
+    save_file({"a": torch.zeros(2)}, str(p))
+    with pytest.raises(ValueError, match="not a DD-UGM score model"):
+        load_model(p)
+
+
+@pytest.mark.parametrize("domain", ["image", "kspace"])
+def test_shipped_weights(domain):
+    path = DEFAULT_WEIGHTS[domain]
+    assert path.stat().st_size < 25 * 2**20
+    assert read_metadata(path)["domain"] == domain
+    net = load_model(path, expect_domain=domain)
+    assert sum(p.numel() for p in net.parameters()) > 0

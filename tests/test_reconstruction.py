@@ -1,0 +1,152 @@
+"""The public entry: exactness on fully sampled data, scale, shapes, clear errors."""
+import numpy as np
+import pytest
+import torch
+
+from ddugm_core import ReconConfig, Reconstructor
+from ddugm_core.coils import estimate_coil_maps
+from ddugm_core.masks import variable_density_mask
+from ddugm_core.operators import ifft2c
+from ddugm_core.phantom import cine_phantom, coil_maps, simulate_kspace
+
+METHODS = ["zero_filled", "low_rank", "ddugm"]
+
+
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fully_sampled_single_coil_is_inverse_fft(tiny_config, method):
+    x = cine_phantom(4, 24, seed=3)
+    k = simulate_kspace(x, None, np.ones((4, 24), bool))[0]
+    out = Reconstructor(tiny_config).recon(k, method=method)
+    assert out.dtype == np.complex64 and out.shape == (4, 24, 24)
+    assert rel(out, ifft2c(torch.from_numpy(k)).numpy()) < 1e-3
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fully_sampled_multicoil_is_sense_image(tiny_config, method):
+    x = cine_phantom(4, 24, seed=3)
+    maps = coil_maps(4, 24)
+    k = simulate_kspace(x, maps, np.ones((4, 24), bool))
+    rec = Reconstructor(tiny_config)
+    assert rel(rec.recon(k, coil_maps=maps, method=method), x) < 1e-3  # true maps: the object itself
+    # estimated maps: the SENSE image with those maps, S^H F^H y inside their support
+    est = estimate_coil_maps(torch.from_numpy(k), torch.ones(4, 24, 24)).numpy()
+    sense = (est.conj()[:, None] * ifft2c(torch.from_numpy(k)).numpy()).sum(0)
+    assert rel(rec.recon(k, method=method), sense) < 1e-3
+
+
+def test_scaling_kspace_scales_result(tiny_config):
+    x = cine_phantom(4, 24, seed=3)
+    k = simulate_kspace(x, coil_maps(2, 24), variable_density_mask(4, 24, 3, seed=1))
+    rec = Reconstructor(tiny_config)
+    a = rec.recon(k, seed=1)
+    b = rec.recon(k * 1234.5, seed=1)
+    assert rel(b, a * 1234.5) < 1e-4
+
+
+def test_mask_inferred_equals_given(tiny_config):
+    x = cine_phantom(4, 24, seed=3)
+    m = variable_density_mask(4, 24, 3, seed=1)
+    k = simulate_kspace(x, None, m)[0]
+    rec = Reconstructor(tiny_config)
+    assert np.array_equal(rec.recon(k, seed=0), rec.recon(k, mask=m, seed=0))
+    assert np.array_equal(rec.recon(k, seed=0), rec.recon(k, mask=np.broadcast_to(m[:, :, None], k.shape), seed=0))
+
+
+def test_odd_matrix_sizes_and_torch_io(tiny_config):
+    x = cine_phantom(3, (30, 26), seed=3)
+    k = torch.from_numpy(simulate_kspace(x, None, variable_density_mask(3, 30, 2, seed=1))[0])
+    out = Reconstructor(tiny_config).recon(k)
+    assert isinstance(out, torch.Tensor) and out.shape == (3, 30, 26) and out.dtype == torch.complex64
+    assert torch.isfinite(torch.view_as_real(out)).all()
+
+
+def test_undersampled_baselines_improve_on_zero_filled(tiny_config):
+    from ddugm_core.metrics import psnr
+
+    x = cine_phantom(8, 32, seed=3)
+    k = simulate_kspace(x, coil_maps(4, 32), variable_density_mask(8, 32, 4, seed=1))
+    cfg = ReconConfig.from_dict({**tiny_config.to_dict(), "lowrank_iters": 30})
+    rec = Reconstructor(cfg)
+    assert psnr(x, rec.recon(k, method="low_rank")) > psnr(x, rec.recon(k, method="zero_filled")) + 3
+
+
+# ------------------------------------------------------------------ bad input
+def _good(t=3, n=16, c=2):
+    return simulate_kspace(cine_phantom(t, n, seed=0), coil_maps(c, n), variable_density_mask(t, n, 2, seed=0))
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda k: np.where(np.arange(k.size).reshape(k.shape) == 5, np.nan, k).astype(np.complex64), "NaN or Inf"),
+    (lambda k: np.where(np.arange(k.size).reshape(k.shape) == 5, np.inf, k).astype(np.complex64), "NaN or Inf"),
+    (lambda k: k.real.copy(), "must be complex"),
+    (lambda k: k[0, 0], "dimensions"),
+    (lambda k: k[None], "dimensions"),
+    (lambda k: np.concatenate([k[:, :1] * 0, k[:, 1:]], axis=1), "no acquired samples|all zero"),
+    (lambda k: np.concatenate([k[:1] * 0, k[1:]], axis=0), r"coil\(s\) \[0\] are all zero"),
+    (lambda k: k * 0, "samples nothing"),
+    (lambda k: [[1, 2]], "numpy array or torch tensor"),
+])
+def test_bad_kspace_is_named(tiny_config, mutate, message):
+    with pytest.raises(ValueError, match=message):
+        Reconstructor(tiny_config).recon(mutate(_good()))
+
+
+def test_bad_mask_and_maps_are_named(tiny_config):
+    k = _good()
+    rec = Reconstructor(tiny_config)
+    with pytest.raises(ValueError, match="does not match kspace"):
+        rec.recon(k, mask=np.ones((3, 15), bool))
+    with pytest.raises(ValueError, match="samples nothing"):
+        rec.recon(k, mask=np.zeros((3, 16), bool))
+    with pytest.raises(ValueError, match=r"frame\(s\) \[1\] have no acquired samples"):
+        m = np.ones((3, 16), bool)
+        m[1] = False
+        rec.recon(k, mask=m)
+    with pytest.raises(ValueError, match="0 or 1"):
+        rec.recon(k, mask=np.full((3, 16), 0.5))
+    with pytest.raises(ValueError, match="coil_maps shape"):
+        rec.recon(k, coil_maps=coil_maps(3, 16))
+    with pytest.raises(ValueError, match="coil_maps must be complex"):
+        rec.recon(k, coil_maps=np.ones((2, 16, 16)))
+
+
+def test_missing_weights_named(tiny_config, tmp_path):
+    cfg = ReconConfig.from_dict({**tiny_config.to_dict(), "image_weights": str(tmp_path / "none.safetensors")})
+    with pytest.raises(FileNotFoundError, match="none.safetensors"):
+        Reconstructor(cfg).recon(_good())
+
+
+def test_wrong_domain_weights_named(tiny_weights, tiny_config):
+    cfg = ReconConfig.from_dict({**tiny_config.to_dict(), "image_weights": str(tiny_weights["kspace"])})
+    with pytest.raises(ValueError, match="expected 'image'"):
+        Reconstructor(cfg).recon(_good())
+
+
+# ------------------------------------------------------------------ settings
+def test_config_yaml_roundtrip_and_validation(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("preset: paper\nsteps: 7\nfusion: 0.5\ndevice: cpu\n")
+    cfg = ReconConfig.from_yaml(p)
+    s = cfg.sampler_settings()
+    assert (s.steps, s.sigma_max, s.fusion, s.rank) == (7, 4.0, 0.5, 54)
+    assert ReconConfig(preset="paper").sampler_settings().steps == 1000
+    for text, msg in [("stepz: 3", "unknown reconstruction setting"), ("steps: three", "must be an integer"),
+                      ("steps: 0", "steps must be"), ("preset: fast", "preset must be"),
+                      ("fusion: 2", "fusion must be"), ("amp: 1", "true or false"),
+                      ("sigma_min: 5\nsigma_max: 1", "sigma_min"), ("- a\n- b", "mapping"),
+                      ("x: !!python/object/apply:os.system ['true']", "not valid YAML"),
+                      ("method: magic", "method must be")]:
+        p.write_text(text)
+        with pytest.raises(ValueError, match=msg):
+            ReconConfig.from_yaml(p)
+
+
+def test_shipped_config_file_loads():
+    from pathlib import Path
+
+    cfg = ReconConfig.from_yaml(Path(__file__).resolve().parents[1] / "config" / "recon.yaml")
+    assert cfg.method == "ddugm"
