@@ -63,7 +63,8 @@ def save_training_state(directory, net, ema, optimizer, step: int, settings: dic
     for pid, st in opt["state"].items():
         for name, val in st.items():
             if torch.is_tensor(val):
-                tensors[f"opt.{pid}.{name}"] = val.detach().cpu().reshape(-1) if val.dim() == 0 else val.detach().cpu().contiguous()
+                val = val.detach().cpu()
+                tensors[f"opt.{pid}.{name}"] = val.reshape(-1) if val.dim() == 0 else val.contiguous()
     info = {"step": step, "settings": settings, "param_groups": opt["param_groups"]}
     tmp = directory / "state.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"info": json.dumps(info)})

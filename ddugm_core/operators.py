@@ -160,7 +160,8 @@ class KWeight(LinearOperator):
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
         self._zero = weight == 0
-        self._inv = torch.where(self._zero, torch.zeros_like(weight), 1.0 / torch.where(self._zero, torch.ones_like(weight), weight))
+        safe = torch.where(self._zero, torch.ones_like(weight), weight)
+        self._inv = torch.where(self._zero, torch.zeros_like(weight), 1.0 / safe)
 
     def forward(self, x):
         return x * self.weight

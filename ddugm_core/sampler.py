@@ -32,9 +32,7 @@ class SamplerSettings:
 
 
 def _randn(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Complex noise with unit variance in each real component (what the networks were trained on)."""
-    return torch.complex(torch.randn(like.shape, generator=generator, device=like.device),
-                         torch.randn(like.shape, generator=generator, device=like.device))
+    return VESDE.noise(like.shape, generator, like.device)
 
 
 def _frame_norm(x: torch.Tensor) -> torch.Tensor:

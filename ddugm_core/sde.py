@@ -20,6 +20,12 @@ class VESDE:
         t = torch.linspace(1.0, eps, n, device=device, dtype=torch.float64)
         return self.sigma(t).float()
 
+    @staticmethod
+    def noise(shape, generator: torch.Generator, device=None) -> torch.Tensor:
+        """Complex Gaussian noise, unit variance in each real component (the networks see 2 real channels)."""
+        return torch.complex(torch.randn(shape, generator=generator, device=device),
+                             torch.randn(shape, generator=generator, device=device))
+
     def sample_sigma(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """Training noise levels, log-uniform on [sigma_min, sigma_max]."""
         u = torch.rand(n, generator=generator, device=device)

@@ -129,8 +129,8 @@ def train(cfg: TrainConfig, progress: bool = True, on_log: Callable[[dict], None
         val_batch = None
         if val_sampler is not None:
             vg = torch.Generator(device).manual_seed(12345)
-            val_batch = (val_sampler.batch(64, vg), torch.exp(torch.linspace(math.log(cfg.sigma_min), math.log(cfg.sigma_max), 64, device=device)),
-                         torch.randn(64, cfg.size, cfg.size, generator=vg, device=device, dtype=torch.complex64))
+            val_sigmas = torch.exp(torch.linspace(math.log(cfg.sigma_min), math.log(cfg.sigma_max), 64, device=device))
+            val_batch = (val_sampler.batch(64, vg), val_sigmas, VESDE.noise((64, cfg.size, cfg.size), vg, device))
 
         bar = None
         if progress and rank == 0:
@@ -141,8 +141,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_log: Callable[[dict], None
         while step < cfg.steps:
             x = sampler.batch(cfg.batch, gen)
             sigma = sde.sample_sigma(cfg.batch, gen, device)
-            # complex noise with unit variance per real component, as the network sees 2 real channels
-            noise = torch.complex(torch.randn(x.shape, generator=gen, device=device), torch.randn(x.shape, generator=gen, device=device))
+            noise = VESDE.noise(x.shape, gen, device)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

@@ -150,3 +150,15 @@ def test_shipped_config_file_loads():
 
     cfg = ReconConfig.from_yaml(Path(__file__).resolve().parents[1] / "config" / "recon.yaml")
     assert cfg.method == "ddugm"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_for_classical_methods(tiny_config):
+    x = cine_phantom(4, 24, seed=3)
+    k = simulate_kspace(x, coil_maps(2, 24), variable_density_mask(4, 24, 3, seed=1))
+    cpu = Reconstructor(tiny_config, device="cpu").recon(k, method="low_rank")
+    gpu = Reconstructor(tiny_config, device="cuda").recon(k, method="low_rank")
+    assert rel(gpu, cpu) < 1e-3
+    out = Reconstructor(tiny_config, device="cuda").recon(torch.from_numpy(k).cuda())
+    assert out.is_cuda and torch.isfinite(torch.view_as_real(out)).all()

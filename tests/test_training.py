@@ -24,7 +24,8 @@ def frames_dir(tmp_path):
     d.mkdir()
     for i in range(3):  # magnitude [T, H, W] and complex [T, H, W] stacks
         np.save(d / f"mag{i}.npy", rng.random((5, 20, 18)).astype(np.float32))
-    np.savez(d / "cplx.npz", frames=(rng.standard_normal((4, 20, 18)) + 1j * rng.standard_normal((4, 20, 18))).astype(np.complex64))
+    cplx = rng.standard_normal((4, 20, 18)) + 1j * rng.standard_normal((4, 20, 18))
+    np.savez(d / "cplx.npz", frames=cplx.astype(np.complex64))
     return d
 
 
@@ -55,7 +56,7 @@ def test_train_rejects_bad_settings(frames_dir, tmp_path, capsys):
 def test_ddp_two_processes_gloo(frames_dir, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "ddugm_core.cli", "train", "--domain", "image", "--data", str(frames_dir), "--out", str(out),
            "--device", "cpu", *TINY]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
