@@ -37,9 +37,10 @@ class DataConsistency:
             self.A = None
         else:
             self.y = y * self.mask
-            self.A = Mask(self.mask) @ FFT2() @ Sense(maps)
+            self.S = Sense(maps)
+            self.A = Mask(self.mask) @ FFT2() @ self.S
             self.Ahy = self.A.H(self.y)
-            diag = Sense(maps).normal_diagonal()
+            diag = self.S.normal_diagonal()
             self.support = diag > 0
             self._inv_diag = torch.where(self.support, 1.0 / torch.where(self.support, diag, torch.ones_like(diag)),
                                          torch.zeros_like(diag))
@@ -56,8 +57,8 @@ class DataConsistency:
         if self.A is None:
             return ifft2c(torch.where(self.mask > 0, self.y, fft2c(x)))
         if self.mode == "replace":
-            coil_k = torch.where(self.mask > 0, self.y, fft2c(Sense(self.maps)(x)))
-            return Sense(self.maps).adjoint(ifft2c(coil_k)) * self._inv_diag
+            coil_k = torch.where(self.mask > 0, self.y, fft2c(self.S(x)))
+            return self.S.adjoint(ifft2c(coil_k)) * self._inv_diag
         return self._cg(x)
 
     def adjoint_image(self) -> torch.Tensor:

@@ -276,21 +276,25 @@ class Reconstructor:
 
         scale = self._scale(k, m, maps)
         dc = DataConsistency(k / scale, m, maps, cg_iters=cfg.dc_iters, lam=cfg.dc_lambda, mode=cfg.dc_mode)
+        s = cfg.sampler_settings()
         if method == "zero_filled":
             x = baselines.zero_filled(dc)
         elif method == "low_rank":
-            s = cfg.sampler_settings()
             x = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window, callback)
         else:
             scores = self.load_models()
             gen = torch.Generator(self.device).manual_seed(int(seed))
-            if cfg.resolved("init") == "low_rank":  # warm start: the classical estimate, then refine
-                x0 = baselines.low_rank(dc, cfg.lowrank_iters, cfg.sampler_settings().rank, cfg.window)
+            warm = cfg.resolved("init") == "low_rank"
+            offset = cfg.lowrank_iters if warm else 0  # one progress count over warm start + sampler
+            progress = None if callback is None else (lambda i, n: callback(offset + i, offset + n))
+            if warm:  # the classical estimate, then refine
+                x0 = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window,
+                                        None if callback is None else (lambda i, n: callback(i, n + s.steps)))
             else:
                 x0 = dc.image(baselines.zero_filled(dc))
             k0 = fft2c(x0)
             weight = KWeight(kspace_weight(*k0.shape[-2:], device=self.device))
-            x = ddugm_sample(k0, dc, scores["kspace"], scores["image"], weight, cfg.sampler_settings(), gen, callback)
+            x = ddugm_sample(k0, dc, scores["kspace"], scores["image"], weight, s, gen, progress)
         if maps is not None:
             x = x * dc.support
         x = (x * scale).to(torch.complex64)
