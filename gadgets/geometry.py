@@ -1,0 +1,80 @@
+"""What the ISMRMRD header says about the encoding: matrices, fields of view, k-space centres."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Geometry:
+    enc_matrix: tuple  # (x, y, z) encoded matrix
+    enc_fov: tuple  # (x, y, z) mm
+    recon_matrix: tuple  # (x, y, z)
+    recon_fov: tuple  # (x, y, z) mm
+    ky_center: int  # encoding index of the k-space centre line
+    ky_max: int  # largest phase-encoding index
+    phases: int  # cardiac phases announced by the header (>= 1)
+    noise_bandwidth: float  # relative receiver noise bandwidth (Gadgetron's default 0.793)
+    trajectory: str
+    coils: int | None
+
+    @property
+    def readout_oversampling(self) -> float:
+        """Encoded over reconstructed field of view along the readout (2 for Siemens' default)."""
+        if self.recon_fov[0] > 0 and self.enc_fov[0] > 0:
+            return max(1.0, self.enc_fov[0] / self.recon_fov[0])
+        if self.recon_matrix[0] > 0:
+            return max(1.0, self.enc_matrix[0] / self.recon_matrix[0])
+        return 1.0
+
+    @property
+    def nx(self) -> int:
+        """Readout grid after oversampling removal."""
+        return max(1, int(round(self.enc_matrix[0] / self.readout_oversampling)))
+
+    @property
+    def ny(self) -> int:
+        return int(self.enc_matrix[1])
+
+
+def _limit(limits, name):
+    lim = getattr(limits, name, None) if limits is not None else None
+    if lim is None:
+        return None
+    return int(lim.minimum or 0), int(lim.center or 0), int(lim.maximum or 0)
+
+
+def geometry_from_header(header, encoding: int = 0) -> Geometry:
+    """Read the first encoding of an ``ismrmrd.xsd.ismrmrdHeader``; ValueError naming what is missing."""
+    encs = getattr(header, "encoding", None) or []
+    if len(encs) <= encoding:
+        raise ValueError("the ISMRMRD header has no <encoding> section")
+    e = encs[encoding]
+    traj = getattr(e.trajectory, "value", str(e.trajectory)) if e.trajectory is not None else "cartesian"
+    if str(traj).lower() != "cartesian":
+        raise ValueError(f"trajectory {traj!r} is not supported: DD-UGM here reconstructs Cartesian data only")
+    if e.encodedSpace is None or e.encodedSpace.matrixSize is None:
+        raise ValueError("the ISMRMRD header has no encodedSpace matrixSize")
+    em, ef = e.encodedSpace.matrixSize, e.encodedSpace.fieldOfView_mm
+    rs = e.reconSpace if e.reconSpace is not None else e.encodedSpace
+    rm, rf = rs.matrixSize, rs.fieldOfView_mm
+    enc_matrix = (int(em.x), int(em.y), int(em.z or 1))
+    if enc_matrix[0] < 2 or enc_matrix[1] < 2:
+        raise ValueError(f"encoded matrix {enc_matrix[:2]} is too small for a 2D reconstruction")
+    if enc_matrix[2] > 1:
+        raise ValueError(f"3D encoding (encoded matrix z = {enc_matrix[2]}) is not supported: DD-UGM is a 2D cine method")
+    fov = (lambda f: (float(f.x), float(f.y), float(f.z)) if f is not None else (0.0, 0.0, 0.0))
+    ky = _limit(e.encodingLimits, "kspace_encoding_step_1")
+    ph = _limit(e.encodingLimits, "phase")
+    ky_center = ky[1] if ky is not None and (ky[1] or ky[2]) else enc_matrix[1] // 2
+    ky_max = ky[2] if ky is not None and ky[2] else enc_matrix[1] - 1
+    asi = getattr(header, "acquisitionSystemInformation", None)
+    bw = getattr(asi, "relativeReceiverNoiseBandwidth", None) if asi is not None else None
+    coils = getattr(asi, "receiverChannels", None) if asi is not None else None
+    return Geometry(
+        enc_matrix=enc_matrix, enc_fov=fov(ef),
+        recon_matrix=(int(rm.x), int(rm.y), int(rm.z or 1)), recon_fov=fov(rf),
+        ky_center=int(ky_center), ky_max=int(ky_max),
+        phases=(ph[2] + 1) if ph is not None else 1,
+        noise_bandwidth=float(bw) if bw else 0.793,
+        trajectory=str(traj), coils=int(coils) if coils else None,
+    )

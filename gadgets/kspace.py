@@ -1,0 +1,349 @@
+"""From what the scanner sends to what ``ddugm_core`` reconstructs.
+
+Two inputs end in the same :class:`CineData` (k-space ``[coil, frame, ky, kx]`` centred at
+``n // 2``, the mask of what was actually acquired ``[frame, ky, kx]``, optional calibration
+k-space, and one acquisition header per frame for the image headers):
+
+* plain acquisitions, collected by :class:`AcquisitionCollector` (one per slice, contrast,
+  repetition, set and average; cardiac phase is the frame axis);
+* Gadgetron ReconData buffers (``[E0, E1, E2, CHA, N, S, LOC]``, phases along N), one
+  :class:`CineData` per S and LOC, by :func:`cine_from_recon_bit`.
+
+Both apply noise prewhitening (from a noise scan, :class:`NoiseWhitener`), remove readout
+oversampling (:func:`readout_to_grid`), and place asymmetric echoes and partial-Fourier
+lines where they belong, leaving the rest zero and unmarked in the mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .geometry import Geometry
+
+# acquisition flags (ISMRMRD bit numbers, 1-based)
+NOISE = 19
+CALIBRATION = 20
+CALIBRATION_AND_IMAGING = 21
+REVERSE = 22
+LAST_IN_SLICE = 8
+LAST_IN_MEASUREMENT = 25
+# auxiliary data that is not image k-space: navigators, phase correction, feedback, dummy
+# scans, surface-coil correction, phase stabilisation
+IGNORED = (23, 24, 26, 27, 28, 29, 30, 31)
+
+GROUP_KEYS = ("slice", "contrast", "repetition", "set", "average")
+
+
+def flag_set(flags: int, bit: int) -> bool:
+    return bool(int(flags) & (1 << (bit - 1)))
+
+
+@dataclass
+class CineData:
+    key: dict  # slice, contrast, repetition, set, average
+    kspace: np.ndarray  # [coil, frame, ky, kx] complex64
+    mask: np.ndarray  # [frame, ky, kx] bool
+    headers: list  # one ismrmrd.AcquisitionHeader per frame (the line nearest the k-space centre)
+    ref: np.ndarray | None = None  # [coil, ky, kx] calibration k-space, or None
+    ref_mask: np.ndarray | None = None  # [ky, kx] bool
+    notes: list = field(default_factory=list)
+
+
+# ------------------------------------------------------------------ noise prewhitening
+class NoiseWhitener:
+    """Prewhitening from noise-only readouts: ``y' = L^-1 y * sqrt(dwell_data / dwell_noise)``
+    with ``C = L L^H`` the coil noise covariance, so the data's noise is white with unit
+    variance per channel (Pruessmann et al., MRM 2001)."""
+
+    def __init__(self):
+        self._sum = None
+        self._n = 0
+        self.dwell_us = None
+        self._matrix = None
+
+    def add(self, data: np.ndarray, dwell_us: float):
+        d = np.asarray(data, dtype=np.complex128)  # [coil, samples]
+        if self._sum is not None and d.shape[0] != self._sum.shape[0]:
+            raise ValueError(f"noise readouts have {d.shape[0]} channels, earlier ones had {self._sum.shape[0]}")
+        s = d @ d.conj().T
+        self._sum = s if self._sum is None else self._sum + s
+        self._n += d.shape[1]
+        self.dwell_us = float(dwell_us) if dwell_us else self.dwell_us
+        self._matrix = None
+
+    @property
+    def ready(self) -> bool:
+        return self._n > 1
+
+    @property
+    def covariance(self) -> np.ndarray:
+        return self._sum / max(self._n - 1, 1)
+
+    def matrix(self) -> np.ndarray:
+        if self._matrix is None:
+            cov = self.covariance
+            c = cov.shape[0]
+            dead = np.nonzero(np.real(np.diag(cov)) <= 0)[0].tolist()
+            if dead:
+                raise ValueError(f"noise scan: channel(s) {dead} carry no noise; cannot prewhiten")
+            cov = cov + np.eye(c) * 1e-9 * np.real(np.trace(cov)) / c
+            try:
+                chol = np.linalg.cholesky(cov)
+            except np.linalg.LinAlgError:
+                raise ValueError("noise scan: the coil noise covariance is not positive definite") from None
+            self._matrix = np.linalg.inv(chol)
+        return self._matrix
+
+    def apply(self, data: np.ndarray, dwell_us: float | None = None) -> np.ndarray:
+        """Whiten ``[coil, ...]`` data."""
+        w = self.matrix()
+        if data.shape[0] != w.shape[0]:
+            raise ValueError(f"data have {data.shape[0]} channels but the noise scan had {w.shape[0]}")
+        scale = np.sqrt(dwell_us / self.dwell_us) if (dwell_us and self.dwell_us) else 1.0
+        out = np.tensordot(w * scale, data, axes=(1, 0))
+        return out.astype(np.complex64)
+
+
+# ------------------------------------------------------------------ readout handling
+def readout_to_grid(lines: np.ndarray, center: int, geometry: Geometry):
+    """Put readouts ``[..., samples]`` whose echo centre is at sample ``center`` on the
+    reconstruction's readout grid (``geometry.nx`` samples, centre at ``nx // 2``).
+
+    Oversampled readouts (the encoded FOV is ``r`` times the reconstructed one and the line
+    is at the encoded sampling) are decimated: the line is zero-padded symmetric about its
+    echo, Fourier transformed, cropped to the central ``1/r`` of the readout FOV and
+    transformed back. An asymmetric echo keeps its true k-space extent; samples outside it
+    stay zero and are returned as not sampled. Returns ``(grid [..., nx], sampled [nx] bool)``.
+    """
+    lines = np.asarray(lines)
+    n = lines.shape[-1]
+    center = int(center)
+    if not 0 <= center < max(n, 1):
+        center = n // 2
+    half = max(center, n - center)
+    full = 2 * half  # the readout length if the echo were symmetric
+    os = geometry.readout_oversampling
+    nx = geometry.nx
+    lo, hi = -center, n - center  # sampled k range in units of the line's own spacing
+    if os > 1.01 and full > 1.25 * nx:  # still at the encoded (oversampled) sampling
+        pad = np.zeros(lines.shape[:-1] + (full,), dtype=np.complex64)
+        pad[..., half - center:half - center + n] = lines
+        img = np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(pad, axes=-1), axis=-1), axes=-1)
+        m = max(2, int(round(full / os)))
+        start = full // 2 - m // 2
+        img = img[..., start:start + m]
+        line = np.fft.fftshift(np.fft.fft(np.fft.ifftshift(img, axes=-1), axis=-1), axes=-1)
+        lo, hi = int(np.ceil(lo / os)), int(np.floor((hi - 1) / os)) + 1
+        c = m // 2
+    else:
+        line, m, c = lines, n, center
+    grid = np.zeros(lines.shape[:-1] + (nx,), dtype=np.complex64)
+    sampled = np.zeros(nx, dtype=bool)
+    # k index j of `line` (relative to its centre c) goes to nx // 2 + j, kept where sampled
+    j = np.arange(m) - c
+    keep = (j >= lo) & (j < hi) & (nx // 2 + j >= 0) & (nx // 2 + j < nx)
+    grid[..., nx // 2 + j[keep]] = line[..., keep]
+    sampled[nx // 2 + j[keep]] = True
+    return grid, sampled
+
+
+def ky_to_grid(ky, ky_center: int, ny: int):
+    """Encoding line index -> row of the centred grid; ValueError if it falls outside."""
+    row = np.asarray(ky) - int(ky_center) + ny // 2
+    bad = np.asarray((row < 0) | (row >= ny))
+    if bad.any():
+        first = int(np.asarray(ky).reshape(-1)[bad.reshape(-1)][0])
+        raise ValueError(f"phase-encoding line {first} (centre {ky_center}) lies outside the encoded matrix of {ny} lines")
+    return row
+
+
+def finalize_images(x: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Crop ``[frame, y, x]`` images from the encoded field of view to the reconstructed one
+    (phase oversampling), then resample to the header's recon matrix if it differs."""
+    t, ny, nx = x.shape
+    if geometry.recon_fov[1] > 0 and geometry.enc_fov[1] > geometry.recon_fov[1] * 1.01:
+        keep = max(1, int(round(ny * geometry.recon_fov[1] / geometry.enc_fov[1])))
+        s = ny // 2 - keep // 2
+        x = x[:, s:s + keep]
+    ry, rx = int(geometry.recon_matrix[1]), int(geometry.recon_matrix[0])
+    if ry > 0 and rx > 0 and (ry, rx) != x.shape[1:]:
+        x = fourier_resize(x, (ry, rx))
+    return np.ascontiguousarray(x)
+
+
+def fourier_resize(x: np.ndarray, shape) -> np.ndarray:
+    """Resize the last two axes by cropping or zero-padding centred k-space (keeps intensity)."""
+    k = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(x, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+    out = np.zeros(x.shape[:-2] + tuple(shape), dtype=np.complex64)
+    sy = [min(a, b) for a, b in zip(k.shape[-2:], shape)]
+    src = tuple(slice(n // 2 - s // 2, n // 2 - s // 2 + s) for n, s in zip(k.shape[-2:], sy))
+    dst = tuple(slice(n // 2 - s // 2, n // 2 - s // 2 + s) for n, s in zip(shape, sy))
+    out[(...,) + dst] = k[(...,) + src]
+    factor = np.sqrt(np.prod(shape) / np.prod(x.shape[-2:]))
+    img = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(out, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+    return (img * factor).astype(np.complex64)
+
+
+# ------------------------------------------------------------------ plain acquisitions
+def group_key(acq) -> tuple:
+    return tuple(int(getattr(acq.idx, k)) for k in GROUP_KEYS)
+
+
+class AcquisitionCollector:
+    """Collects the acquisitions of one group (slice, contrast, repetition, set, average)."""
+
+    def __init__(self, key: tuple, geometry: Geometry):
+        self.key = key
+        self.geometry = geometry
+        self.lines = []  # (phase, row, grid [coil, nx], sampled [nx], header, is_image, is_ref)
+        self.channels = None
+
+    def add(self, acq, whitener: NoiseWhitener | None):
+        g = self.geometry
+        if acq.trajectory_dimensions:
+            raise ValueError("acquisitions carry a k-space trajectory: only Cartesian data are supported")
+        if acq.idx.kspace_encode_step_2:
+            raise ValueError(f"kspace_encode_step_2 = {acq.idx.kspace_encode_step_2}: 3D data are not supported")
+        data = np.asarray(acq.data)  # [coil, samples]
+        if self.channels is None:
+            self.channels = data.shape[0]
+        elif data.shape[0] != self.channels:
+            raise ValueError(f"acquisition has {data.shape[0]} channels, earlier ones of the same slice had {self.channels}")
+        pre, post = int(acq.discard_pre), int(acq.discard_post)
+        center = int(acq.center_sample)
+        if pre or post:
+            data = data[:, pre:data.shape[1] - post]
+            center -= pre
+        if flag_set(acq.flags, REVERSE):
+            data = data[:, ::-1]
+            center = data.shape[1] - 1 - center
+        if whitener is not None and whitener.ready:
+            data = whitener.apply(data, acq.sample_time_us)
+        grid, sampled = readout_to_grid(data, center, g)
+        row = int(ky_to_grid(int(acq.idx.kspace_encode_step_1), g.ky_center, g.ny))
+        is_ref = flag_set(acq.flags, CALIBRATION) or flag_set(acq.flags, CALIBRATION_AND_IMAGING)
+        is_image = not flag_set(acq.flags, CALIBRATION)
+        self.lines.append((int(acq.idx.phase), row, grid, sampled, acq.getHead(), is_image, is_ref))
+
+    def build(self) -> CineData:
+        g = self.geometry
+        images = [ln for ln in self.lines if ln[5]]
+        if not images:
+            raise ValueError(f"group {self.describe()}: no imaging lines (only calibration or no data)")
+        t = max(ln[0] for ln in images) + 1
+        c, ny, nx = self.channels, g.ny, g.nx
+        k = np.zeros((c, t, ny, nx), np.complex64)
+        count = np.zeros((t, ny, nx), np.float32)
+        best = {}
+        for phase, row, grid, sampled, head, is_image, _ in images:
+            k[:, phase, row, sampled] += grid[:, sampled]
+            count[phase, row, sampled] += 1
+            dist = abs(row - ny // 2)
+            if phase not in best or dist < best[phase][0]:
+                best[phase] = (dist, head)
+        mask = count > 0
+        k[:, mask] /= count[mask]
+        missing = [p for p in range(t) if p not in best]
+        if missing:
+            raise ValueError(f"group {self.describe()}: cardiac phase(s) {missing} have no acquired lines")
+        ref = ref_mask = None
+        refs = [ln for ln in self.lines if ln[6]]
+        if refs:
+            ref = np.zeros((c, ny, nx), np.complex64)
+            rc = np.zeros((ny, nx), np.float32)
+            for _, row, grid, sampled, *_ in refs:
+                ref[:, row, sampled] += grid[:, sampled]
+                rc[row, sampled] += 1
+            ref_mask = rc > 0
+            ref[:, ref_mask] /= rc[ref_mask]
+        return CineData(dict(zip(GROUP_KEYS, self.key)), k, mask, [best[p][1] for p in range(t)], ref, ref_mask)
+
+    def describe(self) -> str:
+        return ", ".join(f"{n}={v}" for n, v in zip(GROUP_KEYS, self.key))
+
+
+# ------------------------------------------------------------------ Gadgetron ReconData buffers
+def _buffer_lines(buf, s: int, loc: int, geometry: Geometry, whitener: NoiseWhitener | None):
+    """One ReconBuffer's (S, LOC) slab -> (grid k-space [coil, N, ny, nx], mask [N, ny, nx],
+    frame headers). Lines are acquired where the header says so (number_of_samples > 0)
+    and the data are not zero."""
+    data = np.asarray(buf.data)
+    if data.ndim != 7:
+        raise ValueError(f"ReconData buffer has {data.ndim} dimensions, expected 7 [E0, E1, E2, CHA, N, S, LOC]")
+    e0, e1, e2, cha, n, ns, nloc = data.shape
+    if e2 > 1:
+        raise ValueError(f"ReconData buffer has E2 = {e2}: 3D data are not supported")
+    d = np.transpose(data[:, :, 0, :, :, s, loc], (2, 3, 1, 0))  # [CHA, N, E1, E0]
+    heads = np.asarray(buf.headers)
+    acquired = np.abs(d).sum(axis=(0, 3)) > 0  # [N, E1]
+    if heads.ndim == 5 and heads.shape[:1] == (e1,):
+        hs = heads[:, 0, :, s, loc]  # [E1, N]
+        ns_arr = np.array([[int(h.number_of_samples) for h in row] for row in hs]).T  # [N, E1]
+        if (ns_arr == 0).any():
+            acquired &= ns_arr > 0
+    else:
+        hs = None
+    if not acquired.any():
+        raise ValueError(f"ReconData S={s} LOC={loc}: no acquired lines")
+    cols = np.nonzero(np.abs(d).sum(axis=(0, 1, 2)) > 0)[0]
+    a, b = int(cols[0]), int(cols[-1]) + 1
+    lim = buf.sampling.sampling_limits
+    center_e0 = int(lim[0].center) if lim[0].max else e0 // 2
+    center_e1 = int(lim[1].center) if lim[1].max else e1 // 2
+    seg = d[..., a:b]
+    if whitener is not None and whitener.ready:
+        dwell = None
+        if hs is not None:
+            first = next(h for row in hs for h in row if h.number_of_samples)
+            dwell = first.sample_time_us
+        seg = whitener.apply(seg, dwell)
+    grid, sampled = readout_to_grid(seg, center_e0 - a, geometry)
+    ny = max(geometry.ny, e1)
+    k = np.zeros((cha, n, ny, geometry.nx), np.complex64)
+    rows = ky_to_grid(np.arange(e1), center_e1, ny) if e1 <= ny else None
+    mask = np.zeros((n, ny, geometry.nx), bool)
+    for f in range(n):
+        for ky in np.nonzero(acquired[f])[0]:
+            r = int(rows[ky])
+            k[:, f, r] = grid[:, f, ky]
+            mask[f, r] = sampled
+    headers = []
+    for f in range(n):
+        lines = np.nonzero(acquired[f])[0]
+        if hs is not None and len(lines):
+            ky = lines[np.argmin(np.abs(lines - center_e1))]
+            headers.append(hs[ky, f].__class__.from_buffer_copy(hs[ky, f]))
+        else:
+            headers.append(None)
+    return k, mask, headers
+
+
+def cine_from_recon_bit(bit, geometry: Geometry, whitener: NoiseWhitener | None = None) -> list:
+    """All (S, LOC) slabs of one ReconBit as :class:`CineData` (frames along N)."""
+    data = np.asarray(bit.data.data)
+    if data.ndim != 7:
+        raise ValueError(f"ReconData buffer has {data.ndim} dimensions, expected 7 [E0, E1, E2, CHA, N, S, LOC]")
+    out = []
+    for loc in range(data.shape[6]):
+        for s in range(data.shape[5]):
+            k, mask, headers = _buffer_lines(bit.data, s, loc, geometry, whitener)
+            empty = [f for f in range(mask.shape[0]) if not mask[f].any()]
+            if empty:
+                raise ValueError(f"ReconData S={s} LOC={loc}: frame(s) {empty} have no acquired lines")
+            ref = ref_mask = None
+            if bit.ref is not None:
+                rdata = np.asarray(bit.ref.data)
+                if rdata.ndim == 7 and rdata.shape[3] == data.shape[3]:
+                    rk, rm, _ = _buffer_lines(bit.ref, min(s, rdata.shape[5] - 1), min(loc, rdata.shape[6] - 1),
+                                              geometry, whitener)
+                    cnt = rm.sum(0)
+                    ref_mask = cnt > 0
+                    ref = (rk * rm).sum(1) / np.maximum(cnt, 1)
+                    ref = ref.astype(np.complex64)
+            first = next((h for h in headers if h is not None), None)
+            key = {name: (int(getattr(first.idx, name)) if first is not None else 0) for name in GROUP_KEYS}
+            if first is None:
+                key["slice"] = loc
+            out.append(CineData(key, k, mask, headers, ref, ref_mask))
+    return out
