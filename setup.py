@@ -21,11 +21,14 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "pillow>=9.0",
+        "gadgetron>=1.4.1",
+        "ismrmrd>=1.14",
+        "h5py>=3",
     ],
     extras_require={
         "test": ["pytest>=7"],
-        "gadgetron": ["gadgetron>=1.4.1", "ismrmrd>=1.14", "h5py>=3"],
         "dev": ["pytest>=7", "ruff"],
     },
-    entry_points={"console_scripts": ["ddugm=ddugm_core.cli:main"]},
+    data_files=[("share/ddugm/config", ["config/recon.yaml"])],
+    entry_points={"console_scripts": ["ddugm=gadgets.cli:main"]},
 )

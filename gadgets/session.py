@@ -103,6 +103,8 @@ class ReconSession:
         self.sent_images = 0
         self.timings = []
         self.ignored = 0
+        self.failed = set()
+        self.whitener_checked = False
 
     # ---------------------------------------------------------------- input
     def handle(self, item) -> list:
@@ -113,6 +115,7 @@ class ReconSession:
 
         if isinstance(item, ReconData):
             out = []
+            self._check_whitener()
             for bit in item.bits:
                 try:
                     cines = cine_from_recon_bit(bit, self.geometry, self.whitener)
@@ -133,6 +136,9 @@ class ReconSession:
             self.ignored += 1
             return []
         key = group_key(acq)
+        if key in self.failed:
+            return []  # this group already failed; its error is recorded once
+        self._check_whitener()
         col = self.collectors.get(key)
         if col is None:
             col = self.collectors[key] = AcquisitionCollector(key, self.geometry)
@@ -140,6 +146,7 @@ class ReconSession:
             col.add(acq, self.whitener)
         except ValueError as e:
             self.collectors.pop(key, None)
+            self.failed.add(key)
             self._fail(col.describe(), e)
             return []
         out = []
@@ -148,6 +155,16 @@ class ReconSession:
         elif flag_set(flags, LAST_IN_SLICE):
             out += self.flush(slice_=key[0])
         return out
+
+    def _check_whitener(self):
+        """A noise scan that cannot whiten (dead channel, zeros) is reported once and not used."""
+        if self.whitener.ready and not self.whitener_checked:
+            self.whitener_checked = True
+            try:
+                self.whitener.matrix()
+            except ValueError as e:
+                log.warning("%s; reconstructing without prewhitening", e)
+                self.whitener = NoiseWhitener()
 
     def flush(self, slice_: int | None = None) -> list:
         """Reconstruct buffered groups (all, or those of one slice)."""

@@ -161,7 +161,7 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
         stamp += 16  # 40 ms per cardiac phase frame ~ 16 ticks per line at 2.5 ms
         return acq
 
-    if noise_scan:
+    if noise_scan and noise > 0:  # a noise scan of zeros could not whiten anything
         acquisition(noise_of((256,), noise * math.sqrt(DWELL_US / NOISE_DWELL_US)), 1 << (NOISE - 1),
                     dwell=NOISE_DWELL_US, center=0)
     truth_out = np.zeros((ns, nt, ny, nx), np.complex64)

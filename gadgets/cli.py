@@ -1,0 +1,33 @@
+"""The ``ddugm`` command: ``train`` and ``demo`` (from ddugm_core) plus the Gadgetron side,
+``serve``, ``recon`` and ``simulate``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ddugm_core import cli as core_cli
+from ddugm_core import demo as core_demo
+
+from . import replay, server, simulate
+
+COMMANDS = {"demo": core_demo, "serve": server, "recon": replay, "simulate": simulate}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ddugm", description="DD-UGM score-based cine MRI reconstruction for Gadgetron")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    core_cli._train_parser(sub)
+    for mod in COMMANDS.values():
+        mod.add_parser(sub)
+    a = parser.parse_args(argv)
+    try:
+        if a.cmd == "train":
+            return core_cli._run_train(a)
+        return COMMANDS[a.cmd].run(a)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"ddugm {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

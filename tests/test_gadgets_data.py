@@ -1,0 +1,249 @@
+"""The data path of the gadgets, in process: header geometry, prewhitening, readout
+oversampling, asymmetric echo, partial Fourier, settings, the scan session."""
+import ismrmrd
+import numpy as np
+import pytest
+
+from ddugm_core.metrics import psnr
+from gadgets.geometry import Geometry
+from gadgets.kspace import NoiseWhitener, finalize_images, fourier_resize, ky_to_grid, readout_to_grid
+from gadgets.session import Engine, ReconSession
+from gadgets.settings import load_settings, parse_scalar, properties_from_xml
+from gadgets.simulate import simulate
+
+
+def geo(enc_x=128, nx=64, ny=64, enc_fov_y=300.0, recon_matrix=None):
+    return Geometry(enc_matrix=(enc_x, ny, 1), enc_fov=(300.0 * enc_x / nx, enc_fov_y, 8.0),
+                    recon_matrix=recon_matrix or (nx, ny, 1), recon_fov=(300.0, 300.0, 8.0), ky_center=ny // 2,
+                    ky_max=ny - 1, phases=1, noise_bandwidth=0.793, trajectory="cartesian", coils=1)
+
+
+def centred_fft(x):
+    return np.fft.fftshift(np.fft.fft(np.fft.ifftshift(x)))
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sim")
+    path, truth = d / "cine.h5", d / "truth.npy"
+    simulate(str(path), frames=6, size=48, coils=4, accel=3, acs=10, noise=0.001, slices=2, seed=1, truth=str(truth))
+    return path, np.load(truth)
+
+
+def read_file(path):
+    ds = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False, mode="r")
+    hdr = ismrmrd.xsd.CreateFromDocument(ds.read_xml_header())
+    acqs = [ds.read_acquisition(i) for i in range(ds.number_of_acquisitions())]
+    ds.close()
+    return hdr, acqs
+
+
+# ---------------------------------------------------------------- readout and grid
+def test_oversampled_readout_matches_the_cropped_object():
+    rng = np.random.default_rng(0)
+    obj = np.zeros(128, np.complex64)
+    obj[32:96] = rng.standard_normal(64) + 1j * rng.standard_normal(64)  # object inside the central half
+    line = centred_fft(obj)  # encoded readout, 2x oversampled, echo at 64
+    grid, sampled = readout_to_grid(line[None], 64, geo())
+    expect = centred_fft(obj[32:96])
+    assert sampled.all()
+    np.testing.assert_allclose(grid[0], expect, rtol=1e-4, atol=1e-4 * np.abs(expect).max())
+
+
+def test_asymmetric_echo_keeps_its_extent_and_marks_the_rest_unsampled():
+    line = np.ones(128, np.complex64)
+    grid, sampled = readout_to_grid(line[None, 32:], 64 - 32, geo())  # first quarter of the readout missing
+    assert sampled.sum() == 48 and not sampled[:16].any() and sampled[16:].all()
+    assert np.all(grid[0, :16] == 0)
+
+
+def test_readout_already_at_recon_sampling_is_placed_not_decimated():
+    line = np.arange(64).astype(np.complex64)
+    grid, sampled = readout_to_grid(line[None], 32, geo())
+    np.testing.assert_array_equal(grid[0], line)
+    assert sampled.all()
+
+
+def test_lines_outside_the_matrix_are_a_clear_error():
+    assert ky_to_grid(10, 10, 64) == 32
+    with pytest.raises(ValueError, match="outside the encoded matrix"):
+        ky_to_grid(70, 10, 64)
+
+
+def test_prewhitening_makes_noise_white():
+    rng = np.random.default_rng(0)
+    mix = np.eye(4) + 0.5 * rng.standard_normal((4, 4))
+    noise = lambda n: mix @ (rng.standard_normal((4, n)) + 1j * rng.standard_normal((4, n)))  # noqa: E731
+    w = NoiseWhitener()
+    w.add(noise(20000), 5.0)
+    white = w.apply(noise(20000), 5.0)
+    cov = white @ white.conj().T / white.shape[1]
+    np.testing.assert_allclose(cov, np.eye(4), atol=0.05)
+    # data at half the dwell time carry sqrt(2) more noise; the whitener accounts for it
+    assert w.apply(noise(20000) * np.sqrt(2), 2.5).std() == pytest.approx(1.0, rel=0.05)
+
+
+def test_dead_channel_in_noise_scan_is_reported():
+    w = NoiseWhitener()
+    d = np.random.default_rng(0).standard_normal((3, 100)).astype(np.complex64)
+    d[1] = 0
+    w.add(d, 5.0)
+    with pytest.raises(ValueError, match=r"channel\(s\) \[1\]"):
+        w.apply(d, 5.0)
+
+
+def test_finalize_crops_phase_oversampling_and_resizes_to_recon_matrix():
+    g = geo(ny=80, enc_fov_y=375.0, recon_matrix=(32, 32, 1))  # 80 lines over 375 mm -> 64 over 300 mm
+    x = np.ones((2, 80, 64), np.complex64)
+    assert finalize_images(x, g).shape == (2, 32, 32)
+    yy, xx = np.mgrid[-8:8, -8:8]
+    img = np.exp(-(yy ** 2 + xx ** 2) / 8.0).astype(np.complex64)[None]  # smooth: no Gibbs ringing
+    up = fourier_resize(img, (32, 32))
+    assert up.shape == (1, 32, 32) and abs(np.abs(up).max() - 1) < 0.02  # intensity kept
+    np.testing.assert_allclose(np.abs(fourier_resize(up, (16, 16))), np.abs(img), atol=1e-4)
+
+
+# ---------------------------------------------------------------- settings
+def test_properties_and_yaml_merge_and_validate(tmp_path):
+    xml = b'<?xml version="1.0"?><configuration><property name="preset" value="paper"/>' \
+          b'<property><name>steps</name><value>7</value></property><property name="output" value="complex"/>' \
+          b'<property name="fallback" value="false"/></configuration>'
+    props = properties_from_xml(xml)
+    assert props == {"preset": "paper", "steps": "7", "output": "complex", "fallback": "false"}
+    y = tmp_path / "s.yaml"
+    y.write_text("recon:\n  method: low_rank\n  lowrank_iters: 9\ngadget:\n  series_index: 5\n")
+    cfg, gs = load_settings(props, y)
+    assert (cfg.preset, cfg.steps, cfg.method, cfg.lowrank_iters) == ("paper", 7, "low_rank", 9)
+    assert (gs.output, gs.fallback, gs.series_index) == ("complex", False, 5)
+    assert properties_from_xml(b'<?xml version="1.0"?>\n') == {}
+
+
+@pytest.mark.parametrize("props, message", [
+    ({"preset": "bogus"}, "preset must be one of"),
+    ({"steps": "many"}, "steps must be an integer"),
+    ({"output": "rgb"}, "output must be one of"),
+    ({"fallback": "maybe"}, "fallback must be true or false"),
+    ({"colour": "red"}, "unknown setting 'colour'"),
+    ({"config": "/nonexistent.yaml"}, "not found"),
+])
+def test_invalid_settings_are_named(props, message):
+    with pytest.raises(ValueError, match=message):
+        load_settings(props)
+
+
+def test_shipped_yaml_matches_the_library_defaults():
+    from ddugm_core.reconstruction import ReconConfig
+    from gadgets.settings import GadgetSettings, default_yaml
+
+    cfg, gs = load_settings({}, default_yaml())
+    assert cfg == ReconConfig() and gs == GadgetSettings()
+    assert parse_scalar("steps", "null", "Optional[int]") is None
+
+
+# ---------------------------------------------------------------- the session
+def test_session_reconstructs_each_slice_with_header_fields(sim):
+    path, truth = sim
+    hdr, acqs = read_file(path)
+    cfg, gs = load_settings({"method": "low_rank", "lowrank_iters": "30", "device": "cpu", "series_index": "3"})
+    s = ReconSession(hdr, cfg, gs)
+    out = []
+    for a in acqs:
+        out += s.handle(a)
+    n_before_close = len(out)
+    out += s.finish()
+    assert n_before_close == 12  # both slices sent when their LAST_IN_SLICE arrived, not at close
+    assert len(out) == 12 and not s.errors
+    assert [im.image_index for im in out] == list(range(1, 13))
+    for i, im in enumerate(out):
+        h = im.getHead()
+        sl, ph = divmod(i, 6)
+        assert (h.slice, h.phase, h.image_series_index, h.image_type) == (sl, ph, 3, ismrmrd.IMTYPE_MAGNITUDE)
+        assert tuple(h.matrix_size) == (48, 48, 1) and tuple(h.field_of_view)[:2] == (320.0, 320.0)
+        assert tuple(h.position) == (0.0, 0.0, 8.0 * sl) and tuple(h.read_dir) == (1.0, 0.0, 0.0)
+        assert tuple(h.slice_dir) == (0.0, 0.0, 1.0) and h.measurement_uid == 4242
+        assert h.physiology_time_stamp[0] == int(ph * 40 / 2.5) and h.acquisition_time_stamp > 0
+        assert im.meta["DDUGM_Method"] == "low_rank" and "DDUGM_Warning" not in im.meta
+    for sl in range(2):
+        rec = np.stack([np.asarray(im.data[0, 0]) for im in out[6 * sl:6 * sl + 6]])
+        ref = np.abs(truth[sl])
+        scale = (rec * ref).sum() / (rec * rec).sum()  # the coil-combined image keeps a smooth coil shading
+        assert psnr(scale * rec, ref) > 27, sl
+
+
+def test_one_bad_slice_does_not_lose_the_others(sim):
+    path, _ = sim
+    hdr, acqs = read_file(path)
+    cfg, gs = load_settings({"method": "low_rank", "lowrank_iters": "5", "device": "cpu"})
+    s = ReconSession(hdr, cfg, gs)
+    out = []
+    for a in acqs:
+        if a.idx.slice == 0 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            a.data[:] = np.nan  # a corrupted slice
+        out += s.handle(a)
+    out += s.finish()
+    assert len(out) == 6 and all(im.slice == 1 for im in out)
+    assert len(s.errors) == 1 and "slice=0" in s.errors[0] and "NaN" in s.errors[0]
+    with pytest.raises(RuntimeError, match="NaN"):
+        s.raise_errors()
+
+
+def test_failed_score_model_falls_back_with_a_warning(sim, tmp_path):
+    path, _ = sim
+    hdr, acqs = read_file(path)
+    cfg, gs = load_settings({"image_weights": str(tmp_path / "missing.safetensors"), "lowrank_iters": "5",
+                             "device": "cpu"})
+    s = ReconSession(hdr, cfg, gs, Engine())
+    out = []
+    for a in acqs:
+        if a.idx.slice == 0:
+            out += s.handle(a)
+    out += s.finish()
+    assert len(out) == 6 and not s.errors
+    assert out[0].meta["DDUGM_Method"] == "low_rank" and "DD-UGM failed" in out[0].meta["DDUGM_Warning"]
+    assert "FALLBACK" in out[0].meta["GADGETRON_ImageComment"]
+    cfg, gs = load_settings({"image_weights": str(tmp_path / "missing.safetensors"), "fallback": "false",
+                             "device": "cpu"})
+    s = ReconSession(hdr, cfg, gs, Engine())
+    for a in acqs:
+        if a.idx.slice == 0:
+            s.handle(a)
+    assert s.finish() == [] and len(s.errors) == 1
+
+
+def test_ddugm_with_score_models_and_complex_output(sim, tiny_weights):
+    path, _ = sim
+    hdr, acqs = read_file(path)
+    cfg, gs = load_settings({"image_weights": str(tiny_weights["image"]), "kspace_weights": str(tiny_weights["kspace"]),
+                             "steps": "2", "lowrank_iters": "3", "device": "cpu", "output": "complex"})
+    s = ReconSession(hdr, cfg, gs)
+    out = []
+    for a in acqs:
+        if a.idx.slice == 1:
+            out += s.handle(a)
+    out += s.finish()
+    assert len(out) == 6 and out[0].meta["DDUGM_Method"] == "ddugm"
+    assert out[0].data.dtype == np.complex64 and out[0].getHead().image_type == ismrmrd.IMTYPE_COMPLEX
+    assert np.isfinite(np.stack([im.data for im in out])).all()
+
+
+def test_partial_fourier_and_asymmetric_echo_are_zero_filled_in_place(tmp_path):
+    path, truth = tmp_path / "pf.h5", tmp_path / "t.npy"
+    simulate(str(path), frames=4, size=48, coils=4, accel=2, acs=12, noise=0.0, partial_fourier=0.75,
+             asymmetric_echo=0.8, seed=3, truth=str(truth))
+    hdr, acqs = read_file(path)
+    assert acqs[1].number_of_samples == 77  # 96 oversampled samples, 20 % before the echo missing
+    cfg, gs = load_settings({"method": "zero_filled", "device": "cpu", "debug_dir": str(tmp_path / "dbg")})
+    s = ReconSession(hdr, cfg, gs)
+    out = []
+    for a in acqs:
+        out += s.handle(a)
+    out += s.finish()
+    dbg = np.load(next((tmp_path / "dbg").glob("*.npz")))
+    mask = dbg["mask"]  # [frame, ky, kx]
+    assert not mask[:, 36:].any() and mask[:, :36].any()  # lines beyond 75 % of 48 never acquired
+    # 19 of 96 oversampled samples missing before the echo = 9.5 samples of the 48-sample grid
+    assert not mask[..., :10].any() and mask[..., 10:].any(axis=(0, 1)).all()
+    rec = np.stack([np.abs(im.data[0, 0]) for im in out])
+    ref = np.abs(np.load(truth)[0])
+    scale = (rec * ref).sum() / (rec * rec).sum()
+    assert psnr(scale * rec, ref) > 18  # a zero-filled partial-Fourier image, placed correctly
