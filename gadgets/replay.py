@@ -21,6 +21,7 @@ log = logging.getLogger("ddugm.replay")
 
 def replay(inp: str, out: str, config: str | None = None, png: str | None = None, overrides: dict | None = None,
            group: str = "dataset", quiet: bool = False) -> dict:
+    cfg, gs = load_settings(overrides, config)  # bad settings fail before any reading
     src = Path(inp)
     if not src.is_file():
         raise FileNotFoundError(f"input file {inp!r} not found")
@@ -30,7 +31,6 @@ def replay(inp: str, out: str, config: str | None = None, png: str | None = None
     except (OSError, KeyError) as e:
         raise ValueError(f"{inp}: not an ISMRMRD raw file with a '{group}' group ({e})") from None
     header = parse_header(header_xml)
-    cfg, gs = load_settings(overrides, config)
     gs.send = "images"
     session = ReconSession(header, cfg, gs)
     n = ds.number_of_acquisitions()

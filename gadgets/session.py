@@ -215,6 +215,7 @@ class ReconSession:
             d = Path(self.gs.debug_dir)
             d.mkdir(parents=True, exist_ok=True)
             name = "_".join(f"{k}{v}" for k, v in cine.key.items())
-            np.savez(d / f"{name}.npz", kspace=cine.kspace, mask=cine.mask, images=x)
+            extra = {} if cine.ref is None else {"ref": cine.ref, "ref_mask": cine.ref_mask}
+            np.savez(d / f"{name}.npz", kspace=cine.kspace, mask=cine.mask, images=x, **extra)
         send = self.gs.send if self.gs.send != "auto" else natural
         return [images_to_array(images)] if send == "image_array" else images

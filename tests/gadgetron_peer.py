@@ -128,9 +128,9 @@ class FakeGadgetron:
         self.listener.close()
 
 
-def recon_data_from_file(path: str):
-    """What AcquisitionAccumulateTrigger + BucketToBuffer would deliver for one slice of a
-    raw file: one ReconBit, data [E0, E1, 1, CHA, N, 1, 1] (phases along N), headers
+def recon_data_from_file(path: str, slice_: int = 0):
+    """What AcquisitionAccumulateTrigger + BucketToBuffer (with NoiseAdjust upstream, so
+    no noise scan) would deliver for one slice of a raw file: one ReconBit, data [E0, E1, 1, CHA, N, 1, 1] (phases along N), headers
     [E1, 1, N, 1, 1], embedded ACS lines also in a reference buffer."""
     ds = ismrmrd.Dataset(path, "dataset", create_if_needed=False, mode="r")
     hdr = ismrmrd.xsd.CreateFromDocument(ds.read_xml_header())
@@ -138,7 +138,7 @@ def recon_data_from_file(path: str):
     e0, e1 = enc.encodedSpace.matrixSize.x, enc.encodedSpace.matrixSize.y
     acqs = [ds.read_acquisition(i) for i in range(ds.number_of_acquisitions())]
     ds.close()
-    acqs = [a for a in acqs if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    acqs = [a for a in acqs if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT) and a.idx.slice == slice_]
     n = max(a.idx.phase for a in acqs) + 1
     cha = acqs[0].active_channels
     data = np.zeros((e0, e1, 1, cha, n, 1, 1), np.complex64)

@@ -1,0 +1,275 @@
+"""Gadgetron compatibility over loopback: our module started exactly as Gadgetron starts it
+(``python -m gadgetron PORT gadgets.external reconstruct``), Gadgetron's side played with the
+gadgetron package's own writers and readers; the persistent server with concurrent clients
+(one sending garbage) and an ``ismrmrd`` MRD-protocol client."""
+import socket
+import struct
+import threading
+import time
+
+import ismrmrd
+import numpy as np
+import pytest
+from gadgetron_peer import FakeGadgetron, _Sock, read_replies, recon_data_from_file
+
+from gadgets.server import Server, chain_properties
+from gadgets.session import ReconSession
+from gadgets.settings import load_settings
+from gadgets.simulate import simulate
+
+FAST = {"method": "low_rank", "lowrank_iters": "5", "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def cine(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cine")
+    path = d / "cine.h5"
+    simulate(str(path), frames=5, size=40, coils=4, accel=3, acs=10, noise=0.002, slices=2, seed=2)
+    ds = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False, mode="r")
+    xml = ds.read_xml_header()
+    acqs = [ds.read_acquisition(i) for i in range(ds.number_of_acquisitions())]
+    ds.close()
+    return path, xml, acqs
+
+
+@pytest.fixture
+def gadgetron():
+    peers = []
+
+    def start():
+        peers.append(FakeGadgetron())
+        return peers[-1]
+
+    yield start
+    for p in peers:
+        p.cleanup()
+
+
+# ---------------------------------------------------------------- external gadget (execute)
+def test_acquisitions_in_images_out_with_score_models(gadgetron, cine, tiny_weights):
+    _, xml, acqs = cine
+    g = gadgetron()
+    g.send_config({"image_weights": tiny_weights["image"], "kspace_weights": tiny_weights["kspace"], "steps": 2,
+                   "lowrank_iters": 3, "device": "cpu", "series_index": 7})
+    g.send_header(xml)
+    for a in acqs:
+        g.send(a)
+    g.close_stream()
+    r = g.replies()
+    rc, _, err = g.wait()
+    assert r.closed and not r.errors, err
+    assert len(r.images) == 10 and rc == 0
+    for i, im in enumerate(r.images):
+        h = im.getHead()
+        assert (h.slice, h.phase, h.image_index, h.image_series_index) == (i // 5, i % 5, i + 1, 7)
+        assert tuple(h.matrix_size) == (40, 40, 1) and h.field_of_view[0] == 320.0
+        assert tuple(h.position) == (0.0, 0.0, 8.0 * (i // 5)) and tuple(h.phase_dir) == (0.0, 1.0, 0.0)
+        assert im.meta["DDUGM_Method"] == "ddugm" and np.isfinite(im.data).all() and im.data.max() > 0
+
+
+def test_recon_data_in_image_array_out(gadgetron, cine):
+    path, _, _ = cine
+    hdr, recon_data = recon_data_from_file(str(path), slice_=1)
+    g = gadgetron()
+    g.send_config({**FAST, "output": "complex"})
+    g.send_header(hdr.toXML())
+    g.send(recon_data)
+    g.close_stream()
+    r = g.replies()
+    rc, _, err = g.wait()
+    assert r.closed and not r.errors, err
+    assert len(r.arrays) == 1 and rc == 0
+    arr = r.arrays[0]
+    assert arr.data.shape == (40, 40, 1, 1, 5, 1, 1) and arr.data.dtype == np.complex64
+    assert arr.headers.shape == (5, 1, 1) and len(arr.meta) == 5
+    for n in range(5):
+        h = arr.headers[n, 0, 0]
+        assert h.phase == n and h.image_index == n + 1 and h.image_type == ismrmrd.IMTYPE_COMPLEX
+        assert tuple(h.matrix_size) == (40, 40, 1) and tuple(h.read_dir) == (1.0, 0.0, 0.0)
+    assert ismrmrd.Meta.deserialize(arr.meta[0])["DDUGM_Method"] == "low_rank"
+    assert all(arr.headers[n, 0, 0].slice == 1 for n in range(5))
+    # the same slice through the acquisition path (without the noise scan, as NoiseAdjust upstream
+    # would have consumed it) gives the same images
+    _, _, acqs = cine
+    cfg, gs = load_settings({**FAST, "output": "complex"})
+    s = ReconSession(hdr, cfg, gs)
+    direct = []
+    for a in acqs:
+        if a.idx.slice == 1 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            direct += s.handle(a)
+    direct += s.finish()
+    expect = np.stack([np.asarray(i.data[0, 0]).T for i in direct], axis=-1)  # [x, y, N]
+    got = arr.data[:, :, 0, 0, :, 0, 0]
+    assert np.linalg.norm(got - expect) < 1e-3 * np.linalg.norm(expect)
+
+
+def test_invalid_setting_is_reported_as_an_error_message(gadgetron, cine):
+    _, xml, acqs = cine
+    g = gadgetron()
+    g.send_config({"preset": "bogus"})
+    g.send_header(xml)
+    r = g.replies(timeout=60)
+    rc, seconds, _ = g.wait()
+    assert len(r.errors) == 1 and "preset must be one of" in r.errors[0]
+    assert r.closed and rc not in (0, None)
+
+
+def test_malformed_stream_gets_an_error_and_the_process_ends(gadgetron, cine):
+    _, xml, acqs = cine
+    g = gadgetron()
+    g.send_config(FAST)
+    g.send_header(xml)
+    g.send(acqs[1])
+    g.sock.write(struct.pack("<H", 777) + b"garbage" * 10)
+    t0 = time.perf_counter()
+    r = g.replies(timeout=30)
+    rc, _, _ = g.wait(timeout=30)
+    assert len(r.errors) == 1 and "unexpected message id 777" in r.errors[0] and r.closed
+    assert rc not in (0, None) and time.perf_counter() - t0 < 10
+
+
+def test_garbage_acquisition_sizes_are_rejected_before_allocating(gadgetron, cine):
+    _, xml, acqs = cine
+    g = gadgetron()
+    g.send_config(FAST)
+    g.send_header(xml)
+    head = ismrmrd.AcquisitionHeader()
+    head.number_of_samples, head.active_channels = 65535, 65535
+    g.sock.write(struct.pack("<H", 1008) + bytes(head))
+    r = g.replies(timeout=30)
+    assert r.errors and "not a valid acquisition" in r.errors[0]
+
+
+def test_disconnect_mid_stream_ends_the_process_promptly(gadgetron, cine):
+    _, xml, acqs = cine
+    g = gadgetron()
+    g.send_config(FAST)
+    g.send_header(xml)
+    for a in acqs[:20]:
+        g.send(a)
+    g.sock.s.close()  # Gadgetron vanishes
+    rc, seconds, err = g.wait(timeout=30)
+    assert rc is not None, "the module kept running after its peer vanished"
+    assert rc != 0 and seconds < 10 and "went away" in err
+
+
+def test_a_failed_slice_reaches_gadgetron_as_error_after_the_good_ones(gadgetron, cine):
+    _, xml, acqs = cine
+    g = gadgetron()
+    g.send_config(FAST)
+    g.send_header(xml)
+    for a in acqs:
+        if a.idx.slice == 1 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            a = ismrmrd.Acquisition(a.getHead(), np.full_like(a.data, np.nan))
+        g.send(a)
+    g.close_stream()
+    r = g.replies()
+    assert len(r.images) == 5 and all(im.slice == 0 for im in r.images)
+    assert len(r.errors) == 1 and "slice=1" in r.errors[0] and r.closed
+
+
+# ---------------------------------------------------------------- persistent server
+@pytest.fixture
+def server():
+    srv = Server("127.0.0.1", 0, overrides=FAST, idle_timeout=30)
+    port = srv.bind()
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv, port
+    srv.shutdown()
+    t.join(5)
+
+
+def _mrd_client(port, xml_text, acqs, config=None, out=None):
+    """An MRD client: ismrmrd's ProtocolSerializer out, ProtocolDeserializer in."""
+    from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolDeserializer, ProtocolSerializer
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+    wf = sock.makefile("wb")
+    ser = ProtocolSerializer(wf)
+    ser.serialize(ConfigText(config) if config else ConfigFile("ddugm"))
+    ser.serialize(ismrmrd.xsd.CreateFromDocument(xml_text))
+    ser.serialize("a text message from the client")
+    for a in acqs:
+        ser.serialize(a)
+    ser.close()
+    wf.flush()
+    images = list(ProtocolDeserializer(sock.makefile("rb")).deserialize())
+    sock.close()
+    if out is not None:
+        out.append(images)
+    return images
+
+
+def test_server_mrd_client_gets_images(server, cine):
+    _, port = server
+    _, xml, acqs = cine
+    config = '<configuration><property name="series_index" value="9"/></configuration>'
+    images = _mrd_client(port, xml, acqs, config)
+    assert len(images) == 10 and all(isinstance(i, ismrmrd.Image) for i in images)
+    assert {i.image_series_index for i in images} == {9}
+
+
+def test_server_concurrent_clients_one_sending_garbage(server, cine):
+    srv, port = server
+    _, xml, acqs = cine
+    results, garbage = [], {}
+
+    def bad():
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall(b"\x99\x99this is not MRD" * 4)
+        garbage["reply"] = read_replies(_Sock(s), timeout=30)
+        s.close()
+
+    threads = [threading.Thread(target=_mrd_client, args=(port, xml, acqs, None, results)) for _ in range(2)]
+    threads.append(threading.Thread(target=bad))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 2 and all(len(r) == 10 for r in results)
+    a, b = (np.stack([i.data for i in r]) for r in results)
+    np.testing.assert_array_equal(a, b)  # the same scan gives the same images, whatever ran beside it
+    assert garbage["reply"].errors and "expected a configuration message" in garbage["reply"].errors[0]
+    assert srv.engine.count == 4  # two clients x two slices went through the one queue
+
+
+def test_server_gadgetron_connect_style_with_recon_data(server, cine):
+    _, port = server
+    path, _, _ = cine
+    hdr, recon_data = recon_data_from_file(str(path))
+    from gadgetron.types.recon_data import write_recon_data
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock = _Sock(s)
+    cfg = b'<?xml version="1.0"?>\n<configuration><property name="send" value="images"/></configuration>\n'
+    sock.write(struct.pack("<HI", 2, len(cfg)) + cfg)
+    x = hdr.toXML().encode()
+    sock.write(struct.pack("<HI", 3, len(x)) + x)
+    write_recon_data(sock, recon_data)
+    sock.write(struct.pack("<H", 4))
+    r = read_replies(sock, timeout=60)
+    s.close()
+    assert r.closed and not r.errors and len(r.images) == 5
+
+
+def test_server_client_vanishing_does_not_disturb_the_server(server, cine):
+    srv, port = server
+    _, xml, acqs = cine
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(struct.pack("<HI", 2, 0))
+    x = xml.encode() if isinstance(xml, str) else xml
+    s.sendall(struct.pack("<HI", 3, len(x)) + x)
+    s.close()
+    assert len(_mrd_client(port, xml, acqs)) == 10
+
+
+def test_chain_properties_pick_our_node_only():
+    chain = b"""<?xml version="1.0"?><configuration><version>2</version><stream>
+      <gadget><name>Acc</name><dll>gadgetron_mricore</dll><classname>AcquisitionAccumulateTriggerGadget</classname>
+        <property name="trigger_dimension" value="slice"/></gadget>
+      <external><connect port="18000"/><configuration><property name="preset" value="paper"/></configuration></external>
+    </stream></configuration>"""
+    assert chain_properties(chain) == {"preset": "paper"}
+    assert chain_properties(b'<configuration><property name="steps" value="3"/></configuration>') == {"steps": "3"}
+    assert chain_properties(b"") == {}
