@@ -236,7 +236,7 @@ class AcquisitionCollector:
         k = np.zeros((c, t, ny, nx), np.complex64)
         count = np.zeros((t, ny, nx), np.float32)
         best = {}
-        for phase, row, grid, sampled, head, is_image, _ in images:
+        for phase, row, grid, sampled, head, _, _ in images:
             k[:, phase, row, sampled] += grid[:, sampled]
             count[phase, row, sampled] += 1
             dist = abs(row - ny // 2)

@@ -18,8 +18,20 @@ import socket
 import threading
 import xml.etree.ElementTree as ET
 
-from .protocol import (CONFIG_FILE, CONFIG_TEXT, HEADER, TEXT, PeerClosed, ProtocolError, SafeSocket, parse_header,
-                       read_id, read_text, run_stream, send_item)
+from .protocol import (
+    CONFIG_FILE,
+    CONFIG_TEXT,
+    HEADER,
+    TEXT,
+    PeerClosed,
+    ProtocolError,
+    SafeSocket,
+    parse_header,
+    read_id,
+    read_text,
+    run_stream,
+    send_item,
+)
 from .session import Engine, ReconSession
 from .settings import load_settings, properties_from_xml
 

@@ -29,8 +29,19 @@ from ddugm_core.reconstruction import ReconConfig, Reconstructor, prepare_inputs
 
 from .geometry import Geometry, geometry_from_header
 from .images import frames_to_images, images_to_array
-from .kspace import (IGNORED, LAST_IN_MEASUREMENT, LAST_IN_SLICE, NOISE, AcquisitionCollector, CineData,
-                     NoiseWhitener, cine_from_recon_bit, finalize_images, flag_set, group_key)
+from .kspace import (
+    IGNORED,
+    LAST_IN_MEASUREMENT,
+    LAST_IN_SLICE,
+    NOISE,
+    AcquisitionCollector,
+    CineData,
+    NoiseWhitener,
+    cine_from_recon_bit,
+    finalize_images,
+    flag_set,
+    group_key,
+)
 from .settings import GadgetSettings
 
 log = logging.getLogger("ddugm.gadget")

@@ -130,8 +130,9 @@ class FakeGadgetron:
 
 def recon_data_from_file(path: str, slice_: int = 0):
     """What AcquisitionAccumulateTrigger + BucketToBuffer (with NoiseAdjust upstream, so
-    no noise scan) would deliver for one slice of a raw file: one ReconBit, data [E0, E1, 1, CHA, N, 1, 1] (phases along N), headers
-    [E1, 1, N, 1, 1], embedded ACS lines also in a reference buffer."""
+    no noise scan) would deliver for one slice of a raw file: one ReconBit, data
+    [E0, E1, 1, CHA, N, 1, 1] (phases along N), headers [E1, 1, N, 1, 1], embedded ACS
+    lines also in a reference buffer."""
     ds = ismrmrd.Dataset(path, "dataset", create_if_needed=False, mode="r")
     hdr = ismrmrd.xsd.CreateFromDocument(ds.read_xml_header())
     enc = hdr.encoding[0]
