@@ -29,6 +29,7 @@ setup(
         "test": ["pytest>=7"],
         "dev": ["pytest>=7", "ruff"],
     },
-    data_files=[("share/ddugm/config", ["config/recon.yaml"])],
+    data_files=[("share/ddugm/config", ["config/recon.yaml", "config/ddugm_cine_execute.xml",
+                                          "config/ddugm_cine_connect.xml", "config/ddugm_cine_acquisitions.xml"])],
     entry_points={"console_scripts": ["ddugm=gadgets.cli:main"]},
 )
