@@ -273,3 +273,30 @@ def test_chain_properties_pick_our_node_only():
     assert chain_properties(chain) == {"preset": "paper"}
     assert chain_properties(b'<configuration><property name="steps" value="3"/></configuration>') == {"steps": "3"}
     assert chain_properties(b"") == {}
+
+
+def test_ddugm_serve_command(cine):
+    """The installed command: binds loopback by default, loads, serves an MRD client, stops on SIGINT."""
+    import subprocess
+    import sys
+
+    _, xml, acqs = cine
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    proc = subprocess.Popen([sys.executable, "-m", "gadgets.cli", "serve", "--port", str(port), "--device", "cpu"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        line = ""
+        while "listening on 127.0.0.1" not in line and time.time() < deadline:
+            line = proc.stderr.readline()
+        assert "listening on 127.0.0.1" in line, "server did not start"
+        images = _mrd_client(port, xml, acqs, '<configuration><property name="method" value="low_rank"/>'
+                                              '<property name="lowrank_iters" value="3"/></configuration>')
+        assert len(images) == 10
+    finally:
+        proc.send_signal(2)
+        proc.wait(10)
+    assert proc.returncode == 0
