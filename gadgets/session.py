@@ -115,6 +115,7 @@ class ReconSession:
         self.timings = []
         self.ignored = 0
         self.failed = set()
+        self.ignored_spaces = 0
         self.whitener_checked = False
 
     # ---------------------------------------------------------------- input
@@ -145,6 +146,12 @@ class ReconSession:
             return []
         if any(flag_set(flags, b) for b in IGNORED):
             self.ignored += 1
+            return []
+        if acq.encoding_space_ref != 0:  # e.g. a separate reference scan in a second encoding space
+            if not self.ignored_spaces:
+                log.warning("acquisitions of encoding space %d ignored: only the first encoding space is "
+                            "reconstructed", acq.encoding_space_ref)
+            self.ignored_spaces += 1
             return []
         key = group_key(acq)
         if key in self.failed:

@@ -170,6 +170,26 @@ def test_session_reconstructs_each_slice_with_header_fields(sim):
         assert psnr(scale * rec, ref) > 27, sl
 
 
+def test_other_encoding_spaces_and_auxiliary_data_are_ignored(sim):
+    path, _ = sim
+    hdr, acqs = read_file(path)
+    cfg, gs = load_settings({"method": "zero_filled", "device": "cpu"})
+    s = ReconSession(hdr, cfg, gs)
+    out = []
+    for a in acqs:
+        if a.idx.slice == 0 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            nav = ismrmrd.Acquisition(a.getHead(), np.full_like(a.data, np.nan))
+            nav.set_flag(ismrmrd.ACQ_IS_NAVIGATION_DATA)
+            nav.clear_flag(ismrmrd.ACQ_LAST_IN_SLICE)
+            other = ismrmrd.Acquisition(a.getHead(), np.full_like(a.data, np.nan))
+            other.encoding_space_ref = 1
+            other.clear_flag(ismrmrd.ACQ_LAST_IN_SLICE)
+            out += s.handle(nav) + s.handle(other)
+        out += s.handle(a)
+    out += s.finish()
+    assert len(out) == 12 and not s.errors and s.ignored_spaces > 0 and s.ignored > 0
+
+
 def test_one_bad_slice_does_not_lose_the_others(sim):
     path, _ = sim
     hdr, acqs = read_file(path)
