@@ -67,7 +67,7 @@ class Engine:
 
     def run(self, cine: CineData, cfg: ReconConfig, gs: GadgetSettings):
         """Reconstruct one slice: returns (frames ``[T, y, x]`` complex64 on the encoded grid,
-        method used, warning or None). Falls back to low-rank on CPU if the score-based
+        method used, device used, warning or None). Falls back to low-rank on CPU if the score-based
         reconstruction fails and ``gs.fallback`` is on."""
         with self._lock:
             self.count += 1
@@ -76,7 +76,7 @@ class Engine:
             maps = coil_maps_from_ref(cine, cfg, rec.device)
             try:
                 x = rec.recon(cine.kspace, cine.mask, maps, seed=gs.seed)
-                return x, cfg.method, None
+                return x, cfg.method, rec.device, None
             except Exception as e:  # noqa: BLE001 - any failure of the primary method
                 if not gs.fallback or cfg.method != "ddugm":
                     raise
@@ -84,7 +84,7 @@ class Engine:
                 log.warning("slice %s: %s", cine.key, warning)
                 fb = Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "method": "low_rank", "device": "cpu"}))
                 x = fb.recon(cine.kspace, cine.mask, None if maps is None else maps.cpu(), seed=gs.seed)
-                return x, "low_rank", warning
+                return x, "low_rank", fb.device, warning
 
 
 def coil_maps_from_ref(cine: CineData, cfg: ReconConfig, device):
@@ -215,15 +215,15 @@ class ReconSession:
         where = ", ".join(f"{k}={v}" for k, v in cine.key.items())
         t0 = time.perf_counter()
         try:
-            x, method, warning = self.engine.run(cine, self.cfg, self.gs)
+            x, method, device, warning = self.engine.run(cine, self.cfg, self.gs)
             x = finalize_images(np.asarray(x), self.geometry)
         except Exception as e:  # noqa: BLE001 - one slice's failure must not lose the others
             self._fail(where, e)
             return []
         seconds = time.perf_counter() - t0
         self.timings.append(seconds)
-        log.info("%s: %d frames %s on %s in %.2f s%s", where, x.shape[0], method, self.engine.reconstructor(self.cfg).device,
-                 seconds, f" (WARNING: {warning})" if warning else "")
+        log.info("%s: %d frames %s on %s in %.2f s%s", where, x.shape[0], method, device, seconds,
+                 f" (WARNING: {warning})" if warning else "")
         images = frames_to_images(x, cine, self.geometry, complex_output=self.gs.output == "complex",
                                   first_index=self.next_index, series_index=self.gs.series_index,
                                   method=method, preset=self.cfg.preset, warning=warning)

@@ -16,6 +16,7 @@ from pathlib import Path
 import ismrmrd
 import ismrmrd.xsd as x
 import numpy as np
+import torch
 
 from ddugm_core.masks import variable_density_mask
 from ddugm_core.operators import fft2c
@@ -35,18 +36,20 @@ def load_images(path: str | None, frames: int, size: int, slices: int, seed: int
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"images file {path!r} not found")
+    acdc = False
     if p.suffix == ".npz":
         with np.load(p) as z:
             names = list(z.keys())
             if not names:
                 raise ValueError(f"{path}: empty .npz")
+            acdc = "images" not in z and "cine" in z
             arr = z["images"] if "images" in z else z["cine"] if "cine" in z else z[names[0]]
     elif p.suffix == ".npy":
         arr = np.load(p, allow_pickle=False)
     else:
         raise ValueError(f"{path}: expected a .npy or .npz file")
     arr = np.asarray(arr)
-    if arr.ndim == 4 and p.suffix == ".npz" and "cine" in np.load(p).files:
+    if arr.ndim == 4 and acdc:
         arr = np.moveaxis(arr, 1, 0)  # ACDC layout [T, Z, y, x] -> [Z, T, y, x]
     if arr.ndim == 3:
         arr = arr[None]
@@ -170,8 +173,6 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
         img = np.zeros((nt, ny, nxo), np.complex64)
         img[:, :, (nxo - nx) // 2:(nxo - nx) // 2 + nx] = imgs[s]
         truth_out[s] = imgs[s]
-        import torch
-
         k = fft2c(torch.from_numpy(maps[:, None] * img[None])).numpy()  # [C, T, ny, nxo]
         mask = variable_density_mask(nt, ny, accel, center_lines=acs, seed=seed + 100 * s)
         mask[:, ky_max + 1:] = False
