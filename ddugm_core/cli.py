@@ -1,4 +1,4 @@
-"""Command line: ``ddugm train | demo``."""
+"""Command line: ``ddugm train | demo | evaluate``."""
 from __future__ import annotations
 
 import argparse
@@ -63,14 +63,16 @@ def main(argv=None) -> int:
     _train_parser(sub)
     try:
         from . import demo as _demo
+        from . import evaluate as _evaluate
         _demo.add_parser(sub)
+        _evaluate.add_parser(sub)
     except ImportError:  # pragma: no cover - during bootstrap
-        _demo = None
+        _demo = _evaluate = None
     a = parser.parse_args(argv)
     try:
         if a.cmd == "train":
             return _run_train(a)
-        return _demo.run(a)
+        return (_evaluate if a.cmd == "evaluate" else _demo).run(a)
     except (ValueError, FileNotFoundError) as e:
         print(f"ddugm {a.cmd}: error: {e}", file=sys.stderr)
         return 2

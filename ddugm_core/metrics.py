@@ -13,20 +13,23 @@ def _mag(x) -> np.ndarray:
     return np.abs(np.asarray(x)).astype(np.float64)
 
 
-def psnr(ref, x) -> float:
-    """10 log10(max|ref|^2 / mean((|x| - |ref|)^2)) over all frames and pixels, in dB."""
+def psnr(ref, x, data_range: float | None = None) -> float:
+    """10 log10(max|ref|^2 / mean((|x| - |ref|)^2)) over all frames and pixels, in dB.
+    ``data_range`` replaces max|ref| (e.g. the series' peak when scoring single frames)."""
     r, v = _mag(ref), _mag(x)
     mse = np.mean((v - r) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(r.max() ** 2 / mse))
+    peak = r.max() if data_range is None else float(data_range)
+    return float("inf") if mse == 0 else float(10 * np.log10(peak ** 2 / mse))
 
 
-def ssim(ref, x, sigma: float = 1.5) -> float:
+def ssim(ref, x, sigma: float = 1.5, data_range: float | None = None) -> float:
     """Mean structural similarity (Wang et al. 2004; Gaussian window sigma 1.5, K1=0.01,
-    K2=0.03, L = max|ref| of the series), computed per 2D frame and averaged over frames."""
+    K2=0.03, L = max|ref| of the series or ``data_range``), computed per 2D frame and
+    averaged over frames."""
     r, v = _mag(ref), _mag(x)
     if r.ndim == 2:
         r, v = r[None], v[None]
-    L = r.max()
+    L = r.max() if data_range is None else float(data_range)
     c1, c2 = (0.01 * L) ** 2, (0.03 * L) ** 2
     f = lambda a: ndimage.gaussian_filter(a, sigma=(0, sigma, sigma), truncate=3.5)  # noqa: E731
     mr, mv = f(r), f(v)

@@ -24,7 +24,8 @@ from .networks import ScoreFunction
 from .operators import KWeight, expand_mask, fft2c, ifft2c, kspace_weight
 from .sampler import SamplerSettings, ddugm_sample
 
-METHODS = ("ddugm", "low_rank", "zero_filled")
+METHODS = ("ddugm", "low_rank", "l_plus_s", "zero_filled")
+INITS = ("zero_filled", "low_rank", "l_plus_s")  # where the sampler starts
 
 #: Sampling schedules. "paper" is the published one; "default" is the fast preset,
 #: chosen by measurement (README, "Presets").
@@ -47,12 +48,16 @@ class ReconConfig:
     sigma_max: Optional[float] = None
     snr: Optional[float] = None
     kspace_sigma_scale: Optional[float] = None
-    init: Optional[str] = None          # start of the sampler: zero_filled or low_rank (warm start)
+    init: Optional[str] = None          # start of the sampler: zero_filled, low_rank or l_plus_s (warm starts)
     eps: float = 1e-5
     fusion: float = 0.75
     window: int = 6
     rank: Optional[int] = None          # default floor(1.5 * window^2) = 54
     lowrank_iters: int = 50             # iterations of the low-rank-only method
+    ls_iters: int = 50                  # L+S baseline (Otazo 2015): max iterations,
+    ls_lambda_l: float = 0.01           #   SVT threshold relative to the largest singular value,
+    ls_lambda_s: float = 0.02           #   temporal-Fourier soft threshold (normalised units),
+    ls_tol: float = 0.0025              #   stop when the relative update is below this
     dc_mode: str = "replace"            # multi-coil data consistency: replace (coil k-space) or cg
     dc_iters: int = 5                   # conjugate-gradient steps when dc_mode is cg
     dc_lambda: float = 0.0
@@ -107,14 +112,16 @@ class ReconConfig:
             raise ValueError(f"need 0 < sigma_min <= sigma_max, got {s.sigma_min}, {s.sigma_max}")
         if s.snr <= 0 or s.kspace_sigma_scale <= 0:
             raise ValueError("snr and kspace_sigma_scale must be positive")
-        if self.resolved("init") not in ("zero_filled", "low_rank"):
-            raise ValueError(f"init must be zero_filled or low_rank, got {self.init!r}")
+        if self.resolved("init") not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not 0 <= self.fusion <= 1:
             raise ValueError(f"fusion must be in [0, 1], got {self.fusion}")
         if self.window < 2 or s.rank < 1:
             raise ValueError("window must be >= 2 and rank >= 1")
         if self.dc_mode not in ("replace", "cg"):
             raise ValueError(f"dc_mode must be 'replace' or 'cg', got {self.dc_mode!r}")
+        if self.ls_iters < 1 or not 0 <= self.ls_lambda_l < 1 or self.ls_lambda_s < 0 or self.ls_tol < 0:
+            raise ValueError("ls_iters must be >= 1, ls_lambda_l in [0, 1), ls_lambda_s >= 0, ls_tol >= 0")
         if self.lowrank_iters < 1 or self.dc_iters < 1 or self.dc_lambda < 0:
             raise ValueError("lowrank_iters and dc_iters must be >= 1, dc_lambda >= 0")
         if not 0 < self.scale_percentile <= 100 or not 0 <= self.coil_threshold < 1 or self.coil_calib < 3:
@@ -281,15 +288,20 @@ class Reconstructor:
             x = baselines.zero_filled(dc)
         elif method == "low_rank":
             x = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window, callback)
+        elif method == "l_plus_s":
+            x = baselines.l_plus_s(dc, cfg.ls_iters, cfg.ls_lambda_l, cfg.ls_lambda_s, cfg.ls_tol, callback)
         else:
             scores = self.load_models()
             gen = torch.Generator(self.device).manual_seed(int(seed))
-            warm = cfg.resolved("init") == "low_rank"
-            offset = cfg.lowrank_iters if warm else 0  # one progress count over warm start + sampler
+            init = cfg.resolved("init")
+            offset = {"low_rank": cfg.lowrank_iters, "l_plus_s": cfg.ls_iters}.get(init, 0)
+            # one progress count over the warm start and the sampler
             progress = None if callback is None else (lambda i, n: callback(offset + i, offset + n))
-            if warm:  # the classical estimate, then refine
-                x0 = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window,
-                                        None if callback is None else (lambda i, n: callback(i, n + s.steps)))
+            warm_cb = None if callback is None else (lambda i, n: callback(i, n + s.steps))
+            if init == "low_rank":  # a classical estimate, then refine
+                x0 = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window, warm_cb)
+            elif init == "l_plus_s":
+                x0 = baselines.l_plus_s(dc, cfg.ls_iters, cfg.ls_lambda_l, cfg.ls_lambda_s, cfg.ls_tol, warm_cb)
             else:
                 x0 = dc.image(baselines.zero_filled(dc))
             k0 = fft2c(x0)

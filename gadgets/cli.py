@@ -1,4 +1,4 @@
-"""The ``ddugm`` command: ``train`` and ``demo`` (from ddugm_core) plus the Gadgetron side,
+"""The ``ddugm`` command: ``train``, ``demo`` and ``evaluate`` (from ddugm_core) plus the Gadgetron side,
 ``serve``, ``recon`` and ``simulate``."""
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import sys
 
 from ddugm_core import cli as core_cli
 from ddugm_core import demo as core_demo
+from ddugm_core import evaluate as core_evaluate
 
 from . import replay, server, simulate
 
-COMMANDS = {"demo": core_demo, "serve": server, "recon": replay, "simulate": simulate}
+COMMANDS = {"demo": core_demo, "evaluate": core_evaluate, "serve": server, "recon": replay, "simulate": simulate}
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,7 @@ from ddugm_core.masks import variable_density_mask
 from ddugm_core.operators import ifft2c
 from ddugm_core.phantom import cine_phantom, coil_maps, simulate_kspace
 
-METHODS = ["zero_filled", "low_rank", "ddugm"]
+METHODS = ["zero_filled", "low_rank", "l_plus_s", "ddugm"]
 
 
 def rel(a, b):
@@ -71,7 +71,9 @@ def test_undersampled_baselines_improve_on_zero_filled(tiny_config):
     k = simulate_kspace(x, coil_maps(4, 32), variable_density_mask(8, 32, 4, seed=1))
     cfg = ReconConfig.from_dict({**tiny_config.to_dict(), "lowrank_iters": 30})
     rec = Reconstructor(cfg)
-    assert psnr(x, rec.recon(k, method="low_rank")) > psnr(x, rec.recon(k, method="zero_filled")) + 3
+    zf = psnr(x, rec.recon(k, method="zero_filled"))
+    assert psnr(x, rec.recon(k, method="low_rank")) > zf + 3
+    assert psnr(x, rec.recon(k, method="l_plus_s")) > zf + 3
 
 
 # ------------------------------------------------------------------ bad input
@@ -139,7 +141,8 @@ def test_config_yaml_roundtrip_and_validation(tmp_path):
                       ("fusion: 2", "fusion must be"), ("amp: 1", "true or false"),
                       ("sigma_min: 5\nsigma_max: 1", "sigma_min"), ("- a\n- b", "mapping"),
                       ("x: !!python/object/apply:os.system ['true']", "not valid YAML"),
-                      ("method: magic", "method must be")]:
+                      ("method: magic", "method must be"), ("init: magic", "init must be"),
+                      ("ls_lambda_l: 1.5", "ls_lambda_l"), ("ls_lambda_s: -1", "ls_lambda_s")]:
         p.write_text(text)
         with pytest.raises(ValueError, match=msg):
             ReconConfig.from_yaml(p)
@@ -164,12 +167,13 @@ def test_cuda_matches_cpu_for_classical_methods(tiny_config):
     assert out.is_cuda and torch.isfinite(torch.view_as_real(out)).all()
 
 
-@pytest.mark.parametrize("overrides", [{"preset": "paper", "steps": 3}, {"dc_mode": "cg", "dc_iters": 3}])
+@pytest.mark.parametrize("overrides", [{"preset": "paper", "steps": 3}, {"dc_mode": "cg", "dc_iters": 3},
+                                       {"init": "l_plus_s"}])
 def test_paper_preset_and_cg_paths_run(tiny_config, overrides):
     x = cine_phantom(4, 24, seed=3)
     k = simulate_kspace(x, coil_maps(2, 24), variable_density_mask(4, 24, 3, seed=1))
     cfg = ReconConfig.from_dict({**tiny_config.to_dict(), **overrides})
-    assert cfg.resolved("init") == ("zero_filled" if "preset" in overrides else "low_rank")
+    assert cfg.resolved("init") == ("zero_filled" if "preset" in overrides else overrides.get("init", "low_rank"))
     out = Reconstructor(cfg).recon(k, coil_maps=coil_maps(2, 24))
     assert out.shape == (4, 24, 24) and np.isfinite(out).all()
     if "preset" in overrides:

@@ -1,0 +1,132 @@
+"""``ddugm evaluate``: simulation, metrics, report; deterministic; clear errors."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ddugm_core.evaluate import frame_metrics, make_truth, select_series, simulate_case
+from ddugm_core.phantom import cine_phantom
+from gadgets.cli import main
+
+ACDC = Path(__file__).resolve().parents[2] / "shared" / "data" / "acdc_cine"
+
+
+@pytest.fixture
+def series_dir(tmp_path):
+    d = tmp_path / "cines"
+    d.mkdir()
+    for i in range(2):  # magnitude int16 [T, Z, H, W] like ACDC, and a complex [T, H, W] stack
+        mag = (np.abs(cine_phantom(6, (24, 20), seed=i)) * 1000).astype(np.int16)
+        np.savez(d / f"patient{i:03d}.npz", cine=np.stack([mag, mag], axis=1))
+    np.save(d / "complex.npy", cine_phantom(5, (24, 20), seed=5))
+    return d
+
+
+@pytest.fixture
+def fast_yaml(tmp_path, tiny_weights):
+    p = tmp_path / "fast.yaml"
+    p.write_text(f"recon:\n  steps: 2\n  lowrank_iters: 3\n  ls_iters: 5\n  image_weights: {tiny_weights['image']}\n"
+                 f"  kspace_weights: {tiny_weights['kspace']}\n")
+    return p
+
+
+def test_select_series_split_and_slices(series_dir):
+    everything = select_series(series_dir, split="all", slices="all")
+    assert [n for n, _ in everything] == ["complex", "patient000_z0", "patient000_z1", "patient001_z0", "patient001_z1"]
+    mid = select_series(series_dir, split="all", max_frames=4)
+    assert [n for n, _ in mid] == ["complex", "patient000_z1", "patient001_z1"] and all(s.shape[0] == 4 for _, s in mid)
+    assert len(select_series(series_dir, split="val")) == 1  # too few files for every 10th: the last one
+    with pytest.raises(ValueError, match="slices"):
+        select_series(series_dir, slices="top")
+
+
+def test_truth_and_case(series_dir):
+    (_, frames), = select_series(series_dir, split="all", max_series=1)
+    truth = make_truth(frames, seed=1)
+    assert np.iscomplexobj(truth) and np.allclose(truth, make_truth(frames, seed=1))
+    mag = np.abs(cine_phantom(5, (24, 20), seed=3))
+    t = make_truth(mag, seed=2)
+    assert np.allclose(np.abs(t) * np.percentile(mag.mean(0), 99), mag, rtol=1e-4, atol=1e-6)
+    assert np.ptp(np.angle(t[0][np.abs(t[0]) > 0.1])) > 0.1  # a phase was added
+    case = simulate_case("x", t, 4, 3, 0.01, seed=0)
+    assert case.kspace.shape == (3, 5, 24, 20) and case.mask.shape == (5, 24)
+    assert abs(case.mask.size / case.mask.sum() - 4) < 0.5
+    assert np.all(case.kspace[:, ~case.mask] == 0)
+
+
+def test_frame_metrics_use_the_series_peak():
+    ref = np.ones((2, 8, 8))
+    ref[1] *= 0.5
+    x = ref + 0.01
+    m = frame_metrics(ref, x)
+    assert np.allclose(m["psnr"], [40.0, 40.0])  # same error, same peak (the series' 1.0)
+    assert len(m["ssim"]) == 2 and m["hfen"][0] >= 0
+
+
+def test_evaluate_writes_a_deterministic_report(series_dir, fast_yaml, tmp_path):
+    args = ["evaluate", "--data", str(series_dir), "--split", "all", "--max-series", "2", "--accels", "2,4",
+            "--coils", "3", "--methods", "zero_filled,low_rank,l_plus_s,ddugm", "--config", str(fast_yaml),
+            "--device", "cpu", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    ra = json.loads((tmp_path / "a" / "results.json").read_text())["results"]
+    rb = json.loads((tmp_path / "b" / "results.json").read_text())["results"]
+    assert len(ra) == 2 * 2 * 4
+    for ea, eb in zip(ra, rb):
+        assert (ea["series"], ea["accel"], ea["method"]) == (eb["series"], eb["accel"], eb["method"])
+        assert np.allclose(ea["psnr"], eb["psnr"]) and np.allclose(ea["ssim"], eb["ssim"])
+    by = {(e["series"], e["accel"], e["method"]): np.mean(e["psnr"]) for e in ra}
+    for s in ("complex", "patient000_z1"):
+        assert by[(s, 2.0, "l_plus_s")] > by[(s, 2.0, "zero_filled")]
+    report = (tmp_path / "a" / "report.md").read_text()
+    for text in ("| 4 | L+S | 2 |", "| 2 | DD-UGM (default) | 2 |", "figure.png", "smooth random phase", "noise std 0.005"):
+        assert text in report
+    assert (tmp_path / "a" / "figure.png").stat().st_size > 0
+
+
+def test_evaluate_paper_preset_subset(series_dir, fast_yaml, tmp_path, monkeypatch):
+    from ddugm_core import reconstruction
+
+    # the paper preset's other settings, with 3 of its 1000 steps to stay fast
+    monkeypatch.setitem(reconstruction.PRESETS, "paper", {**reconstruction.PRESETS["paper"], "steps": 3})
+    d = tmp_path / "one"
+    d.mkdir()
+    np.save(d / "a.npy", np.abs(cine_phantom(2, 8, seed=1)))
+    np.save(d / "b.npy", np.abs(cine_phantom(2, 8, seed=2)))
+    out = tmp_path / "p"
+    assert main(["evaluate", "--data", str(d), "--split", "all", "--accels", "2", "--coils", "1", "--paper-series", "1",
+                 "--methods", "ddugm_paper", "--config", str(fast_yaml), "--device", "cpu", "--quiet",
+                 "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [e["series"] for e in res["results"]] == ["a"]
+    paper = res["settings"]["recon_paper"]
+    assert paper["preset"] == "paper" and paper["steps"] is None and paper["init"] is None  # the preset's own schedule
+    assert "first 1 series only" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [(["--methods", "magic"], "unknown method"),
+                                            (["--accels", "x"], "--accels"),
+                                            (["--data", "/nonexistent/folder"], "not found")])
+def test_evaluate_errors_are_named(extra, message, tmp_path, capsys):
+    assert main(["evaluate", "--out", str(tmp_path), "--quiet", "--split", "all"] + extra) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not ACDC.is_dir(), reason="ACDC data not available")
+def test_acdc_validation_split_is_the_training_one():
+    names = [n for n, _ in select_series(ACDC)]
+    assert names[0].startswith("patient011") and len(names) == 9
+
+
+def test_tune_l_plus_s_prints_the_grid(series_dir, fast_yaml, capsys, monkeypatch):
+    from ddugm_core import evaluate
+
+    monkeypatch.setattr(evaluate, "LS_GRID", {"ls_lambda_l": (0.0, 0.05), "ls_lambda_s": (0.0, 0.05)})
+    assert main(["evaluate", "--data", str(series_dir), "--split", "all", "--max-series", "1", "--accels", "3",
+                 "--coils", "2", "--config", str(fast_yaml), "--device", "cpu", "--tune-l-plus-s", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0] in ("0", "0.05")]
+    assert len(rows) == 4
+    best = max(rows, key=lambda r: float(r[2]))
+    assert f"best: ls_lambda_l {best[0]}, ls_lambda_s {best[1]}" in out
