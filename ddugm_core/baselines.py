@@ -14,6 +14,7 @@ import torch
 from .consistency import DataConsistency
 from .lowrank import lowrank_project
 from .operators import HankelLift, fft2c, ifft2c
+from .profiling import stage
 
 
 def zero_filled(dc: DataConsistency) -> torch.Tensor:
@@ -81,7 +82,8 @@ def l_plus_s(dc: DataConsistency, iters: int = 50, lambda_l: float = 0.01, lambd
     l_prev = m
     for i in range(iters):
         m0 = m
-        low = singular_value_threshold(m - s, lambda_l)
+        with stage("low-rank"):
+            low = singular_value_threshold(m - s, lambda_l)
         s = temporal_ift(soft_threshold(temporal_ft(m - l_prev), lambda_s))
         m = dc.image(low + s)
         l_prev = low

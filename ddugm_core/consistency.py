@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .operators import FFT2, Mask, Sense, fft2c, ifft2c
+from .profiling import stage
 
 
 class DataConsistency:
@@ -48,12 +49,20 @@ class DataConsistency:
     # -- the two entry points used by the sampler
     def kspace(self, k: torch.Tensor) -> torch.Tensor:
         """Project combined k-space ``[frame, ky, kx]``."""
-        if self.A is None:
-            return torch.where(self.mask > 0, self.y, k)
-        return fft2c(self.image(ifft2c(k)))
+        with stage("data consistency"):
+            return self._kspace(k)
 
     def image(self, x: torch.Tensor) -> torch.Tensor:
         """Project an image ``[frame, y, x]``."""
+        with stage("data consistency"):
+            return self._image(x)
+
+    def _kspace(self, k: torch.Tensor) -> torch.Tensor:
+        if self.A is None:
+            return torch.where(self.mask > 0, self.y, k)
+        return fft2c(self._image(ifft2c(k)))
+
+    def _image(self, x: torch.Tensor) -> torch.Tensor:
         if self.A is None:
             return ifft2c(torch.where(self.mask > 0, self.y, fft2c(x)))
         if self.mode == "replace":

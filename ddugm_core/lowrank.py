@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .operators import HankelLift
+from .profiling import stage
 
 
 def default_rank(window: int, factor: float = 1.5) -> int:
@@ -21,10 +22,11 @@ def default_rank(window: int, factor: float = 1.5) -> int:
 
 def lowrank_project(k: torch.Tensor, lift: HankelLift, rank: int) -> torch.Tensor:
     """Rank-``rank`` block-Hankel approximation of k-space ``[frame, ky, kx]``."""
-    h = lift(k)
-    if rank >= h.shape[1]:
-        return k
-    gram = h.mH @ h
-    _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
-    vr = vecs[:, -rank:]
-    return lift.average((h @ vr) @ vr.mH)
+    with stage("low-rank"):
+        h = lift(k)
+        if rank >= h.shape[1]:
+            return k
+        gram = h.mH @ h
+        _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
+        vr = vecs[:, -rank:]
+        return lift.average((h @ vr) @ vr.mH)

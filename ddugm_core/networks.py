@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .profiling import stage
+
 
 @dataclass
 class NetConfig:
@@ -219,7 +221,8 @@ class ScoreFunction:
         if py or px:
             h = F.pad(h, (px // 2, px - px // 2, py // 2, py - py // 2))
         s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(b)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp and x.device.type == "cuda"):
+        with stage("network", b), torch.autocast(x.device.type, dtype=torch.bfloat16,
+                                                 enabled=self.amp and x.device.type == "cuda"):
             out = self.net(h, s)
         out = out.float()[:, :, py // 2: py // 2 + ny, px // 2: px // 2 + nx]
         return torch.complex(out[:, 0], out[:, 1])

@@ -1,17 +1,19 @@
-"""The ``ddugm`` command: ``train``, ``demo`` and ``evaluate`` (from ddugm_core) plus the Gadgetron side,
+"""The ``ddugm`` command: ``train``, ``demo``, ``evaluate`` and ``bench`` (from ddugm_core) plus the Gadgetron side,
 ``serve``, ``recon`` and ``simulate``."""
 from __future__ import annotations
 
 import argparse
 import sys
 
+from ddugm_core import bench as core_bench
 from ddugm_core import cli as core_cli
 from ddugm_core import demo as core_demo
 from ddugm_core import evaluate as core_evaluate
 
 from . import replay, server, simulate
 
-COMMANDS = {"demo": core_demo, "evaluate": core_evaluate, "serve": server, "recon": replay, "simulate": simulate}
+COMMANDS = {"demo": core_demo, "evaluate": core_evaluate, "bench": core_bench,
+            "serve": server, "recon": replay, "simulate": simulate}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,56 @@
+"""``ddugm bench`` and the stage timer behind it."""
+import json
+import time
+
+import pytest
+
+from ddugm_core.profiling import StageTimer, stage
+from gadgets.cli import main
+
+
+def test_stage_is_free_when_no_timer_is_active():
+    with stage("network", 3):
+        pass  # nothing recorded, nothing raised
+
+
+def test_nested_stages_are_charged_once():
+    with StageTimer() as t:
+        with stage("outer"):
+            time.sleep(0.02)
+            with stage("inner", 5):
+                time.sleep(0.03)
+        time.sleep(0.01)
+    s = t.summary()
+    assert 0.015 < s["stages_s"]["outer"] < 0.03 and 0.025 < s["stages_s"]["inner"] < 0.05
+    assert s["stages_s"]["other"] >= 0.005
+    assert abs(sum(s["stages_s"].values()) - s["total_s"]) < 1e-6
+    assert s["calls"] == {"outer": 1, "inner": 1} and s["items"]["inner"] == 5
+    with pytest.raises(RuntimeError):
+        with StageTimer(), StageTimer():
+            pass
+
+
+def test_bench_writes_json(tmp_path, tiny_weights, monkeypatch):
+    from ddugm_core import bench
+
+    monkeypatch.setattr(bench, "CASES", {"paper": (3, (16, 16), 1), "cine8": (4, (16, 12), 3)})
+    monkeypatch.setattr(bench, "ACCEL", 2)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"recon:\n  lowrank_iters: 2\n  image_weights: {tiny_weights['image']}\n"
+                   f"  kspace_weights: {tiny_weights['kspace']}\n")
+    out = tmp_path / "b.json"
+    assert main(["bench", "--device", "cpu", "--steps", "3", "--config", str(cfg), "--json", str(out),
+                 "--repeat", "2"]) == 0
+    res = json.loads(out.read_text())
+    assert res["info"]["steps"] == 3 and [r["case"] for r in res["results"]] == ["paper", "cine8"]
+    for r in res["results"]:
+        assert r["network_calls"] == 4 * 3  # k-space and image predictor + corrector per step
+        assert r["network_frames"] == 4 * 3 * r["frames"]
+        assert set(r["stages_s"]) == {"network", "data consistency", "low-rank", "other"}
+        assert abs(sum(r["stages_s"].values()) - r["instrumented_s"]) < 1e-6
+        assert len(r["runs"]) == 2 and r["seconds_per_slice"] > 0 and r["process_max_rss_gb"] > 0
+
+
+def test_bench_rejects_unknown_case(tmp_path, capsys):
+    assert main(["bench", "--cases", "huge", "--json", str(tmp_path / "x.json")]) == 2
+    assert "unknown case" in capsys.readouterr().err
