@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from .consistency import DataConsistency
-from .lowrank import lowrank_project
+from .lowrank import LowRankProjector
 from .operators import HankelLift, fft2c, ifft2c
 from .profiling import stage
 
@@ -23,13 +23,13 @@ def zero_filled(dc: DataConsistency) -> torch.Tensor:
 
 
 def low_rank(dc: DataConsistency, iters: int = 50, rank: int = 54, window: int = 6,
-             callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+             callback: Optional[Callable[[int, int], None]] = None, solver: str = "exact") -> torch.Tensor:
     """Structured low-rank reconstruction: alternate the block-Hankel rank-r projection
     of all frames' k-space with data consistency, from the zero-filled start."""
     k = fft2c(dc.image(zero_filled(dc)))
-    lift = HankelLift(tuple(k.shape), window, device=k.device)
+    project = LowRankProjector(HankelLift(tuple(k.shape), window, device=k.device), rank, solver)
     for i in range(iters):
-        k = dc.kspace(lowrank_project(k, lift, rank))
+        k = dc.kspace(project(k))
         if callback is not None:
             callback(i + 1, iters)
     return ifft2c(k)

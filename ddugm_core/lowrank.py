@@ -30,3 +30,37 @@ def lowrank_project(k: torch.Tensor, lift: HankelLift, rank: int) -> torch.Tenso
         _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
         vr = vecs[:, -rank:]
         return lift.average((h @ vr) @ vr.mH)
+
+
+class LowRankProjector:
+    """The rank-``rank`` projection applied again and again to slowly changing k-space.
+
+    ``solver="exact"`` eigendecomposes the Gram matrix at every call (the published
+    method). ``solver="subspace"`` does that once, then tracks the top-``rank`` right
+    singular subspace with ``iters`` steps of block power iteration per call, warm-started
+    from the previous call: V <- orth(H^H (H V)). That costs about 4 r / (n + 2 r) of the
+    Gram product (n = frames * window^2 columns; ~3x less for 16 frames, more for longer
+    series), needs no eigensolver and no host synchronisation, and matches the exact
+    projection closely because the sampler changes k-space little from one call to the next.
+    """
+
+    def __init__(self, lift: HankelLift, rank: int, solver: str = "exact", iters: int = 1):
+        if solver not in ("exact", "subspace"):
+            raise ValueError(f"low-rank solver must be 'exact' or 'subspace', got {solver!r}")
+        self.lift, self.rank, self.solver, self.iters = lift, rank, solver, iters
+        self._v: torch.Tensor | None = None
+
+    def __call__(self, k: torch.Tensor) -> torch.Tensor:
+        with stage("low-rank"):
+            h = self.lift(k)
+            if self.rank >= h.shape[1]:
+                return k
+            if self.solver == "exact" or self._v is None:
+                _, vecs = torch.linalg.eigh(h.mH @ h)
+                v = vecs[:, -self.rank:]
+            else:
+                v = self._v
+                for _ in range(self.iters):
+                    v = torch.linalg.qr(h.mH @ (h @ v)).Q
+            self._v = v
+            return self.lift.average((h @ v) @ v.mH)

@@ -31,9 +31,9 @@ INITS = ("zero_filled", "low_rank", "l_plus_s")  # where the sampler starts
 #: chosen by measurement (README, "Presets").
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"steps": 1000, "sigma_min": 0.01, "sigma_max": 4.0, "snr": 0.075, "kspace_sigma_scale": 1.0,
-              "init": "zero_filled"},
+              "init": "zero_filled", "lowrank_solver": "exact"},
     "default": {"steps": 20, "sigma_min": 0.01, "sigma_max": 0.1, "snr": 0.075, "kspace_sigma_scale": 0.1,
-                "init": "low_rank"},
+                "init": "low_rank", "lowrank_solver": "exact"},
 }
 
 
@@ -53,6 +53,7 @@ class ReconConfig:
     fusion: float = 0.75
     window: int = 6
     rank: Optional[int] = None          # default floor(1.5 * window^2) = 54
+    lowrank_solver: Optional[str] = None  # exact (eigh each time) or subspace (warm-started power iteration)
     lowrank_iters: int = 50             # iterations of the low-rank-only method
     ls_iters: int = 50                  # L+S baseline (Otazo 2015): max iterations,
     ls_lambda_l: float = 0.01           #   SVT threshold relative to the largest singular value,
@@ -118,6 +119,8 @@ class ReconConfig:
             raise ValueError(f"fusion must be in [0, 1], got {self.fusion}")
         if self.window < 2 or s.rank < 1:
             raise ValueError("window must be >= 2 and rank >= 1")
+        if s.lowrank_solver not in ("exact", "subspace"):
+            raise ValueError(f"lowrank_solver must be 'exact' or 'subspace', got {s.lowrank_solver!r}")
         if self.dc_mode not in ("replace", "cg"):
             raise ValueError(f"dc_mode must be 'replace' or 'cg', got {self.dc_mode!r}")
         if self.ls_iters < 1 or not 0 <= self.ls_lambda_l < 1 or self.ls_lambda_s < 0 or self.ls_tol < 0:
@@ -143,7 +146,7 @@ class ReconConfig:
                                sigma_max=float(pick("sigma_max")), eps=self.eps, snr=float(pick("snr")),
                                kspace_sigma_scale=float(pick("kspace_sigma_scale")), fusion=self.fusion,
                                rank=self.rank if self.rank is not None else default_rank(self.window),
-                               window=self.window)
+                               window=self.window, lowrank_solver=str(pick("lowrank_solver")))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -287,7 +290,7 @@ class Reconstructor:
         if method == "zero_filled":
             x = baselines.zero_filled(dc)
         elif method == "low_rank":
-            x = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window, callback)
+            x = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window, callback, s.lowrank_solver)
         elif method == "l_plus_s":
             x = baselines.l_plus_s(dc, cfg.ls_iters, cfg.ls_lambda_l, cfg.ls_lambda_s, cfg.ls_tol, callback)
         else:
@@ -299,7 +302,7 @@ class Reconstructor:
             progress = None if callback is None else (lambda i, n: callback(offset + i, offset + n))
             warm_cb = None if callback is None else (lambda i, n: callback(i, n + s.steps))
             if init == "low_rank":  # a classical estimate, then refine
-                x0 = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window, warm_cb)
+                x0 = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window, warm_cb, s.lowrank_solver)
             elif init == "l_plus_s":
                 x0 = baselines.l_plus_s(dc, cfg.ls_iters, cfg.ls_lambda_l, cfg.ls_lambda_s, cfg.ls_tol, warm_cb)
             else:

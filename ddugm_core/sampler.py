@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from .consistency import DataConsistency
-from .lowrank import lowrank_project
+from .lowrank import LowRankProjector
 from .operators import HankelLift, KWeight, fft2c, ifft2c
 from .sde import VESDE
 
@@ -29,6 +29,7 @@ class SamplerSettings:
     fusion: float = 0.75             # weight of the low-rank k-space in the fused estimate
     rank: int = 54
     window: int = 6
+    lowrank_solver: str = "exact"    # exact (eigh every step) or subspace (warm-started power iteration)
 
 
 def _randn(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -63,7 +64,7 @@ def ddugm_sample(k0: torch.Tensor, dc: DataConsistency, score_k: Score, score_i:
     sde = VESDE(s.sigma_min, s.sigma_max)
     sigmas = sde.discrete_sigmas(s.steps, s.eps, device=k0.device)
     sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
-    lift = HankelLift(tuple(k0.shape), s.window, device=k0.device)
+    project = LowRankProjector(HankelLift(tuple(k0.shape), s.window, device=k0.device), s.rank, s.lowrank_solver)
     ks = s.kspace_sigma_scale
 
     # start: the measured data plus noise at the first level, made consistent again
@@ -79,7 +80,7 @@ def ddugm_sample(k0: torch.Tensor, dc: DataConsistency, score_k: Score, score_i:
         kw = langevin(weight(k), score_k, ks * sig_c, s.snr, generator, not last)
         k = dc.kspace(weight.unweight(kw, k))
         # 5. structured low-rank step over all frames; data consistency
-        k_lr = dc.kspace(lowrank_project(k, lift, s.rank))
+        k_lr = dc.kspace(project(k))
         # 6-7. image predictor and corrector, each followed by data consistency
         x = dc.image(reverse_diffusion(ifft2c(k_lr), score_i, sigma, sigma_next, generator, not last))
         x = dc.image(langevin(x, score_i, sig_c, s.snr, generator, not last))

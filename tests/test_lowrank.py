@@ -41,3 +41,26 @@ def test_projection_reduces_rank_and_is_idempotent():
     s = torch.linalg.svdvals(lift(k))
     s1 = torch.linalg.svdvals(lift(p1))
     assert s1[5:].sum() < s[5:].sum()  # energy beyond rank 5 goes down
+
+
+def test_subspace_solver_tracks_the_exact_projection():
+    import pytest
+
+    from ddugm_core.lowrank import LowRankProjector
+
+    g = torch.Generator().manual_seed(3)
+    k = _sparse_image_kspace(frames=4, n=16, points=3, seed=2)
+    noise = lambda: 0.05 * torch.complex(torch.randn(k.shape, generator=g), torch.randn(k.shape, generator=g))  # noqa: E731
+    lift = HankelLift(tuple(k.shape), 4)
+    exact = LowRankProjector(lift, 3, "exact")
+    sub = LowRankProjector(lift, 3, "subspace")
+    errs = []
+    for _ in range(6):  # k changes a little between calls, as in the sampler
+        k = k + noise()
+        a, b = exact(k), sub(k)
+        errs.append(float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(a)))
+    assert errs[0] == 0.0  # the first call is exact
+    assert max(errs) < 1e-3
+    assert torch.allclose(exact(k), lowrank_project(k, lift, 3))
+    with pytest.raises(ValueError, match="solver"):
+        LowRankProjector(lift, 3, "svd")

@@ -142,7 +142,8 @@ def test_config_yaml_roundtrip_and_validation(tmp_path):
                       ("sigma_min: 5\nsigma_max: 1", "sigma_min"), ("- a\n- b", "mapping"),
                       ("x: !!python/object/apply:os.system ['true']", "not valid YAML"),
                       ("method: magic", "method must be"), ("init: magic", "init must be"),
-                      ("ls_lambda_l: 1.5", "ls_lambda_l"), ("ls_lambda_s: -1", "ls_lambda_s")]:
+                      ("ls_lambda_l: 1.5", "ls_lambda_l"), ("ls_lambda_s: -1", "ls_lambda_s"),
+                      ("lowrank_solver: svd", "lowrank_solver")]:
         p.write_text(text)
         with pytest.raises(ValueError, match=msg):
             ReconConfig.from_yaml(p)
@@ -168,7 +169,7 @@ def test_cuda_matches_cpu_for_classical_methods(tiny_config):
 
 
 @pytest.mark.parametrize("overrides", [{"preset": "paper", "steps": 3}, {"dc_mode": "cg", "dc_iters": 3},
-                                       {"init": "l_plus_s"}])
+                                       {"init": "l_plus_s"}, {"lowrank_solver": "subspace"}])
 def test_paper_preset_and_cg_paths_run(tiny_config, overrides):
     x = cine_phantom(4, 24, seed=3)
     k = simulate_kspace(x, coil_maps(2, 24), variable_density_mask(4, 24, 3, seed=1))
