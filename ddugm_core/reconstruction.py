@@ -33,7 +33,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"steps": 1000, "sigma_min": 0.01, "sigma_max": 4.0, "snr": 0.075, "kspace_sigma_scale": 1.0,
               "init": "zero_filled", "lowrank_solver": "exact"},
     "default": {"steps": 20, "sigma_min": 0.01, "sigma_max": 0.1, "snr": 0.075, "kspace_sigma_scale": 0.1,
-                "init": "low_rank", "lowrank_solver": "exact"},
+                "init": "low_rank", "lowrank_solver": "subspace"},
 }
 
 

@@ -51,6 +51,19 @@ def test_bench_writes_json(tmp_path, tiny_weights, monkeypatch):
         assert len(r["runs"]) == 2 and r["seconds_per_slice"] > 0 and r["process_max_rss_gb"] > 0
 
 
+def test_bench_repeat_zero_times_the_instrumented_run(tmp_path, tiny_weights, monkeypatch):
+    from ddugm_core import bench
+
+    monkeypatch.setattr(bench, "CASES", {"paper": (3, (16, 16), 1)})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"recon:\n  image_weights: {tiny_weights['image']}\n  kspace_weights: {tiny_weights['kspace']}\n")
+    out = tmp_path / "b.json"
+    assert main(["bench", "--device", "cpu", "--method", "low_rank", "--config", str(cfg), "--json", str(out),
+                 "--repeat", "0", "--no-warmup"]) == 0
+    r = json.loads(out.read_text())["results"][0]
+    assert r["runs"] == [r["instrumented_s"]] and r["network_calls"] == 0 and r["stages_s"]["low-rank"] > 0
+
+
 def test_bench_rejects_unknown_case(tmp_path, capsys):
     assert main(["bench", "--cases", "huge", "--json", str(tmp_path / "x.json")]) == 2
     assert "unknown case" in capsys.readouterr().err
