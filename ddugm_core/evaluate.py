@@ -13,6 +13,7 @@ deterministic for a given seed.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,8 +145,8 @@ def add_parser(sub):
                    help="coil maps given to every method: estimated from the data (default) or the simulated ones")
     p.add_argument("--methods", default=",".join(ALL_METHODS),
                    help=f"comma separated, from {', '.join(ALL_METHODS)} (default: all)")
-    p.add_argument("--paper-series", type=int, default=0,
-                   help="run the paper preset (1000 steps) on only the first N series (0: all)")
+    p.add_argument("--paper-series", type=int, default=1,
+                   help="run the paper preset (1000 steps) on only the first N series (default: %(default)s; 0: all)")
     p.add_argument("--config", default=None, help="reconstruction settings YAML (ReconConfig) for every method")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--out", default="eval_out", help="output folder (default: %(default)s)")
@@ -202,13 +203,27 @@ def run(a) -> int:
         from tqdm import tqdm
         bar = tqdm(total=len(jobs), desc="evaluate", dynamic_ncols=True)
 
+    settings = {"evaluate": {k: v for k, v in vars(a).items() if k != "func"}, "series": [n for n, _ in series],
+                "recon_default": cfg_default.to_dict(), "recon_paper": cfg_paper.to_dict(), "device": str(rec.device),
+                "torch": torch.__version__, "threads": torch.get_num_threads()}
     results: list[dict] = []
+    failures: list[dict] = []
     figure_case = None
-    truths = {}
+
+    def save(complete: bool):  # after every series, so a long run that stops keeps what it has
+        (out / "results.json").write_text(json.dumps({"settings": settings, "complete": complete, "results": results,
+                                                      "failures": failures}, indent=2, default=str))
+
     for i, (name, frames) in enumerate(series):
-        truths[i] = make_truth(frames, a.seed * 1000 + i)
+        try:
+            truth = make_truth(frames, a.seed * 1000 + i)
+        except ValueError as e:
+            failures.append({"series": name, "accel": None, "method": None, "error": str(e)})
+            if bar is not None:
+                bar.update(sum(1 for j in jobs if j[0] == i))
+            continue
         for r in accels:
-            case = simulate_case(name, truths[i], r, a.coils, a.noise, a.seed * 1000 + i)
+            case = simulate_case(name, truth, r, a.coils, a.noise, a.seed * 1000 + i)
             maps = case.maps if a.maps == "true" else None
             images = {}
             for m in methods:
@@ -218,33 +233,39 @@ def run(a) -> int:
                 method = "ddugm" if m.startswith("ddugm") else m
                 if bar is not None:
                     bar.set_postfix_str(f"{name} R={r:g} {m}")
-                t0 = time.perf_counter()
-                x = engine.recon(case.kspace, case.mask, maps, seed=a.seed, method=method)
-                if rec.device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
-                fm = frame_metrics(case.truth, x)
-                results.append({"series": name, "frames": int(case.truth.shape[0]), "accel": r,
-                                "measured_accel": float(case.mask.size / case.mask.sum()), "method": m,
-                                "seconds": dt, **fm})
-                images[m] = x
+                try:
+                    t0 = time.perf_counter()
+                    x = engine.recon(case.kspace, case.mask, maps, seed=a.seed, method=method)
+                    if rec.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    dt = time.perf_counter() - t0
+                except (ValueError, RuntimeError) as e:  # one bad case must not lose the others
+                    failures.append({"series": name, "accel": r, "method": m, "error": f"{type(e).__name__}: {e}"})
+                    print(f"evaluate: {name} R={r:g} {m} failed: {e}", file=sys.stderr)
+                else:
+                    fm = frame_metrics(case.truth, x)
+                    results.append({"series": name, "frames": int(case.truth.shape[0]), "accel": r,
+                                    "measured_accel": float(case.mask.size / case.mask.sum()), "method": m,
+                                    "seconds": dt, **fm})
+                    images[m] = x
                 if bar is not None:
                     bar.update(1)
-            if figure_case is None and (r == 8 or r == accels[len(accels) // 2]):
+            if figure_case is None and (r == 8 or r == accels[len(accels) // 2]) and len(images) == len(methods):
                 figure_case = (name, r, case.truth, images)
+        save(False)
     if bar is not None:
         bar.close()
 
-    settings = {"evaluate": {k: v for k, v in vars(a).items() if k != "func"}, "series": [n for n, _ in series],
-                "recon_default": cfg_default.to_dict(), "recon_paper": cfg_paper.to_dict(), "device": str(rec.device),
-                "torch": torch.__version__, "threads": torch.get_num_threads()}
-    (out / "results.json").write_text(json.dumps({"settings": settings, "results": results}, indent=2, default=str))
-    table = summary_table(results, methods, accels)
+    save(True)
+    table = summary_table(results, methods, accels, failures)
     if figure_case is not None:
         save_figure(out / "figure.png", *figure_case)
-    (out / "report.md").write_text(report_markdown(table, settings, figure_case is not None, len(series)))
+    (out / "report.md").write_text(report_markdown(table, settings, figure_case is not None, len(series), failures))
     print(render_table(table))
     print(f"\nwrote {out / 'report.md'}, {out / 'results.json'}" + (f", {out / 'figure.png'}" if figure_case else ""))
+    if failures:
+        print(f"evaluate: {len(failures)} reconstruction(s) failed; listed in the report", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -274,12 +295,17 @@ def tune_l_plus_s(series, base, device, accel: float, a) -> int:
     return 0
 
 
-def summary_table(results: list[dict], methods: list[str], accels: list[float]) -> list[dict]:
-    """One row per (R, method): mean and std over all frames of all series, seconds per slice."""
+def summary_table(results: list[dict], methods: list[str], accels: list[float],
+                  failures: list[dict] = ()) -> list[dict]:
+    """One row per (R, method): mean and std over all frames of all series, seconds per slice.
+    A (series, R) where any method failed is left out for every method, so that all rows
+    are computed on the same cases."""
+    failed = {(f["series"], f["accel"]) for f in failures} | {(f["series"], r) for f in failures if f["accel"] is None
+                                                              for r in accels}
     rows = []
     for r in accels:
         for m in methods:
-            sel = [e for e in results if e["accel"] == r and e["method"] == m]
+            sel = [e for e in results if e["accel"] == r and e["method"] == m and (e["series"], r) not in failed]
             if not sel:
                 continue
             row = {"accel": r, "method": m, "series": len(sel), "frames": sum(e["frames"] for e in sel),
@@ -299,7 +325,7 @@ def render_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def report_markdown(rows: list[dict], settings: dict, figure: bool, n_series: int) -> str:
+def report_markdown(rows: list[dict], settings: dict, figure: bool, n_series: int, failures: list[dict] = ()) -> str:
     e = settings["evaluate"]
     rd, rp = settings["recon_default"], settings["recon_paper"]
     from .reconstruction import PRESETS
@@ -334,6 +360,11 @@ def report_markdown(rows: list[dict], settings: dict, figure: bool, n_series: in
         f"seed {e['seed']}.", "",
         render_table(rows), "",
     ]
+    if failures:
+        parts += ["**Failed reconstructions** (their series and R are left out of the table for every method):", ""]
+        parts += [f"- {f['series']}" + (f", R = {f['accel']:g}" if f["accel"] is not None else "")
+                  + (f", {METHOD_NAMES[f['method']]}" if f["method"] else "") + f": {f['error']}" for f in failures]
+        parts.append("")
     if figure:
         parts += ["![frames and error maps](figure.png)", "",
                   "Figure: first series at the middle acceleration; columns are frames across the cycle; "

@@ -130,3 +130,31 @@ def test_tune_l_plus_s_prints_the_grid(series_dir, fast_yaml, capsys, monkeypatc
     assert len(rows) == 4
     best = max(rows, key=lambda r: float(r[2]))
     assert f"best: ls_lambda_l {best[0]}, ls_lambda_s {best[1]}" in out
+
+
+def test_a_failing_case_loses_no_other(series_dir, fast_yaml, tmp_path, monkeypatch):
+    from ddugm_core.reconstruction import Reconstructor
+
+    np.save(series_dir / "empty.npy", np.zeros((4, 24, 20), np.float32))  # no signal: cannot be normalised
+    real = Reconstructor.recon
+
+    def flaky(self, kspace, *args, method=None, **kw):
+        if method == "l_plus_s" and kspace.shape[1] == 5:  # the 5-frame series
+            raise RuntimeError("simulated device failure")
+        return real(self, kspace, *args, method=method, **kw)
+
+    monkeypatch.setattr(Reconstructor, "recon", flaky)
+    out = tmp_path / "f"
+    rc = main(["evaluate", "--data", str(series_dir), "--split", "all", "--accels", "2", "--coils", "2",
+               "--methods", "zero_filled,l_plus_s", "--config", str(fast_yaml), "--device", "cpu", "--quiet",
+               "--out", str(out)])
+    assert rc == 1
+    res = json.loads((out / "results.json").read_text())
+    assert res["complete"] is True
+    assert {(f["series"], f["method"]) for f in res["failures"]} == {("empty", None), ("complex", "l_plus_s")}
+    done = {(e["series"], e["method"]) for e in res["results"]}
+    assert ("complex", "zero_filled") in done and ("patient000_z1", "l_plus_s") in done
+    report = (out / "report.md").read_text()
+    assert "simulated device failure" in report and "empty" in report
+    # the failed case is left out for every method: both rows are over the same 2 series
+    assert "| 2 | zero-filled | 2 |" in report and "| 2 | L+S | 2 |" in report
