@@ -334,16 +334,16 @@ def report_markdown(rows: list[dict], settings: dict, figure: bool, n_series: in
         p = PRESETS[cfg["preset"]]
         pick = lambda k: cfg[k] if cfg[k] is not None else p[k]  # noqa: E731
         return (f"{pick('steps')} steps, sigma {pick('sigma_max')} → {pick('sigma_min')}, k-space sigma scale "
-                f"{pick('kspace_sigma_scale')}, start {pick('init')}")
+                f"{pick('kspace_sigma_scale')}, start {pick('init')}, low-rank solver {pick('lowrank_solver')}")
 
     parts = [
         "# DD-UGM evaluation report", "",
         f"- Data: {n_series} series from `{e['data']}` (split `{e['split']}`, slices `{e['slices']}`"
         + (f", first {e['max_frames']} frames" if e["max_frames"] else "") + "): "
         + ", ".join(settings["series"]) + ".",
-        "- Truth: each series' magnitude divided by the 99th percentile of its time average, times a smooth random "
-        "phase (the same for all frames). ACDC images are magnitude-only clinical reconstructions: the phase, the "
-        "coil sensitivities and the noise are simulated, so these numbers are not those of a real raw acquisition.",
+        "- Truth: each series divided by the 99th percentile of its time-averaged magnitude; magnitude-only data "
+        "(such as ACDC's clinical reconstructions) get a smooth random phase, the same for all frames. The coil "
+        "sensitivities and the noise are always simulated, so these numbers are not those of a real raw acquisition.",
         f"- Acquisition: {e['coils']} simulated coil(s) (smooth ring sensitivities, normalised), complex Gaussian "
         f"k-space noise std {e['noise']} per real component (normalised image units, orthonormal FFT), one "
         "variable-density random Cartesian mask per frame with the centre lines always sampled.",

@@ -80,7 +80,8 @@ def test_evaluate_writes_a_deterministic_report(series_dir, fast_yaml, tmp_path)
     for s in ("complex", "patient000_z1"):
         assert by[(s, 2.0, "l_plus_s")] > by[(s, 2.0, "zero_filled")]
     report = (tmp_path / "a" / "report.md").read_text()
-    for text in ("| 4 | L+S | 2 |", "| 2 | DD-UGM (default) | 2 |", "figure.png", "smooth random phase", "noise std 0.005"):
+    for text in ("| 4 | L+S | 2 |", "| 2 | DD-UGM (default) | 2 |", "figure.png", "smooth random phase", "noise std 0.005",
+                 "low-rank solver subspace"):
         assert text in report
     assert (tmp_path / "a" / "figure.png").stat().st_size > 0
 
