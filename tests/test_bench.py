@@ -67,3 +67,21 @@ def test_bench_repeat_zero_times_the_instrumented_run(tmp_path, tiny_weights, mo
 def test_bench_rejects_unknown_case(tmp_path, capsys):
     assert main(["bench", "--cases", "huge", "--json", str(tmp_path / "x.json")]) == 2
     assert "unknown case" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_bench_on_cuda(tmp_path, tiny_weights, monkeypatch):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from ddugm_core import bench
+
+    monkeypatch.setattr(bench, "CASES", {"cine8": (4, (32, 32), 3)})
+    monkeypatch.setattr(bench, "ACCEL", 2)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"recon:\n  image_weights: {tiny_weights['image']}\n  kspace_weights: {tiny_weights['kspace']}\n")
+    out = tmp_path / "b.json"
+    assert main(["bench", "--device", "cuda", "--steps", "3", "--config", str(cfg), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["results"][0]
+    assert r["cuda_max_allocated_gb"] > 0 and r["network_calls"] == 12 and r["psnr_db"] > 10
