@@ -113,25 +113,34 @@ def _to_u8(x: np.ndarray, vmax: float) -> np.ndarray:
     return (np.clip(np.abs(x) / vmax, 0, 1) * 255).astype(np.uint8)
 
 
-def _save_grid(path: Path, truth, images, columns: int = 4):
-    """Rows: reference, each method, and DD-UGM's error x5; columns: frames across the cycle."""
+def save_grid(path: Path, rows: list, columns: int = 4, title: str | None = None, label_w: int = 110, zoom: int = 2):
+    """A labelled image grid: one row per ``(label, uint8 frames [T, y, x])``, columns are
+    ``columns`` frames spread over the cycle, an optional title line on top."""
     from PIL import Image, ImageDraw
 
-    vmax = float(np.abs(truth).max())
-    t = truth.shape[0]
+    t = rows[0][1].shape[0]
     cols = np.linspace(0, t - 1, min(columns, t)).round().astype(int)
+    tiles = [np.concatenate([im[c] for c in cols], axis=1) for _, im in rows]
+    h, w = tiles[0].shape
+    top = 14 if title else 0
+    canvas = Image.new("L", (label_w + w, top + h * len(tiles)), 0)
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 2), title, fill=255)
+    for r, ((name, _), tile) in enumerate(zip(rows, tiles)):
+        canvas.paste(Image.fromarray(tile), (label_w, top + r * h))
+        draw.text((4, top + r * h + h // 2 - 5), name, fill=255)
+    if zoom > 1:
+        canvas = canvas.resize((canvas.width * zoom, canvas.height * zoom), Image.NEAREST)
+    canvas.save(path)
+
+
+def _save_grid(path: Path, truth, images, columns: int = 4):
+    """Rows: reference, each method, and DD-UGM's error x5; columns: frames across the cycle."""
+    vmax = float(np.abs(truth).max())
     rows = [("reference", truth)] + [(METHOD_NAMES[m], im) for m, im in images.items()]
     rows.append(("DD-UGM error x5", 5 * (np.abs(images["ddugm"]) - np.abs(truth))))
-    tiles = [np.concatenate([_to_u8(im[c], vmax) for c in cols], axis=1) for _, im in rows]
-    label_w = 110
-    h, w = tiles[0].shape
-    canvas = Image.new("L", (label_w + w, h * len(tiles)), 0)
-    draw = ImageDraw.Draw(canvas)
-    for r, ((name, _), tile) in enumerate(zip(rows, tiles)):
-        canvas.paste(Image.fromarray(tile), (label_w, r * h))
-        draw.text((4, r * h + h // 2 - 5), name, fill=255)
-    canvas = canvas.resize((canvas.width * 2, canvas.height * 2), Image.NEAREST)
-    canvas.save(path)
+    save_grid(path, [(name, _to_u8(im, vmax)) for name, im in rows], columns)
 
 
 def _save_gif(path: Path, truth, images):

@@ -368,26 +368,17 @@ def report_markdown(rows: list[dict], settings: dict, figure: bool, n_series: in
     if figure:
         parts += ["![frames and error maps](figure.png)", "",
                   "Figure: first series at the middle acceleration; columns are frames across the cycle; "
-                  "rows are the truth, each method, then each method's error |x| - |truth| times 5.", ""]
+                  "rows are the truth, each method, then each method's (but zero-filled's) error |x| - |truth| times 5, "
+                  "grey = 0.", ""]
     return "\n".join(parts)
 
 
 def save_figure(path: Path, name: str, accel: float, truth: np.ndarray, images: dict, columns: int = 4):
-    from PIL import Image, ImageDraw
+    """Truth, each method, then each method's signed error x5 (grey = 0) for frames across the cycle."""
+    from .demo import _to_u8, save_grid
 
     vmax = float(np.abs(truth).max())
-    t = truth.shape[0]
-    cols = np.linspace(0, t - 1, min(columns, t)).round().astype(int)
-    u8 = lambda x: (np.clip(np.abs(x) / vmax, 0, 1) * 255).astype(np.uint8)  # noqa: E731
     err = lambda x: (np.clip(0.5 + 5 * (np.abs(x) - np.abs(truth)) / vmax, 0, 1) * 255).astype(np.uint8)  # noqa: E731
-    rows = [("truth", u8(truth))] + [(METHOD_NAMES[m], u8(x)) for m, x in images.items()]
+    rows = [("truth", _to_u8(truth, vmax))] + [(METHOD_NAMES[m], _to_u8(x, vmax)) for m, x in images.items()]
     rows += [(f"{METHOD_NAMES[m]} err x5", err(x)) for m, x in images.items() if m != "zero_filled"]
-    tiles = [np.concatenate([im[c] for c in cols], axis=1) for _, im in rows]
-    label_w, (h, w) = 130, tiles[0].shape
-    canvas = Image.new("L", (label_w + w, h * len(tiles) + 14), 0)
-    draw = ImageDraw.Draw(canvas)
-    draw.text((4, 2), f"{name}, R = {accel:g}", fill=255)
-    for r, ((label, _), tile) in enumerate(zip(rows, tiles)):
-        canvas.paste(Image.fromarray(tile), (label_w, 14 + r * h))
-        draw.text((4, 14 + r * h + h // 2 - 5), label, fill=255)
-    canvas.save(path)
+    save_grid(path, rows, columns, title=f"{name}, R = {accel:g}", label_w=130, zoom=1)
