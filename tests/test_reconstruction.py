@@ -169,12 +169,12 @@ def test_cuda_matches_cpu_for_classical_methods(tiny_config):
 
 
 @pytest.mark.parametrize("overrides", [{"preset": "paper", "steps": 3}, {"dc_mode": "cg", "dc_iters": 3},
-                                       {"init": "l_plus_s"}, {"lowrank_solver": "subspace"}])
+                                       {"init": "low_rank"}, {"lowrank_solver": "exact"}])
 def test_paper_preset_and_cg_paths_run(tiny_config, overrides):
     x = cine_phantom(4, 24, seed=3)
     k = simulate_kspace(x, coil_maps(2, 24), variable_density_mask(4, 24, 3, seed=1))
     cfg = ReconConfig.from_dict({**tiny_config.to_dict(), **overrides})
-    assert cfg.resolved("init") == ("zero_filled" if "preset" in overrides else overrides.get("init", "low_rank"))
+    assert cfg.resolved("init") == ("zero_filled" if "preset" in overrides else overrides.get("init", "l_plus_s"))
     out = Reconstructor(cfg).recon(k, coil_maps=coil_maps(2, 24))
     assert out.shape == (4, 24, 24) and np.isfinite(out).all()
     if "preset" in overrides:
