@@ -67,7 +67,7 @@ def temporal_ift(x: torch.Tensor) -> torch.Tensor:
     return torch.fft.ifft(x, dim=0, norm="ortho")
 
 
-def l_plus_s(dc: DataConsistency, iters: int = 50, lambda_l: float = 0.01, lambda_s: float = 0.01,
+def l_plus_s(dc: DataConsistency, iters: int = 50, lambda_l: float = 0.01, lambda_s: float = 0.02,
              tol: float = 0.0025, callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
     """Low-rank plus sparse reconstruction (Otazo et al., MRM 2015, their Algorithm 1).
 

@@ -170,7 +170,7 @@ def _parse_list(text: str, conv, name: str) -> list:
 def run(a) -> int:
     import torch
 
-    from .reconstruction import ReconConfig, Reconstructor
+    from .reconstruction import PRESETS, ReconConfig, Reconstructor
 
     accels = _parse_list(a.accels, float, "accels")
     methods = _parse_list(a.methods, str, "methods")
@@ -182,20 +182,21 @@ def run(a) -> int:
     base = ReconConfig.from_yaml(a.config) if a.config else ReconConfig()
     over = {} if a.device == "auto" else {"device": a.device}
     cfg_default = ReconConfig.from_dict({**base.to_dict(), **over, "method": "ddugm"})
+    # the paper preset's own schedule: every key the preset sets is left to it
     cfg_paper = ReconConfig.from_dict({**base.to_dict(), **over, "method": "ddugm", "preset": "paper",
-                                       "steps": None, "sigma_min": None, "sigma_max": None, "snr": None,
-                                       "kspace_sigma_scale": None, "init": None})
+                                       **{k: None for k in PRESETS["paper"]}})
     rec = Reconstructor(cfg_default)
-    rec_paper = Reconstructor(cfg_paper, device=rec.device)
-    rec_paper._scores = rec.load_models() if any(m.startswith("ddugm") for m in methods) else None
+    rec_paper = Reconstructor(cfg_paper, device=rec.device)  # loads its (identical) models only if used
 
     series = select_series(a.data, a.split, a.slices, a.max_series, a.max_frames)
     if a.tune_l_plus_s:
         return tune_l_plus_s(series, base, rec.device, accels[0], a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(i, r, m) for i in range(len(series)) for r in accels for m in methods
-            if not (m == "ddugm_paper" and a.paper_series and i >= a.paper_series)]
+    def runs(i: int, m: str) -> bool:  # the paper preset only on the first --paper-series series
+        return not (m == "ddugm_paper" and a.paper_series and i >= a.paper_series)
+
+    jobs = [(i, r, m) for i in range(len(series)) for r in accels for m in methods if runs(i, m)]
     print(f"{len(series)} series, R = {', '.join(f'{r:g}' for r in accels)}, {a.coils} coil(s), noise {a.noise}, "
           f"maps {a.maps}, device {rec.device}; {len(jobs)} reconstructions")
     bar = None
@@ -227,7 +228,7 @@ def run(a) -> int:
             maps = case.maps if a.maps == "true" else None
             images = {}
             for m in methods:
-                if m == "ddugm_paper" and a.paper_series and i >= a.paper_series:
+                if not runs(i, m):
                     continue
                 engine = rec_paper if m == "ddugm_paper" else rec
                 method = "ddugm" if m.startswith("ddugm") else m

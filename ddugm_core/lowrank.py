@@ -21,15 +21,8 @@ def default_rank(window: int, factor: float = 1.5) -> int:
 
 
 def lowrank_project(k: torch.Tensor, lift: HankelLift, rank: int) -> torch.Tensor:
-    """Rank-``rank`` block-Hankel approximation of k-space ``[frame, ky, kx]``."""
-    with stage("low-rank"):
-        h = lift(k)
-        if rank >= h.shape[1]:
-            return k
-        gram = h.mH @ h
-        _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
-        vr = vecs[:, -rank:]
-        return lift.average((h @ vr) @ vr.mH)
+    """Rank-``rank`` block-Hankel approximation of k-space ``[frame, ky, kx]`` (exact, one call)."""
+    return LowRankProjector(lift, rank, "exact")(k)
 
 
 class LowRankProjector:
@@ -56,7 +49,7 @@ class LowRankProjector:
             if self.rank >= h.shape[1]:
                 return k
             if self.solver == "exact" or self._v is None:
-                _, vecs = torch.linalg.eigh(h.mH @ h)
+                _, vecs = torch.linalg.eigh(h.mH @ h)  # ascending eigenvalues
                 v = vecs[:, -self.rank:]
             else:
                 v = self._v
