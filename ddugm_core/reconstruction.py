@@ -20,7 +20,7 @@ from .checkpoints import DEFAULT_WEIGHTS, load_model
 from .coils import estimate_coil_maps, time_averaged_kspace
 from .consistency import DataConsistency
 from .lowrank import default_rank
-from .networks import ScoreFunction
+from .networks import ScoreFunction, bf16_is_fast
 from .operators import KWeight, expand_mask, fft2c, ifft2c, kspace_weight
 from .sampler import SamplerSettings, ddugm_sample
 
@@ -68,7 +68,8 @@ class ReconConfig:
     image_weights: str = ""             # "" = the shipped weights
     kspace_weights: str = ""
     device: str = "auto"
-    amp: bool = True                    # bf16 network calls on CUDA
+    amp: bool = True                    # bf16 network calls where bf16 is fast (CUDA; CPUs with AVX512-BF16/AMX)
+    compile: bool = False               # torch.compile the networks (CUDA: CUDA graphs); compiles per frame size
 
     # ------------------------------------------------------------------ loading and checks
     @classmethod
@@ -261,8 +262,9 @@ class Reconstructor:
         if self._scores is None:
             cfg = self.config
             paths = {d: Path(getattr(cfg, f"{d}_weights") or DEFAULT_WEIGHTS[d]) for d in ("image", "kspace")}
-            amp = cfg.amp and self.device.type == "cuda"
-            self._scores = {d: ScoreFunction(load_model(p, self.device, expect_domain=d), amp=amp) for d, p in paths.items()}
+            amp = cfg.amp and bf16_is_fast(self.device)
+            self._scores = {d: ScoreFunction(load_model(p, self.device, expect_domain=d), amp=amp,
+                                          compile=cfg.compile) for d, p in paths.items()}
         return self._scores
 
     def recon(self, kspace, mask=None, coil_maps=None, seed: int = 0, method: str | None = None,

@@ -110,7 +110,8 @@ def train(cfg: TrainConfig, progress: bool = True, on_log: Callable[[dict], None
         net = NCSNpp(cfg.net)
         if cfg.init:
             net.load_state_dict(load_model(cfg.init, expect_domain=cfg.domain).state_dict())
-        net = net.to(device)
+        # channels-last: the (real, imaginary) view of complex frames already has that layout
+        net = net.to(device, memory_format=torch.channels_last)
         ema = copy.deepcopy(net).eval().requires_grad_(False)
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
         step = 0
