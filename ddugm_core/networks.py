@@ -235,9 +235,10 @@ class ScoreFunction:
         self.amp = amp
         self.divisor = net.config.divisor
         self._forward = self.net
+        self._graphs = False
         if compile:
-            on_cuda = next(net.parameters()).device.type == "cuda"
-            self._forward = torch.compile(self.net, mode="reduce-overhead" if on_cuda else None, dynamic=False)
+            self._graphs = next(net.parameters()).device.type == "cuda"
+            self._forward = torch.compile(self.net, mode="reduce-overhead" if self._graphs else None, dynamic=False)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
@@ -249,6 +250,8 @@ class ScoreFunction:
         s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(b)
         with stage("network", b), torch.autocast(x.device.type, dtype=torch.bfloat16,
                                                  enabled=self.amp):
+            if self._graphs:  # the last call's output was already copied out: its graph memory may be reused
+                torch.compiler.cudagraph_mark_step_begin()
             out = self._forward(h, s)
         out = out.float()[:, :, py // 2: py // 2 + ny, px // 2: px // 2 + nx]
         return torch.complex(out[:, 0], out[:, 1])

@@ -32,7 +32,7 @@ INITS = ("zero_filled", "low_rank", "l_plus_s")  # where the sampler starts
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"steps": 1000, "sigma_min": 0.01, "sigma_max": 4.0, "snr": 0.075, "kspace_sigma_scale": 1.0,
               "init": "zero_filled", "lowrank_solver": "exact"},
-    "default": {"steps": 20, "sigma_min": 0.01, "sigma_max": 0.3, "snr": 0.075, "kspace_sigma_scale": 0.1,
+    "default": {"steps": 10, "sigma_min": 0.01, "sigma_max": 0.3, "snr": 0.075, "kspace_sigma_scale": 0.1,
                 "init": "l_plus_s", "lowrank_solver": "subspace"},
 }
 

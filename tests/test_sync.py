@@ -108,9 +108,7 @@ def test_sampler_loop_does_not_synchronise_the_gpu():
     assert len(many) == len(few), f"per-step synchronisations: {len(few)} at 2 steps, {len(many)} at 6: {many[:5]}"
 
 
-@pytest.mark.slow
-def test_compiled_networks_give_the_eager_result(tiny_config):
-    """``compile: true`` (torch.compile; needs a C++ compiler on the CPU) changes speed only."""
+def _compiled_vs_eager(config, device):
     import dataclasses
 
     import numpy as np
@@ -120,7 +118,23 @@ def test_compiled_networks_give_the_eager_result(tiny_config):
     from ddugm_core.phantom import cine_phantom, coil_maps, simulate_kspace
 
     k = simulate_kspace(cine_phantom(4, 16, seed=1), coil_maps(2, 16), variable_density_mask(4, 16, 3, seed=2))
-    cfg = dataclasses.replace(tiny_config, amp=False)  # float32 both ways: bf16 rounding would differ
+    cfg = dataclasses.replace(config, amp=False, device=device)  # float32 both ways: bf16 rounding would differ
     eager = Reconstructor(cfg).recon(k, seed=1)
-    compiled = Reconstructor(dataclasses.replace(cfg, compile=True)).recon(k, seed=1)
-    assert np.linalg.norm(compiled - eager) / np.linalg.norm(eager) < 1e-4
+    compiled_rec = Reconstructor(dataclasses.replace(cfg, compile=True))
+    compiled = [compiled_rec.recon(k, seed=1) for _ in range(2)]  # the second call replays
+    for c in compiled:
+        assert np.linalg.norm(c - eager) / np.linalg.norm(eager) < 1e-4
+
+
+@pytest.mark.slow
+def test_compiled_networks_give_the_eager_result(tiny_config):
+    """``compile: true`` (torch.compile; needs a C++ compiler on the CPU) changes speed only."""
+    _compiled_vs_eager(tiny_config, "cpu")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_networks_give_the_eager_result(tiny_config):
+    """On CUDA ``compile: true`` replays CUDA graphs; outputs must not be overwritten by later calls."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _compiled_vs_eager(tiny_config, "cuda")
