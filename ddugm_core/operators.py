@@ -74,6 +74,18 @@ def ifft2c(k: torch.Tensor) -> torch.Tensor:
     return torch.fft.fftshift(torch.fft.ifft2(k, norm="ortho"), dim=(-2, -1))
 
 
+def fft1c(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Centred orthonormal 1D FFT along ``dim`` (the 2D one is this along both axes)."""
+    x = torch.fft.ifftshift(x, dim=dim)
+    return torch.fft.fftshift(torch.fft.fft(x, dim=dim, norm="ortho"), dim=dim)
+
+
+def ifft1c(k: torch.Tensor, dim: int) -> torch.Tensor:
+    """Inverse (and adjoint) of :func:`fft1c`."""
+    k = torch.fft.ifftshift(k, dim=dim)
+    return torch.fft.fftshift(torch.fft.ifft(k, dim=dim, norm="ortho"), dim=dim)
+
+
 class FFT2(LinearOperator):
     """Centred orthonormal 2D Fourier transform on the last two axes. Unitary: F^H = F^-1."""
 

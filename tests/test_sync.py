@@ -57,7 +57,8 @@ def _scores(device):
     return ScoreFunction(NCSNpp(cfg).to(device)), ScoreFunction(NCSNpp(cfg).to(device))
 
 
-def _sample(device, steps, solver="subspace", dc_mode="replace", score_i=None):
+def _sample(device, steps, solver="subspace", dc_mode="replace", score_i=None, around=contextlib.nullcontext):
+    """Set up a multi-coil problem, then run the sampler (only that inside ``around()``)."""
     y, mask, maps = _problem(device)
     dc = DataConsistency(y, mask, maps, mode=dc_mode)
     score_k, default_i = _scores(device)
@@ -65,13 +66,27 @@ def _sample(device, steps, solver="subspace", dc_mode="replace", score_i=None):
     settings = SamplerSettings(steps=steps, sigma_max=0.3, rank=20, window=3, lowrank_solver=solver)
     w = KWeight(kspace_weight(16, 16, device=device))
     gen = torch.Generator(device).manual_seed(0)
-    return ddugm_sample(k0, dc, score_k, score_i or default_i, w, settings, gen, callback=lambda i, n: None)
+    with around():
+        return ddugm_sample(k0, dc, score_k, score_i or default_i, w, settings, gen, callback=lambda i, n: None)
+
+
+def _reads_in_loop(**kwargs):
+    """Host reads made by the sampler on the CPU (set-up not counted)."""
+    seen = []
+
+    @contextlib.contextmanager
+    def counted():
+        with host_reads() as reads:
+            yield
+        seen.extend(reads)
+
+    _sample("cpu", steps=3, around=counted, **kwargs)
+    return seen
 
 
 @pytest.mark.parametrize("solver,dc_mode", [("subspace", "replace"), ("exact", "replace"), ("subspace", "cg")])
 def test_sampler_loop_reads_nothing_back_from_the_device(solver, dc_mode):
-    with host_reads() as seen:
-        _sample("cpu", steps=3, solver=solver, dc_mode=dc_mode)
+    seen = _reads_in_loop(solver=solver, dc_mode=dc_mode)
     assert seen == [], "host reads in the sampler:\n" + "\n".join(seen)
 
 
@@ -81,8 +96,7 @@ def test_host_read_counter_would_catch_a_per_step_read():
     def reads_sigma(x, sigma):  # a score that turns the noise level into a Python float
         return score_i(x, float(sigma))
 
-    with host_reads() as seen:
-        _sample("cpu", steps=3, score_i=reads_sigma)
+    seen = _reads_in_loop(score_i=reads_sigma)
     assert len(seen) == 6 and all(s.endswith("__float__") for s in seen)
 
 
