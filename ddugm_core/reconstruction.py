@@ -28,7 +28,7 @@ METHODS = ("ddugm", "low_rank", "l_plus_s", "zero_filled")
 INITS = ("zero_filled", "low_rank", "l_plus_s")  # where the sampler starts
 
 #: Sampling schedules. "paper" is the published one; "default" is the fast preset,
-#: chosen by measurement (README, "Presets").
+#: chosen by measurement (README, "Settings").
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"steps": 1000, "sigma_min": 0.01, "sigma_max": 4.0, "snr": 0.075, "kspace_sigma_scale": 1.0,
               "init": "zero_filled", "lowrank_solver": "exact"},
