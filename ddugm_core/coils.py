@@ -75,3 +75,25 @@ def _hann(n: int, width: int, device) -> torch.Tensor:
     i = torch.arange(n, device=device, dtype=torch.float32) - n // 2
     half = width / 2.0
     return torch.where(i.abs() < half, 0.5 + 0.5 * torch.cos(torch.pi * i / half), torch.zeros_like(i))
+
+
+def compress_coils(kspace: torch.Tensor, mask: torch.Tensor, virtual: int,
+                   maps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """SVD coil compression to ``virtual`` coils (the principal components of the coil
+    signals over all acquired samples; Huang et al., MRI 2008).
+
+    ``kspace`` ``[coil, frame, ky, kx]`` (noise-whitened, as the gadgets deliver it), mask
+    ``[frame, ky, kx]``. Returns the compressed k-space ``[virtual, ...]``, the maps taken
+    through the same matrix (or None) and the fraction of the signal energy kept. Each
+    data-consistency step then costs ``virtual / coil`` of before. With ``virtual`` 0 or
+    at least the number of coils the input comes back unchanged (fraction 1).
+    """
+    coils = kspace.shape[0]
+    if virtual <= 0 or virtual >= coils:
+        return kspace, maps, 1.0
+    samples = kspace[:, mask > 0]                      # [coil, acquired samples]
+    evals, evecs = torch.linalg.eigh(samples @ samples.mH)  # ascending
+    a = evecs[:, -virtual:].flip(-1).mH                 # [virtual, coil], strongest first
+    kept = float(evals[-virtual:].sum() / evals.sum().clamp(min=1e-30))
+    squeeze = lambda x: torch.tensordot(a, x, dims=([1], [0]))  # noqa: E731
+    return squeeze(kspace), (squeeze(maps) if maps is not None else None), kept

@@ -17,7 +17,7 @@ import yaml
 
 from . import baselines
 from .checkpoints import DEFAULT_WEIGHTS, load_model
-from .coils import estimate_coil_maps, time_averaged_kspace
+from .coils import compress_coils, estimate_coil_maps, time_averaged_kspace
 from .consistency import DataConsistency
 from .lowrank import default_rank
 from .networks import ScoreFunction, bf16_is_fast
@@ -62,6 +62,7 @@ class ReconConfig:
     dc_mode: str = "replace"            # multi-coil data consistency: replace (coil k-space) or cg
     dc_iters: int = 5                   # conjugate-gradient steps when dc_mode is cg
     dc_lambda: float = 0.0
+    virtual_coils: int = 0              # SVD coil compression to this many coils (0: use all coils)
     coil_calib: int = 24                # max calibration lines for coil maps
     coil_threshold: float = 0.05        # support threshold (fraction of max) for coil maps
     scale_percentile: float = 99.0
@@ -126,6 +127,8 @@ class ReconConfig:
             raise ValueError(f"dc_mode must be 'replace' or 'cg', got {self.dc_mode!r}")
         if self.ls_iters < 1 or not 0 <= self.ls_lambda_l < 1 or self.ls_lambda_s < 0 or self.ls_tol < 0:
             raise ValueError("ls_iters must be >= 1, ls_lambda_l in [0, 1), ls_lambda_s >= 0, ls_tol >= 0")
+        if self.virtual_coils < 0:
+            raise ValueError(f"virtual_coils must be >= 0 (0: no compression), got {self.virtual_coils}")
         if self.lowrank_iters < 1 or self.dc_iters < 1 or self.dc_lambda < 0:
             raise ValueError("lowrank_iters and dc_iters must be >= 1, dc_lambda >= 0")
         if not 0 < self.scale_percentile <= 100 or not 0 <= self.coil_threshold < 1 or self.coil_calib < 3:
@@ -256,6 +259,7 @@ class Reconstructor:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but CUDA is not available")
         self._scores = None
+        self.coil_energy_kept = 1.0  # of the last reconstruction (below 1 with virtual_coils)
 
     def load_models(self):
         """Load the image and k-space score models (done once, on first use)."""
@@ -283,6 +287,7 @@ class Reconstructor:
         as_numpy = isinstance(kspace, np.ndarray)
         out_device = None if as_numpy else getattr(kspace, "device", None)
         k, m, maps = prepare_inputs(kspace, mask, coil_maps, self.device)
+        k, maps, self.coil_energy_kept = compress_coils(k, m, cfg.virtual_coils, maps)
         if maps is None and k.shape[0] > 1:
             maps = estimate_coil_maps(k, m, cfg.coil_calib, cfg.coil_threshold)
 

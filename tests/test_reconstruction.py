@@ -76,6 +76,36 @@ def test_undersampled_baselines_improve_on_zero_filled(tiny_config):
     assert psnr(x, rec.recon(k, method="l_plus_s")) > zf + 3
 
 
+def test_coil_compression_is_exact_for_data_in_fewer_coils_and_close_otherwise(tiny_config):
+    """8 receive channels that are mixtures of 3 coils: 3 virtual coils keep all the signal
+    and give the all-coil reconstruction (given maps go through the same matrix); 2 keep less."""
+    import dataclasses
+
+    from ddugm_core.coils import compress_coils
+
+    x = cine_phantom(4, 24, seed=3)
+    m = variable_density_mask(4, 24, 2, seed=1)
+    maps3 = coil_maps(3, 24)
+    mix = np.random.default_rng(0).standard_normal((8, 3)) + 1j * np.random.default_rng(1).standard_normal((8, 3))
+    mix = np.linalg.qr(mix)[0].astype(np.complex64)  # orthonormal columns: the 8 maps stay normalised
+    maps8 = np.tensordot(mix, maps3, axes=(1, 0))
+    k8 = simulate_kspace(x, maps8, m)
+    mask = torch.from_numpy(np.broadcast_to(m[:, :, None], k8.shape[1:]).astype(np.float32))
+    kv, mv, kept = compress_coils(torch.from_numpy(k8), mask, 3, torch.from_numpy(maps8))
+    assert kv.shape == (3, *k8.shape[1:]) and mv.shape == (3, 24, 24) and kept == pytest.approx(1.0, abs=1e-5)
+    assert compress_coils(torch.from_numpy(k8), mask, 8)[2] == 1.0 and compress_coils(torch.from_numpy(k8), mask, 2)[2] < 0.999
+
+    rec = Reconstructor(tiny_config)
+    for method in ("zero_filled", "low_rank"):
+        full = rec.recon(k8, coil_maps=maps8, method=method)
+        cfg3 = dataclasses.replace(tiny_config, virtual_coils=3)
+        rec3 = Reconstructor(cfg3)
+        assert rel(rec3.recon(k8, coil_maps=maps8, method=method), full) < 1e-3
+        assert rec3.coil_energy_kept == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="virtual_coils"):
+        ReconConfig.from_dict({"virtual_coils": -1})
+
+
 # ------------------------------------------------------------------ bad input
 def _good(t=3, n=16, c=2):
     return simulate_kspace(cine_phantom(t, n, seed=0), coil_maps(c, n), variable_density_mask(t, n, 2, seed=0))
