@@ -76,6 +76,9 @@ class Engine:
             maps = coil_maps_from_ref(cine, cfg, rec.device)
             try:
                 x = rec.recon(cine.kspace, cine.mask, maps, seed=gs.seed)
+                if 0 < cfg.virtual_coils < cine.kspace.shape[0]:
+                    log.info("slice %s: %d coils compressed to %d virtual coils, %.2f %% of the signal energy kept",
+                             cine.key, cine.kspace.shape[0], cfg.virtual_coils, 100 * rec.coil_energy_kept)
                 return x, cfg.method, rec.device, None
             except Exception as e:  # noqa: BLE001 - any failure of the primary method
                 if not gs.fallback or cfg.method != "ddugm":

@@ -97,6 +97,21 @@ def test_real_siemens_raw_file(tmp_path):
     assert np.corrcoef(np.abs(centred_ifft2(lowx)).ravel(), ref.ravel())[0, 1] > 0.99
 
 
+@pytest.mark.skipif(not SIEMENS.is_file(), reason="../shared/data/siemens_grappa_r3.h5 not present")
+def test_real_siemens_raw_file_with_coil_compression(tmp_path, caplog):
+    """14 receive channels compressed to 8 virtual coils: nearly the same image, and the log says
+    how much of the signal energy was kept."""
+    images = {}
+    for vc in (0, 8):
+        out = tmp_path / f"vc{vc}.h5"
+        with caplog.at_level("INFO", logger="ddugm.gadget"):
+            summary = replay(str(SIEMENS), str(out), overrides={"device": "cpu", "virtual_coils": vc}, quiet=True)
+        assert summary["images"] == 1 and not summary["errors"]
+        images[vc] = np.abs(read_images(out)[0].data[0, 0]).astype(np.float64)
+    assert np.corrcoef(images[0].ravel(), images[8].ravel())[0, 1] > 0.99
+    assert "14 coils compressed to 8 virtual coils" in caplog.text
+
+
 def _shepp(tmp_path, name, *args):
     path = tmp_path / name
     subprocess.run([SHEPP, "-o", str(path), *map(str, args)], check=True, capture_output=True)
