@@ -44,17 +44,18 @@ def soft_threshold(x: torch.Tensor, lam) -> torch.Tensor:
 def singular_value_threshold(x: torch.Tensor, lam_rel: float) -> torch.Tensor:
     """SVT of the Casorati matrix of ``x`` ``[frame, y, x]`` (pixels x frames): singular
     values shrink by ``lam_rel`` times the largest one. Computed from the small Gram matrix
-    C^H C (frames x frames, eigendecomposed in double precision), so no pixel-sized SVD."""
+    C^H C (frames x frames, eigendecomposed in double precision on the host: a solver for
+    such a tiny matrix is faster there than launched on a GPU), so no pixel-sized SVD."""
     t = x.shape[0]
     c = x.reshape(t, -1).T  # [pixels, frames]
-    gram = (c.mH @ c).to(torch.complex128)
+    gram = (c.mH @ c).to(device="cpu", dtype=torch.complex128)
     evals, v = torch.linalg.eigh(gram)
     sv = evals.clamp(min=0).sqrt()
     smax = sv[-1]
     if not smax > 0:
         return torch.zeros_like(x)
     keep = torch.where(sv > 1e-10 * smax, torch.clamp(sv - lam_rel * smax, min=0) / sv.clamp(min=1e-300), 0.0)
-    proj = ((v * keep) @ v.mH).to(x.dtype)  # V diag(max(s - lam, 0) / s) V^H
+    proj = ((v * keep) @ v.mH).to(device=x.device, dtype=x.dtype)  # V diag(max(s - lam, 0) / s) V^H
     return (c @ proj).T.reshape(x.shape)
 
 
