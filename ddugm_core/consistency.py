@@ -15,7 +15,7 @@ Multi-coil, SENSE model A = M F S, two modes:
 Cartesian line masks (the same along kx, as every 2D cine acquisition has) let ``replace``
 work in hybrid (ky, x) space: the data are transformed along kx once, and each call needs
 only 1D FFTs along y, the same result for half the FFT work (measured: 16 coils, 30 frames,
-256 x 208 on the 2-core CPU, 0.99 -> 0.5 s a call). Other masks use the 2D FFT.
+256 x 208 on the 2-core CPU, 0.99 -> 0.61 s a call). Other masks use the 2D FFT.
 """
 from __future__ import annotations
 
