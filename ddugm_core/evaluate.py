@@ -335,7 +335,8 @@ def report_markdown(rows: list[dict], settings: dict, figure: bool, n_series: in
         p = PRESETS[cfg["preset"]]
         pick = lambda k: cfg[k] if cfg[k] is not None else p[k]  # noqa: E731
         return (f"{pick('steps')} steps, sigma {pick('sigma_max')} → {pick('sigma_min')}, k-space sigma scale "
-                f"{pick('kspace_sigma_scale')}, start {pick('init')}, low-rank solver {pick('lowrank_solver')}")
+                f"{pick('kspace_sigma_scale')}, start {pick('init')}, low-rank solver {pick('lowrank_solver')}, "
+                f"Langevin correctors {'on' if pick('correctors') else 'off'}")
 
     parts = [
         "# DD-UGM evaluation report", "",

@@ -31,9 +31,9 @@ INITS = ("zero_filled", "low_rank", "l_plus_s")  # where the sampler starts
 #: chosen by measurement (README, "Settings").
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"steps": 1000, "sigma_min": 0.01, "sigma_max": 4.0, "snr": 0.075, "kspace_sigma_scale": 1.0,
-              "init": "zero_filled", "lowrank_solver": "exact"},
+              "init": "zero_filled", "lowrank_solver": "exact", "correctors": True},
     "default": {"steps": 10, "sigma_min": 0.01, "sigma_max": 0.3, "snr": 0.075, "kspace_sigma_scale": 0.1,
-                "init": "l_plus_s", "lowrank_solver": "subspace"},
+                "init": "l_plus_s", "lowrank_solver": "subspace", "correctors": False},
 }
 
 
@@ -54,6 +54,7 @@ class ReconConfig:
     window: int = 6
     rank: Optional[int] = None          # default floor(1.5 * window^2) = 54
     lowrank_solver: Optional[str] = None  # exact (eigh each time) or subspace (warm-started power iteration)
+    correctors: Optional[bool] = None   # Langevin corrector steps (off: half the network calls)
     lowrank_iters: int = 50             # iterations of the low-rank-only method
     ls_iters: int = 50                  # L+S baseline (Otazo 2015): max iterations,
     ls_lambda_l: float = 0.01           #   SVT threshold relative to the largest singular value,
@@ -150,7 +151,8 @@ class ReconConfig:
                                sigma_max=float(pick("sigma_max")), eps=self.eps, snr=float(pick("snr")),
                                kspace_sigma_scale=float(pick("kspace_sigma_scale")), fusion=self.fusion,
                                rank=self.rank if self.rank is not None else default_rank(self.window),
-                               window=self.window, lowrank_solver=str(pick("lowrank_solver")))
+                               window=self.window, lowrank_solver=str(pick("lowrank_solver")),
+                               correctors=bool(pick("correctors")))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -30,6 +30,7 @@ class SamplerSettings:
     rank: int = 54
     window: int = 6
     lowrank_solver: str = "exact"    # exact (eigh every step) or subspace (warm-started power iteration)
+    correctors: bool = True          # the Langevin corrector steps (3 and 7); without them 2 network calls a step
 
 
 def _randn(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -77,13 +78,15 @@ def ddugm_sample(k0: torch.Tensor, dc: DataConsistency, score_k: Score, score_i:
         kw = reverse_diffusion(weight(k), score_k, ks * sigma, ks * sigma_next, generator, not last)
         k = dc.kspace(weight.unweight(kw, k))
         # 3-4. k-space Langevin corrector; unweight, data consistency
-        kw = langevin(weight(k), score_k, ks * sig_c, s.snr, generator, not last)
-        k = dc.kspace(weight.unweight(kw, k))
+        if s.correctors:
+            kw = langevin(weight(k), score_k, ks * sig_c, s.snr, generator, not last)
+            k = dc.kspace(weight.unweight(kw, k))
         # 5. structured low-rank step over all frames; data consistency
         k_lr = dc.kspace(project(k))
         # 6-7. image predictor and corrector, each followed by data consistency
         x = dc.image(reverse_diffusion(ifft2c(k_lr), score_i, sigma, sigma_next, generator, not last))
-        x = dc.image(langevin(x, score_i, sig_c, s.snr, generator, not last))
+        if s.correctors:
+            x = dc.image(langevin(x, score_i, sig_c, s.snr, generator, not last))
         # 8. fuse the two domains; both chains restart from the fused estimate
         k = dc.kspace(s.fusion * k_lr + (1 - s.fusion) * fft2c(x))
         if callback is not None:

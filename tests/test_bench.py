@@ -44,8 +44,8 @@ def test_bench_writes_json(tmp_path, tiny_weights, monkeypatch):
     res = json.loads(out.read_text())
     assert res["info"]["steps"] == 3 and [r["case"] for r in res["results"]] == ["paper", "cine8"]
     for r in res["results"]:
-        assert r["network_calls"] == 4 * 3  # k-space and image predictor + corrector per step
-        assert r["network_frames"] == 4 * 3 * r["frames"]
+        assert r["network_calls"] == 2 * 3  # default preset: k-space and image predictor per step, no correctors
+        assert r["network_frames"] == 2 * 3 * r["frames"]
         assert set(r["stages_s"]) == {"network", "data consistency", "low-rank", "other"}
         assert abs(sum(r["stages_s"].values()) - r["instrumented_s"]) < 1e-6
         assert len(r["runs"]) == 2 and r["seconds_per_slice"] > 0 and r["process_max_rss_gb"] > 0
@@ -84,4 +84,4 @@ def test_bench_on_cuda(tmp_path, tiny_weights, monkeypatch):
     out = tmp_path / "b.json"
     assert main(["bench", "--device", "cuda", "--steps", "3", "--config", str(cfg), "--json", str(out)]) == 0
     r = json.loads(out.read_text())["results"][0]
-    assert r["cuda_max_allocated_gb"] > 0 and r["network_calls"] == 12 and r["psnr_db"] > 10
+    assert r["cuda_max_allocated_gb"] > 0 and r["network_calls"] == 6 and r["psnr_db"] > 10

@@ -63,3 +63,25 @@ def test_same_seed_same_output_different_seed_differs(tiny_config, rng):
     a, b, c = rec.recon(k, seed=5), rec.recon(k, seed=5), rec.recon(k, seed=6)
     assert np.array_equal(a, b)
     assert not np.allclose(a, c)
+
+
+def test_correctors_setting_sets_network_calls_per_step():
+    """With the Langevin correctors each step calls each network twice, without them once."""
+    t, n = 3, 16
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(t, n, generator=g) < 0.5).float()[:, :, None].expand(t, n, n)
+    y = (fft2c(torch.randn(t, n, n, generator=g, dtype=torch.complex64)) * mask)[None]
+    calls = {"k": 0, "i": 0}
+
+    def counting(name):
+        def score(x, sigma):
+            calls[name] += 1
+            return -x
+        return score
+
+    for correctors, per_step in ((True, 2), (False, 1)):
+        calls.update(k=0, i=0)
+        settings = SamplerSettings(steps=4, sigma_max=0.3, rank=10, window=3, correctors=correctors)
+        ddugm_sample(y[0], DataConsistency(y, mask), counting("k"), counting("i"), KWeight(kspace_weight(n, n)),
+                     settings, torch.Generator().manual_seed(0))
+        assert calls == {"k": 4 * per_step, "i": 4 * per_step}
