@@ -56,4 +56,5 @@ class LowRankProjector:
                 for _ in range(self.iters):
                     v = torch.linalg.qr(h.mH @ (h @ v)).Q
             self._v = v
-            return self.lift.average((h @ v) @ v.mH)
+            # H V V^H, formed transposed ([frame * w * w, positions], contiguous) for the adjoint
+            return self.lift.average((v.conj() @ (h @ v).mT).mT)
