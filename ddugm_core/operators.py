@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 class LinearOperator:
@@ -200,9 +199,11 @@ class HankelLift(LinearOperator):
         if ny < window or nx < window:
             raise ValueError(f"k-space {ny}x{nx} is smaller than the low-rank window {window}")
         self.shape, self.window = (t, ny, nx), window
-        ones = torch.ones(1, 1, ny, nx, device=device)
-        mult = F.fold(F.unfold(ones, window), (ny, nx), window)[0, 0]
-        self._inv_mult = 1.0 / mult
+        def cover(n):  # how many window positions along an axis of length n cover each index
+            i = torch.arange(n, device=device)
+            return (torch.clamp(i, max=n - window) - torch.clamp(i - window + 1, min=0) + 1).float()
+
+        self._inv_mult = 1.0 / (cover(ny)[:, None] * cover(nx)[None, :])
 
     # Both directions move whole shifted copies of the frames, one per window offset (36
     # slices for 6 x 6), instead of unfold / fold: on the 2-core CPU the lifting of
