@@ -263,6 +263,16 @@ class Reconstructor:
         self._scores = None
         self.coil_energy_kept = 1.0  # of the last reconstruction (below 1 with virtual_coils)
 
+    def model_key(self) -> tuple:
+        """What the loaded models depend on: reconstructors with equal keys can share them."""
+        cfg = self.config
+        paths = tuple(str(Path(getattr(cfg, f"{d}_weights") or DEFAULT_WEIGHTS[d])) for d in ("image", "kspace"))
+        return paths + (str(self.device), bool(cfg.amp and bf16_is_fast(self.device)), bool(cfg.compile))
+
+    def use_models(self, scores: dict) -> None:
+        """Share the score models another reconstructor with the same :meth:`model_key` loaded."""
+        self._scores = scores
+
     def load_models(self):
         """Load the image and k-space score models (done once, on first use)."""
         if self._scores is None:
@@ -272,6 +282,10 @@ class Reconstructor:
             self._scores = {d: ScoreFunction(load_model(p, self.device, expect_domain=d), amp=amp,
                                           compile=cfg.compile) for d, p in paths.items()}
         return self._scores
+
+    @property
+    def models_loaded(self) -> bool:
+        return self._scores is not None
 
     def recon(self, kspace, mask=None, coil_maps=None, seed: int = 0, method: str | None = None,
               callback: Optional[Callable[[int, int], None]] = None):

@@ -198,6 +198,8 @@ class AcquisitionCollector:
         self.geometry = geometry
         self.lines = []  # (phase, row, grid [coil, nx], sampled [nx], header, is_image, is_ref)
         self.channels = None
+        self.frames = 0  # largest phase index + 1 so far
+        self.samples = 0  # grid samples buffered (coils x nx per line)
 
     def add(self, acq, whitener: NoiseWhitener | None):
         g = self.geometry
@@ -225,6 +227,8 @@ class AcquisitionCollector:
         is_ref = flag_set(acq.flags, CALIBRATION) or flag_set(acq.flags, CALIBRATION_AND_IMAGING)
         is_image = not flag_set(acq.flags, CALIBRATION)
         self.lines.append((int(acq.idx.phase), row, grid, sampled, acq.getHead(), is_image, is_ref))
+        self.frames = max(self.frames, int(acq.idx.phase) + 1)
+        self.samples += grid.shape[0] * grid.shape[1]
 
     def build(self) -> CineData:
         g = self.geometry

@@ -9,24 +9,30 @@ Gadgetron as message 8 with a uint64-length string, followed by close.
 :class:`SafeSocket` replaces the gadgetron package's socket wrapper, whose read loop spins
 forever when the peer has gone (``recv`` returning no bytes): here that raises
 :class:`PeerClosed` at once.
+
+Every message is read under the operator's limits (:class:`~gadgets.settings.Limits`): text
+messages up to ``max_text_kb``, each data message through a :class:`Budget` of
+``max_message_mb``, and the headers that decide an allocation (acquisition, image,
+waveform) are checked before the allocation.
 """
 from __future__ import annotations
 
 import ctypes
 import logging
+import select
 import socket
 import struct
 
 import ismrmrd
+import numpy as np
+from ismrmrd.image import get_dtype_from_data_type
 
 log = logging.getLogger("ddugm.protocol")
 
 CONFIG_FILE, CONFIG_TEXT, HEADER, CLOSE, TEXT, ERROR = 1, 2, 3, 4, 5, 8
 ACQUISITION, IMAGE, RECON_DATA, IMAGE_ARRAY, WAVEFORM = 1008, 1022, 1023, 1024, 1026
 
-MAX_TEXT = 64 << 20  # config, header or text larger than this is not a real stream
-MAX_CHANNELS = 1024
-MAX_SAMPLES = 1 << 16
+MAX_TEXT = 4 << 20  # config, header or text larger than this is not a real stream (Limits.max_text_kb)
 
 
 class PeerClosed(ConnectionError):
@@ -67,15 +73,28 @@ class SafeSocket:
         except OSError:
             log.warning("could not send the error to the peer (connection gone)")
 
-    def close(self) -> None:
-        """Send CLOSE once (if the peer is still there) and close the socket."""
-        if self.closed:
-            return
-        self.closed = True
+    def peer_gone(self) -> bool:
+        """Has the peer closed its side or reset the connection? (No wait, nothing consumed.)
+        MRD and Gadgetron peers end a stream with CLOSE and then read; they never half-close."""
         try:
-            self.write(struct.pack("<H", CLOSE))
-        except OSError:
-            pass
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            if not readable:
+                return False
+            return self.sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def close(self, send_close: bool = True) -> None:
+        """Send CLOSE once (unless the peer is gone or ``send_close`` is false), then always close
+        the socket, so a half-closed or timed-out peer sees EOF at once."""
+        if not self.closed and send_close:
+            try:
+                self.write(struct.pack("<H", CLOSE))
+            except OSError:
+                pass
+        self.closed = True
+        if self.sock.fileno() < 0:
+            return
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -83,14 +102,37 @@ class SafeSocket:
         self.sock.close()
 
 
+class Budget:
+    """A stream view that refuses to read more than ``limit`` bytes in all: a message that claims
+    more is rejected before its bytes are read or a buffer for them is made."""
+
+    def __init__(self, stream, limit: int, what: str = "message"):
+        self.stream, self.left, self.limit, self.what = stream, int(limit), int(limit), what
+
+    def read(self, n: int) -> bytes:
+        n = int(n)
+        if n < 0 or n > self.left:
+            raise ProtocolError(f"{self.what} larger than the server's limit of {self.limit} bytes "
+                                f"(server setting max_message_mb)")
+        self.left -= n
+        return self.stream.read(n)
+
+    def need(self, n: int, what: str) -> None:
+        """Refuse an allocation of ``n`` bytes that this message could not fill."""
+        if n > self.left:
+            raise ProtocolError(f"{what} of {n} bytes is larger than the server's limit of {self.limit} bytes "
+                                f"(server setting max_message_mb)")
+
+
 def read_id(stream) -> int:
     return struct.unpack("<H", stream.read(2))[0]
 
 
-def read_text(stream, what: str) -> bytes:
+def read_text(stream, what: str, limit: int = MAX_TEXT) -> bytes:
     n = struct.unpack("<I", stream.read(4))[0]
-    if n > MAX_TEXT:
-        raise ProtocolError(f"{what} of {n} bytes is larger than {MAX_TEXT} bytes: not a valid stream")
+    if n > limit:
+        raise ProtocolError(f"{what} of {n} bytes is larger than the limit of {limit} bytes "
+                            f"(server setting max_text_kb): not a valid stream")
     return stream.read(n)
 
 
@@ -101,14 +143,8 @@ def parse_header(data: bytes):
         raise ProtocolError(f"the ISMRMRD header is not valid XML for the ISMRMRD schema: {e}") from None
 
 
-def read_acquisition(stream):
-    """An acquisition, with its sizes checked before anything is allocated."""
-    size = ctypes.sizeof(ismrmrd.AcquisitionHeader)
-    head = stream.read(size)
-    h = ismrmrd.AcquisitionHeader.from_buffer_copy(head)
-    if h.active_channels > MAX_CHANNELS or h.number_of_samples > MAX_SAMPLES or h.trajectory_dimensions > 3:
-        raise ProtocolError(f"acquisition header with {h.number_of_samples} samples, {h.active_channels} channels and "
-                            f"{h.trajectory_dimensions} trajectory dimensions: not a valid acquisition")
+def _replay_first(head: bytes, stream):
+    """``read_exactly`` that returns ``head`` first (already read and checked), then reads on."""
     first = [True]
 
     def read_exactly(n):
@@ -117,18 +153,85 @@ def read_acquisition(stream):
             return head
         return stream.read(n)
 
-    return ismrmrd.Acquisition.deserialize_from(read_exactly)
+    return read_exactly
 
 
-def data_readers() -> dict:
-    """Message id -> reader for the data part of a stream (the gadgetron package's own
-    readers, with the acquisition reader replaced by the checked one)."""
-    from gadgetron.external.readers import read_image, read_waveform
-    from gadgetron.types.image_array import read_image_array
+def read_acquisition(stream, limits=None):
+    """An acquisition, with its sizes checked before anything is allocated."""
+    lim = _limits(limits)
+    head = stream.read(ctypes.sizeof(ismrmrd.AcquisitionHeader))
+    h = ismrmrd.AcquisitionHeader.from_buffer_copy(head)
+    if h.active_channels > lim.max_coils or h.number_of_samples > 4 * lim.max_matrix or h.trajectory_dimensions > 3:
+        raise ProtocolError(f"acquisition header with {h.number_of_samples} samples, {h.active_channels} channels and "
+                            f"{h.trajectory_dimensions} trajectory dimensions: not a valid acquisition (server "
+                            f"limits: max_coils {lim.max_coils}, {4 * lim.max_matrix} samples)")
+    if isinstance(stream, Budget):
+        stream.need(8 * h.active_channels * h.number_of_samples, "acquisition data")
+    return ismrmrd.Acquisition.deserialize_from(_replay_first(head, stream))
+
+
+def read_image(stream, limits=None):
+    """An image, its data size checked against the message budget before it is allocated."""
+    head = stream.read(ctypes.sizeof(ismrmrd.ImageHeader))
+    h = ismrmrd.ImageHeader.from_buffer_copy(head)
+    try:
+        item = np.dtype(get_dtype_from_data_type(h.data_type)).itemsize
+    except Exception:  # noqa: BLE001 - ismrmrd raises several types for unknown codes
+        raise ProtocolError(f"image header with unknown data type {h.data_type}") from None
+    n = int(h.channels) * int(np.prod([int(v) for v in h.matrix_size])) * item
+    if isinstance(stream, Budget):
+        stream.need(n, "image data")
+    return ismrmrd.Image.deserialize_from(_replay_first(head, stream))
+
+
+def read_waveform(stream, limits=None):
+    head = stream.read(ctypes.sizeof(ismrmrd.WaveformHeader))
+    h = ismrmrd.WaveformHeader.from_buffer_copy(head)
+    if isinstance(stream, Budget):
+        stream.need(4 * int(h.channels) * int(h.number_of_samples), "waveform data")
+    return ismrmrd.Waveform.deserialize_from(_replay_first(head, stream))
+
+
+def read_image_array(stream, limits=None):
+    """The gadgetron package's ImageArray layout, with waveforms read by the checked reader."""
+    from gadgetron.external import readers as r
+    from gadgetron.types.image_array import ImageArray, read_meta_container_vector
+
+    def waveforms(source):
+        n = r.read(source, r.constants.uint64)
+        return [read_waveform(source) for _ in range(n)]
+
+    return ImageArray(data=r.read_array(stream, np.complex64),
+                      headers=r.read_object_array(stream, r.read_image_header),
+                      meta=read_meta_container_vector(stream),
+                      waveform=r.read_optional(stream, waveforms),
+                      acq_headers=r.read_optional(stream, r.read_object_array, r.read_acquisition_header))
+
+
+def _limits(limits):
+    if limits is None:
+        from .settings import Limits
+
+        limits = Limits()
+    return limits
+
+
+def data_readers(limits=None) -> dict:
+    """Message id -> reader for the data part of a stream: the gadgetron package's ReconData
+    reader (its arrays are read before they are allocated) and checked readers for the rest.
+    Each reads through a :class:`Budget` of the operator's ``max_message_mb``."""
     from gadgetron.types.recon_data import read_recon_data
 
-    return {ACQUISITION: read_acquisition, RECON_DATA: read_recon_data, IMAGE: read_image,
-            IMAGE_ARRAY: read_image_array, WAVEFORM: read_waveform}
+    lim = _limits(limits)
+    budget = lim.max_message_bytes
+
+    def bounded(reader, what):
+        return lambda stream: reader(Budget(stream, budget, what), lim) if reader is not read_recon_data \
+            else reader(Budget(stream, budget, what))
+
+    return {ACQUISITION: bounded(read_acquisition, "acquisition"), RECON_DATA: bounded(read_recon_data, "ReconData"),
+            IMAGE: bounded(read_image, "image"), IMAGE_ARRAY: bounded(read_image_array, "ImageArray"),
+            WAVEFORM: bounded(read_waveform, "waveform")}
 
 
 def data_writers() -> list:
@@ -148,16 +251,18 @@ def send_item(stream, item, writers=None) -> None:
     raise TypeError(f"no writer for {type(item).__name__}")
 
 
-def run_stream(stream, session, send, readers=None) -> None:
+def run_stream(stream, session, send, readers=None, limits=None) -> None:
     """Read data messages until CLOSE, feeding the session and sending what it returns;
     then finish the session (reconstruct what is buffered) and raise its collected errors."""
-    readers = readers or data_readers()
+    lim = _limits(limits)
+    readers = readers or data_readers(lim)
     while True:
         mid = read_id(stream)
         if mid == CLOSE:
             break
         if mid == TEXT:
-            log.info("text message: %s", read_text(stream, "text message").decode("utf-8", "replace")[:500])
+            text = read_text(stream, "text message", lim.max_text_bytes)
+            log.info("text message: %s", text.decode("utf-8", "replace")[:500])
             continue
         reader = readers.get(mid)
         if reader is None:

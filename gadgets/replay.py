@@ -19,40 +19,51 @@ from .settings import load_settings
 log = logging.getLogger("ddugm.replay")
 
 
+class ReplayError(ValueError):
+    """The raw file cannot be replayed (missing, not ISMRMRD, corrupted, no acquisitions)."""
+
+
 def replay(inp: str, out: str, config: str | None = None, png: str | None = None, overrides: dict | None = None,
            group: str = "dataset", quiet: bool = False) -> dict:
-    cfg, gs = load_settings(overrides, config)  # bad settings fail before any reading
+    """Reconstruct an ISMRMRD raw file; ``overrides`` are the user's (operator) settings.
+
+    A file that cannot be read (not ISMRMRD, no acquisitions, or corrupted part-way) raises
+    :class:`ReplayError` with one line naming the problem. Slices completed before a corrupted
+    acquisition are still written (and the error raised after); the slice being read when the
+    file broke is not reconstructed from its partial data. Nothing is written when no image
+    was reconstructed."""
+    cfg, gs = load_settings(None, config, operator=overrides)  # bad settings fail before any reading
     src = Path(inp)
     if not src.is_file():
         raise FileNotFoundError(f"input file {inp!r} not found")
     try:
         ds = ismrmrd.Dataset(str(src), group, create_if_needed=False, mode="r")
-        header_xml = ds.read_xml_header()
-    except (OSError, KeyError) as e:
-        raise ValueError(f"{inp}: not an ISMRMRD raw file with a '{group}' group ({e})") from None
-    header = parse_header(header_xml)
-    gs.send = "images"
-    session = ReconSession(header, cfg, gs)
-    n = ds.number_of_acquisitions()
-    if n == 0:
-        raise ValueError(f"{inp}: the file has no acquisitions")
-    images = []
-    bar = None
-    if not quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n, desc="acquisitions", unit="acq", dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - h5py raises several types for a broken file
+        raise ReplayError(f"{inp}: not an ISMRMRD raw file with a '{group}' group ({type(e).__name__}: {e})") from None
     try:
-        for i in range(n):
-            images += session.handle(ds.read_acquisition(i))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(images=len(images))
-        images += session.finish()
+        try:
+            header_xml = ds.read_xml_header()
+        except Exception as e:  # noqa: BLE001
+            raise ReplayError(f"{inp}: no readable ISMRMRD header in group '{group}' ({type(e).__name__}: {e})") from None
+        header = parse_header(header_xml)
+        try:
+            n = ds.number_of_acquisitions()
+        except Exception:  # noqa: BLE001 - no data set at all
+            n = 0
+        if n == 0:
+            raise ReplayError(f"{inp}: the file has no acquisitions (group '{group}')")
+        gs.send = "images"
+        session = ReconSession(header, cfg, gs)
+        images, broken = _read_all(ds, n, session, inp, quiet)
     finally:
-        if bar is not None:
-            bar.close()
         ds.close()
+    summary = {"input": str(src), "output": str(out), "images": len(images), "slices": len(session.timings),
+               "seconds_per_slice": [round(t, 2) for t in session.timings], "method": cfg.method, "preset": cfg.preset,
+               "errors": session.errors + ([broken] if broken else [])}
+    if not images:
+        if broken:
+            raise ReplayError(f"{broken}; no image was reconstructed, nothing written")
+        raise ScanErrors("no image was reconstructed, nothing written: " + "; ".join(session.errors))
     dst = Path(out)
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists():
@@ -63,11 +74,40 @@ def replay(inp: str, out: str, config: str | None = None, png: str | None = None
             od.append_image(f"image_{img.image_series_index}", img)
     if png:
         save_pngs(images, Path(png))
-    summary = {"input": str(src), "output": str(dst), "images": len(images), "slices": len(session.timings),
-               "seconds_per_slice": [round(t, 2) for t in session.timings], "method": cfg.method, "preset": cfg.preset,
-               "errors": session.errors}
-    session.raise_errors()
+    if broken:
+        raise ScanErrors(f"{broken}; the {len(images)} images of the slices completed before it were written")
+    if session.errors:
+        raise ScanErrors("some slices failed (the others were written): " + "; ".join(session.errors))
     return summary
+
+
+def _read_all(ds, n: int, session: ReconSession, inp: str, quiet: bool) -> tuple:
+    """Feed every acquisition; returns (images, None) or, when an acquisition cannot be read,
+    (the images of the slices completed before it, a one-line description)."""
+    images, broken = [], None
+    bar = None
+    if not quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc="acquisitions", unit="acq", dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+    try:
+        for i in range(n):
+            try:
+                acq = ds.read_acquisition(i)
+            except Exception as e:  # noqa: BLE001 - h5py / numpy errors of a corrupted file
+                broken = f"{inp}: acquisition {i} of {n} cannot be read, the file is corrupted ({type(e).__name__}: {e})"
+                session.collectors.clear()  # partial slices are not reconstructed as if complete
+                break
+            images += session.handle(acq)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(images=len(images))
+        if broken is None:
+            images += session.finish()
+    finally:
+        if bar is not None:
+            bar.close()
+    return images, broken
 
 
 def save_pngs(images: list, folder: Path) -> list:
@@ -114,7 +154,7 @@ def run(a: argparse.Namespace) -> int:
     try:
         summary = replay(a.input, a.output, a.config, a.png, overrides, a.group, a.quiet)
     except ScanErrors as e:
-        print(f"ddugm recon: error: some slices failed (the others were written): {e}", file=sys.stderr)
+        print(f"ddugm recon: error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(summary))
     return 0

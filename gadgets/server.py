@@ -8,14 +8,26 @@ header, acquisitions and close gets ISMRMRD images and a close back).
 Each connection has its own thread for I/O; reconstructions go through one shared
 :class:`~gadgets.session.Engine`, which runs them one at a time (the GPU queue). A client
 that fails, sends garbage or vanishes gets an error message (if it is still there) and
-its connection closed; the others carry on.
+its connection closed; the others carry on; a client that leaves cancels its job.
+
+Safe to leave running: the operator's limits (:class:`~gadgets.settings.Limits`) cap
+connections, message sizes, matrix sizes and work per stream; clients cannot name server
+files outside ``allowed_dirs``; accept errors are retried with a back-off; logging goes
+through a queue, so a stderr nobody reads never stalls a client; SIGINT and SIGTERM stop it
+cleanly (running clients get an error message, exit code 0).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
+import os
+import queue
+import signal
 import socket
+import sys
 import threading
+import time
 import xml.etree.ElementTree as ET
 
 from .protocol import (
@@ -32,8 +44,8 @@ from .protocol import (
     run_stream,
     send_item,
 )
-from .session import Engine, ReconSession
-from .settings import load_settings, properties_from_xml
+from .session import Cancelled, Engine, ReconSession
+from .settings import Limits, load_limits, load_settings, properties_from_xml
 
 log = logging.getLogger("ddugm.server")
 
@@ -67,119 +79,278 @@ def chain_properties(text: bytes) -> dict:
 
 
 class Server:
+    """``limits`` (:class:`~gadgets.settings.Limits`) default to the ``server:`` section of the
+    operator's YAML; ``overrides`` are the operator's command-line settings (trusted);
+    ``idle_timeout``, when given, overrides the limit of that name."""
+
     def __init__(self, host: str = "127.0.0.1", port: int = 18000, config: str | None = None,
-                 overrides: dict | None = None, idle_timeout: float = 3600.0):
+                 overrides: dict | None = None, idle_timeout: float | None = None, limits: Limits | None = None):
         self.host, self.port = host, port
         self.config = config
         self.overrides = dict(overrides or {})
-        self.idle_timeout = idle_timeout
-        self.engine = Engine()
+        self.limits = limits or load_limits(config)
+        if idle_timeout is not None:
+            self.limits.idle_timeout = float(idle_timeout)
+        self.limits.validate()
+        self.engine = Engine(self.limits.max_cached)
         self.sock = None
-        self.connections = 0
+        self.connections = 0  # accepted so far
+        self.refused = 0
+        self.accept_errors = 0
+        self._active: dict = {}  # connection number -> (thread, SafeSocket)
+        self._active_lock = threading.Lock()
         self._stop = threading.Event()
-        load_settings(self.overrides, config)  # fail at start on bad settings, not per client
+        load_settings(None, config, operator=self.overrides, limits=self.limits)  # fail at start, not per client
 
     def bind(self) -> int:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((self.host, self.port))
-        self.sock.listen(16)
+        self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         return self.port
 
     def preload(self) -> None:
         """Load the models now, so the first scan does not wait for them."""
-        cfg, _ = load_settings(self.overrides, self.config)
+        cfg, _ = load_settings(None, self.config, operator=self.overrides, limits=self.limits)
         if cfg.method == "ddugm":
             rec = self.engine.reconstructor(cfg)
             rec.load_models()
+            self.engine._share_models(rec)
             log.info("models loaded on %s", rec.device)
 
+    @property
+    def active(self) -> int:
+        with self._active_lock:
+            return len(self._active)
+
     def serve_forever(self) -> None:
+        """Accept until :meth:`shutdown`. Accept errors (too many open files, ...) are logged and
+        retried with a back-off; connections beyond ``max_connections`` get an error and are closed."""
         if self.sock is None:
             self.bind()
-        log.info("DD-UGM server listening on %s:%d", self.host, self.port)
+        log.info("DD-UGM server listening on %s:%d (at most %d connections)", self.host, self.port,
+                 self.limits.max_connections)
         self.sock.settimeout(0.5)
-        while not self._stop.is_set():
-            try:
-                conn, addr = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                break
-            self.connections += 1
-            threading.Thread(target=self.handle, args=(conn, addr, self.connections), daemon=True,
-                             name=f"ddugm-client-{self.connections}").start()
-        self.sock.close()
-
-    def shutdown(self) -> None:
-        self._stop.set()
-
-    def handle(self, conn: socket.socket, addr, number: int) -> None:
-        conn.settimeout(self.idle_timeout)
-        stream = SafeSocket(conn)
-        who = f"client {number} {addr[0]}:{addr[1]}"
+        backoff = 0.0
         try:
-            props = self._read_config(stream, who)
-            header = self._read_header(stream)
-            cfg, gs = load_settings({**self.overrides, **props}, self.config)
-            session = ReconSession(header, cfg, gs, self.engine)
-            run_stream(stream, session, lambda item: send_item(stream, item))
-            log.info("%s: done, %d images sent", who, session.sent_images)
-        except PeerClosed as e:
-            log.warning("%s: %s", who, e)
-            stream.closed = True
-        except Exception as e:  # noqa: BLE001 - one client's failure must not touch the others
-            log.error("%s: %s: %s", who, type(e).__name__, e)
-            stream.send_error(f"DD-UGM server: {type(e).__name__}: {e}")
+            while not self._stop.is_set():
+                try:
+                    conn, addr = self.sock.accept()
+                except socket.timeout:
+                    continue
+                except OSError as e:
+                    if self._stop.is_set():
+                        break
+                    self.accept_errors += 1
+                    backoff = min(2.0, max(0.05, 2 * backoff))
+                    if self.accept_errors <= 10 or self.accept_errors % 100 == 0:
+                        log.error("accept failed (%s); retrying in %.2f s (%d accept errors so far)", e, backoff,
+                                  self.accept_errors)
+                    self._stop.wait(backoff)
+                    continue
+                backoff = 0.0
+                self.connections += 1
+                number = self.connections
+                if self.active >= self.limits.max_connections:
+                    self.refused += 1
+                    self._refuse(conn, addr, number)
+                    continue
+                stream = SafeSocket(conn)
+                t = threading.Thread(target=self.handle, args=(conn, addr, number, stream), daemon=True,
+                                     name=f"ddugm-client-{number}")
+                with self._active_lock:
+                    self._active[number] = (t, stream)
+                t.start()
+        finally:
+            self.sock.close()
+
+    def _refuse(self, conn, addr, number) -> None:
+        log.warning("client %d %s:%d refused: %d connections open (server setting max_connections)", number,
+                    addr[0], addr[1], self.limits.max_connections)
+        stream = SafeSocket(conn)
+        try:
+            conn.settimeout(1.0)
+            stream.send_error(f"DD-UGM server: busy, {self.limits.max_connections} connections are open "
+                              f"(server setting max_connections); try again later")
         finally:
             stream.close()
 
+    def shutdown(self) -> None:
+        """Stop accepting, cancel running jobs and wake clients blocked in reads; their handlers
+        send an error and close."""
+        self._stop.set()
+        with self._active_lock:
+            streams = [st for _, st in self._active.values()]
+        for st in streams:
+            try:
+                st.sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+
+    def wait_for_clients(self, timeout: float) -> bool:
+        """Join the client threads; True when all have ended within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._active_lock:
+                threads = [t for t, _ in self._active.values()]
+            if not threads:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            threads[0].join(min(left, 0.5))
+
+    def handle(self, conn: socket.socket, addr, number: int, stream: SafeSocket | None = None) -> None:
+        stream = stream or SafeSocket(conn)
+        who = f"client {number} {addr[0]}:{addr[1]}"
+        lim = self.limits
+
+        def alive() -> bool:
+            return not self._stop.is_set() and not stream.peer_gone()
+
+        try:
+            conn.settimeout(lim.handshake_timeout)
+            props = self._read_config(stream, who, lim)
+            header = self._read_header(stream, lim)
+            conn.settimeout(lim.idle_timeout)
+            cfg, gs = load_settings(props, self.config, operator=self.overrides, limits=lim)
+            session = ReconSession(header, cfg, gs, self.engine, lim, alive)
+            run_stream(stream, session, lambda item: send_item(stream, item), limits=lim)
+            log.info("%s: done, %d images sent", who, session.sent_images)
+            stream.close()
+        except (PeerClosed, Cancelled) as e:
+            if self._stop.is_set():
+                log.warning("%s: stopped by the server's shutdown (%s)", who, e)
+                stream.send_error("DD-UGM server: the server is shutting down; the scan was not finished")
+                stream.close()
+            else:
+                log.warning("%s: %s", who, e)
+                stream.close(send_close=False)
+        except Exception as e:  # noqa: BLE001 - one client's failure must not touch the others
+            log.error("%s: %s: %s", who, type(e).__name__, e)
+            stream.send_error(f"DD-UGM server: {type(e).__name__}: {e}")
+            stream.close()
+        finally:
+            stream.close(send_close=False)
+            with self._active_lock:
+                self._active.pop(number, None)
+
     @staticmethod
-    def _read_config(stream, who) -> dict:
+    def _read_config(stream, who, limits: Limits) -> dict:
         mid = read_id(stream)
         if mid == CONFIG_FILE:
             name = stream.read(1024).split(b"\x00", 1)[0].decode("utf-8", "replace")
-            log.info("%s: configuration name %r (settings come from the server's configuration)", who, name)
+            log.info("%s: configuration name %r (settings come from the server's configuration)", who, name[:100])
             return {}
         if mid == CONFIG_TEXT:
-            return chain_properties(read_text(stream, "configuration"))
+            return chain_properties(read_text(stream, "configuration", limits.max_text_bytes))
         raise ProtocolError(f"expected a configuration message first (id {CONFIG_FILE} or {CONFIG_TEXT}), got id {mid}")
 
     @staticmethod
-    def _read_header(stream):
+    def _read_header(stream, limits: Limits):
         while True:
             mid = read_id(stream)
             if mid == TEXT:
-                read_text(stream, "text message")
+                read_text(stream, "text message", limits.max_text_bytes)
                 continue
             if mid != HEADER:
                 raise ProtocolError(f"expected the ISMRMRD header (id {HEADER}), got id {mid}")
-            return parse_header(read_text(stream, "ISMRMRD header"))
+            return parse_header(read_text(stream, "ISMRMRD header", limits.max_text_bytes))
 
 
 def add_parser(sub):
     p = sub.add_parser("serve", help="persistent reconstruction server for Gadgetron <connect> and MRD clients")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; '::' or 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=18000, help="port (default: %(default)s)")
-    p.add_argument("--config", default=None, help="YAML settings (default: config/recon.yaml)")
+    p.add_argument("--config", default=None, help="the operator's YAML settings, with its server: limits "
+                                                  "(default: $DDUGM_CONFIG, else config/recon.yaml)")
     p.add_argument("--device", default=None, help="override the device (auto, cpu, cuda, cuda:N)")
     p.add_argument("--preset", default=None, help="override the preset (default, paper)")
-    p.add_argument("--idle-timeout", type=float, default=3600.0, help="seconds a silent client is kept (default: %(default)s)")
+    p.add_argument("--idle-timeout", type=float, default=None, help="seconds a silent client is kept mid-stream "
+                                                                    "(server setting idle_timeout, default 3600)")
+    p.add_argument("--max-connections", type=int, default=None, help="open connections; more are refused "
+                                                                     "(server setting max_connections, default 16)")
+    p.add_argument("--allow-dir", action="append", default=None, metavar="DIR",
+                   help="a folder whose files clients may name in config, debug_dir and the weight settings "
+                        "(repeatable; server setting allowed_dirs; default: none)")
     p.add_argument("--no-preload", action="store_true", help="load the models on the first scan instead of at start")
     p.add_argument("--log-level", default="INFO")
 
 
+class _DropQueueHandler(logging.handlers.QueueHandler):
+    """Never blocks: when the writer is stuck (a full, unread stderr pipe) records are dropped
+    and counted instead of freezing the threads that log."""
+
+    def __init__(self, q):
+        super().__init__(q)
+        self.dropped = 0
+
+    def enqueue(self, record):
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+def setup_logging(level: str) -> tuple:
+    """Log through a bounded queue and one writer thread, so no client or accept thread ever
+    waits on stderr. Returns (handler, writer thread, queue)."""
+    q: queue.Queue = queue.Queue(maxsize=10000)
+    handler = _DropQueueHandler(q)
+    out = logging.StreamHandler(sys.stderr)
+    out.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(threadName)s] %(message)s"))
+
+    def write():
+        while True:
+            record = q.get()
+            if record is None:
+                return
+            try:
+                out.handle(record)
+            except Exception:  # noqa: BLE001 - a broken stderr must not end the writer
+                pass
+
+    writer = threading.Thread(target=write, name="ddugm-log", daemon=True)
+    writer.start()
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    return handler, writer, q
+
+
 def run(a: argparse.Namespace) -> int:
-    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s [%(threadName)s] %(message)s")
+    handler, writer, q = setup_logging(a.log_level)
     overrides = {k: v for k, v in (("device", a.device), ("preset", a.preset)) if v}
-    server = Server(a.host, a.port, a.config, overrides, a.idle_timeout)
+    limit_overrides = {"idle_timeout": a.idle_timeout, "max_connections": a.max_connections,
+                       "allowed_dirs": a.allow_dir}
+    limits = load_limits(a.config, limit_overrides)
+    server = Server(a.host, a.port, a.config, overrides, limits=limits)
     server.bind()
+    stopping = []
+
+    def on_signal(signum, _frame):
+        if not stopping:
+            stopping.append(signum)
+            log.info("signal %d: stopping (running scans get %.0f s)", signum, limits.shutdown_grace)
+        server.shutdown()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     if not a.no_preload:
         server.preload()
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        log.info("stopped")
+    server.serve_forever()
+    clean = server.wait_for_clients(limits.shutdown_grace)
+    log.info("stopped%s", "" if clean else " (some client threads did not end in time)")
+    if handler.dropped:
+        log.warning("%d log records were dropped while stderr was not being read", handler.dropped)
+    q.put(None)
+    writer.join(2.0)
+    if not clean:
+        # a client thread is still inside a long device call: do not let interpreter teardown abort it
+        sys.stderr.flush()
+        os._exit(0)
     return 0

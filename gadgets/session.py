@@ -8,17 +8,27 @@ ReconData buffers are reconstructed as they come. A slice whose reconstruction f
 not stop the others: its error is collected and raised as :class:`ScanErrors` by
 :meth:`ReconSession.finish`, after every other slice has been sent.
 
-:class:`Engine` owns the reconstructors (models loaded once per settings) and serialises
+:class:`Engine` owns the reconstructors (a bounded cache; score models loaded once and
+shared by every settings set that uses the same weights and device) and serialises
 reconstructions with a lock, so a server's connections share one GPU queue while their I/O
-runs concurrently.
+runs concurrently. A stream's ``alive`` check is polled while it waits for the queue and at
+every iteration of its reconstruction: a client that has gone, or a server shutting down,
+cancels the job (:class:`Cancelled`).
+
+Every stream is held to the operator's :class:`~gadgets.settings.Limits` before anything is
+allocated: the header's matrices, frames and coils, each slice's grid and what the stream
+buffers.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
+from typing import Callable, Optional
 
 import ismrmrd
 import numpy as np
@@ -42,7 +52,7 @@ from .kspace import (
     flag_set,
     group_key,
 )
-from .settings import GadgetSettings
+from .settings import GadgetSettings, Limits
 
 log = logging.getLogger("ddugm.gadget")
 
@@ -51,43 +61,99 @@ class ScanErrors(RuntimeError):
     """One or more slices of a stream could not be reconstructed (the others were sent)."""
 
 
-class Engine:
-    """Reconstructors keyed by their settings; one reconstruction at a time per engine."""
+class Cancelled(RuntimeError):
+    """The stream's client went away (or the server is stopping): its job was not finished."""
 
-    def __init__(self):
-        self._recons = {}
+
+class Engine:
+    """Reconstructors keyed by their settings (at most ``max_cached``, least recently used
+    dropped; the score models are shared between settings that use the same weights and
+    device); one reconstruction at a time per engine."""
+
+    def __init__(self, max_cached: int = 4):
+        self.max_cached = max(1, int(max_cached))
+        self._recons: OrderedDict = OrderedDict()
+        self._models: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+        self._cache_lock = threading.Lock()
         self.count = 0
 
     def reconstructor(self, cfg: ReconConfig) -> Reconstructor:
         key = json.dumps(cfg.to_dict(), sort_keys=True)
-        if key not in self._recons:
-            self._recons[key] = Reconstructor(cfg)
-        return self._recons[key]
+        with self._cache_lock:
+            rec = self._recons.pop(key, None)
+            if rec is None:
+                rec = Reconstructor(cfg)
+            self._recons[key] = rec  # most recently used last
+            while len(self._recons) > self.max_cached:
+                self._recons.popitem(last=False)
+            return rec
 
-    def run(self, cine: CineData, cfg: ReconConfig, gs: GadgetSettings):
+    def _share_models(self, rec: Reconstructor) -> None:
+        """Give ``rec`` the models loaded for its weights and device, or keep its own once loaded."""
+        if cfg_needs_models(rec.config):
+            mkey = rec.model_key()
+            with self._cache_lock:
+                if not rec.models_loaded and mkey in self._models:
+                    rec.use_models(self._models[mkey])
+                self._models.pop(mkey, None)
+                if rec.models_loaded:
+                    self._models[mkey] = rec.load_models()
+                while len(self._models) > self.max_cached:
+                    self._models.popitem(last=False)
+
+    @property
+    def cached(self) -> int:
+        return len(self._recons)
+
+    def _acquire(self, alive: Optional[Callable[[], bool]]) -> None:
+        if alive is None:
+            self._lock.acquire()
+            return
+        while not self._lock.acquire(timeout=0.2):
+            if not alive():
+                raise Cancelled("the client went away while its scan waited for the reconstruction queue")
+
+    def run(self, cine: CineData, cfg: ReconConfig, gs: GadgetSettings, alive: Optional[Callable[[], bool]] = None):
         """Reconstruct one slice: returns (frames ``[T, y, x]`` complex64 on the encoded grid,
         method used, device used, warning or None). Falls back to low-rank on CPU if the score-based
-        reconstruction fails and ``gs.fallback`` is on."""
-        with self._lock:
+        reconstruction fails and ``gs.fallback`` is on. ``alive()`` is polled while waiting for
+        the queue and at every iteration; when it turns false the job stops with :class:`Cancelled`."""
+        self._acquire(alive)
+        try:
             self.count += 1
             rec = self.reconstructor(cfg)
             prepare_inputs(cine.kspace, cine.mask)  # bad input: a clear error, no fallback (it would fail too)
             maps = coil_maps_from_ref(cine, cfg, rec.device)
+
+            def check(i, n):
+                if alive is not None and not alive():
+                    raise Cancelled(f"the client went away; reconstruction stopped at iteration {i} of {n}")
+
             try:
-                x = rec.recon(cine.kspace, cine.mask, maps, seed=gs.seed)
+                self._share_models(rec)
+                x = rec.recon(cine.kspace, cine.mask, maps, seed=gs.seed, callback=check)
+                self._share_models(rec)
                 if 0 < cfg.virtual_coils < cine.kspace.shape[0]:
                     log.info("slice %s: %d coils compressed to %d virtual coils, %.2f %% of the signal energy kept",
                              cine.key, cine.kspace.shape[0], cfg.virtual_coils, 100 * rec.coil_energy_kept)
                 return x, cfg.method, rec.device, None
+            except Cancelled:
+                raise
             except Exception as e:  # noqa: BLE001 - any failure of the primary method
                 if not gs.fallback or cfg.method != "ddugm":
                     raise
                 warning = f"DD-UGM failed ({type(e).__name__}: {e}); low-rank reconstruction used instead"
                 log.warning("slice %s: %s", cine.key, warning)
                 fb = Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "method": "low_rank", "device": "cpu"}))
-                x = fb.recon(cine.kspace, cine.mask, None if maps is None else maps.cpu(), seed=gs.seed)
+                x = fb.recon(cine.kspace, cine.mask, None if maps is None else maps.cpu(), seed=gs.seed, callback=check)
                 return x, "low_rank", fb.device, warning
+        finally:
+            self._lock.release()
+
+
+def cfg_needs_models(cfg: ReconConfig) -> bool:
+    return cfg.method == "ddugm"
 
 
 def coil_maps_from_ref(cine: CineData, cfg: ReconConfig, device):
@@ -104,12 +170,31 @@ def coil_maps_from_ref(cine: CineData, cfg: ReconConfig, device):
         return None
 
 
+def check_geometry(g: Geometry, limits: Limits) -> None:
+    """The header's sizes against the operator's limits, before any buffer is made from them."""
+    for what, (x, y) in (("encoded", g.enc_matrix[:2]), ("recon", g.recon_matrix[:2])):
+        if max(x, y) > limits.max_matrix:
+            raise ValueError(f"the header's {what} matrix {x} x {y} exceeds the server's limit max_matrix = "
+                             f"{limits.max_matrix}")
+    if g.phases > limits.max_frames:
+        raise ValueError(f"the header announces {g.phases} cardiac phases, more than the server's limit "
+                         f"max_frames = {limits.max_frames}")
+    if g.coils is not None and g.coils > limits.max_coils:
+        raise ValueError(f"the header announces {g.coils} receiver channels, more than the server's limit "
+                         f"max_coils = {limits.max_coils}")
+
+
 class ReconSession:
-    def __init__(self, header, cfg: ReconConfig, gs: GadgetSettings, engine: Engine | None = None):
+    def __init__(self, header, cfg: ReconConfig, gs: GadgetSettings, engine: Engine | None = None,
+                 limits: Limits | None = None, alive: Optional[Callable[[], bool]] = None):
         self.header = header
+        self.limits = limits or Limits()
         self.geometry: Geometry = geometry_from_header(header)
+        check_geometry(self.geometry, self.limits)
+        self.alive = alive
+        self.buffered = 0  # k-space samples held by the collectors
         self.cfg, self.gs = cfg, gs
-        self.engine = engine or Engine()
+        self.engine = engine or Engine(self.limits.max_cached)
         self.whitener = NoiseWhitener()
         self.collectors: dict[tuple, AcquisitionCollector] = {}
         self.errors: list[str] = []
@@ -133,6 +218,7 @@ class ReconSession:
             self._check_whitener()
             for bit in item.bits:
                 try:
+                    self._check_recon_bit(bit)
                     cines = cine_from_recon_bit(bit, self.geometry, self.whitener)
                 except ValueError as e:
                     self._fail("ReconData", e)
@@ -141,6 +227,19 @@ class ReconSession:
                     out += self._reconstruct(cine, "image_array")
             return out
         return [item]  # images, waveforms, anything else: passed on unchanged
+
+    def _check_recon_bit(self, bit) -> None:
+        shape = tuple(np.asarray(bit.data.data).shape)
+        if len(shape) == 7:
+            cha, n = shape[3], shape[4]
+            lim = self.limits
+            if n > lim.max_frames or cha > lim.max_coils:
+                raise ValueError(f"ReconData with {n} frames and {cha} coils exceeds the server's limits "
+                                 f"(max_frames {lim.max_frames}, max_coils {lim.max_coils})")
+            elements = cha * n * max(self.geometry.ny, shape[1]) * self.geometry.nx
+            if elements > lim.max_slice_elements:
+                raise ValueError(f"ReconData of {elements} grid samples exceeds the server's limit "
+                                 f"max_slice_elements = {lim.max_slice_elements}")
 
     def _acquisition(self, acq) -> list:
         flags = int(acq.flags)
@@ -164,9 +263,12 @@ class ReconSession:
         if col is None:
             col = self.collectors[key] = AcquisitionCollector(key, self.geometry)
         try:
+            self._check_size(col, acq)
             col.add(acq, self.whitener)
+            self.buffered += acq.active_channels * self.geometry.nx
         except ValueError as e:
             self.collectors.pop(key, None)
+            self.buffered -= col.samples
             self.failed.add(key)
             self._fail(col.describe(), e)
             return []
@@ -176,6 +278,21 @@ class ReconSession:
         elif flag_set(flags, LAST_IN_SLICE):
             out += self.flush(slice_=key[0])
         return out
+
+    def _check_size(self, col: AcquisitionCollector, acq) -> None:
+        """This line must not take the slice or the stream past the operator's limits."""
+        lim, g = self.limits, self.geometry
+        phase = int(acq.idx.phase)
+        if phase >= lim.max_frames:
+            raise ValueError(f"cardiac phase index {phase} exceeds the server's limit max_frames = {lim.max_frames}")
+        frames = max(phase + 1, col.frames)
+        elements = int(acq.active_channels) * frames * g.ny * g.nx
+        if elements > lim.max_slice_elements:
+            raise ValueError(f"{acq.active_channels} coils x {frames} frames x {g.ny} x {g.nx} = {elements} k-space "
+                             f"samples exceed the server's limit max_slice_elements = {lim.max_slice_elements}")
+        if self.buffered + int(acq.active_channels) * g.nx > lim.max_stream_elements:
+            raise ValueError(f"the stream buffers more than the server's limit max_stream_elements = "
+                             f"{lim.max_stream_elements} k-space samples")
 
     def _check_whitener(self):
         """A noise scan that cannot whiten (dead channel, zeros) is reported once and not used."""
@@ -192,6 +309,7 @@ class ReconSession:
         out = []
         for key in sorted(k for k in self.collectors if slice_ is None or k[0] == slice_):
             col = self.collectors.pop(key)
+            self.buffered -= col.samples
             try:
                 cine = col.build()
             except ValueError as e:
@@ -208,6 +326,20 @@ class ReconSession:
         if self.errors:
             raise ScanErrors("; ".join(self.errors))
 
+    def _save_debug(self, cine: CineData, x: np.ndarray) -> None:
+        """The slice's k-space, mask and images as .npz in ``debug_dir``; never through a symbolic
+        link, and a failure is a warning: the images are sent anyway."""
+        name = "_".join(f"{k}{v}" for k, v in cine.key.items()) + ".npz"
+        extra = {} if cine.ref is None else {"ref": cine.ref, "ref_mask": cine.ref_mask}
+        try:
+            d = Path(self.gs.debug_dir)
+            d.mkdir(parents=True, exist_ok=True)
+            fd = os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o640)
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, kspace=cine.kspace, mask=cine.mask, images=x, **extra)
+        except OSError as e:
+            log.warning("debug_dir: could not save %s (%s); images sent anyway", name, e.strerror or e)
+
     # ---------------------------------------------------------------- reconstruction
     def _fail(self, where: str, e: Exception):
         msg = f"{where}: {type(e).__name__}: {e}"
@@ -218,8 +350,10 @@ class ReconSession:
         where = ", ".join(f"{k}={v}" for k, v in cine.key.items())
         t0 = time.perf_counter()
         try:
-            x, method, device, warning = self.engine.run(cine, self.cfg, self.gs)
+            x, method, device, warning = self.engine.run(cine, self.cfg, self.gs, self.alive)
             x = finalize_images(np.asarray(x), self.geometry)
+        except Cancelled:
+            raise  # the stream is over: nobody to send the other slices to
         except Exception as e:  # noqa: BLE001 - one slice's failure must not lose the others
             self._fail(where, e)
             return []
@@ -233,10 +367,6 @@ class ReconSession:
         self.next_index += len(images)
         self.sent_images += len(images)
         if self.gs.debug_dir:
-            d = Path(self.gs.debug_dir)
-            d.mkdir(parents=True, exist_ok=True)
-            name = "_".join(f"{k}{v}" for k, v in cine.key.items())
-            extra = {} if cine.ref is None else {"ref": cine.ref, "ref_mask": cine.ref_mask}
-            np.savez(d / f"{name}.npz", kspace=cine.kspace, mask=cine.mask, images=x, **extra)
+            self._save_debug(cine, x)
         send = self.gs.send if self.gs.send != "auto" else natural
         return [images_to_array(images)] if send == "image_array" else images

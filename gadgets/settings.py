@@ -1,25 +1,42 @@
 """Gadget settings: the chain's ``<configuration>`` properties over ``config/recon.yaml``.
 
-Precedence (later wins): built-in defaults < the YAML file (``recon:`` and ``gadget:``
-sections; the file is the ``config`` property, else ``$DDUGM_CONFIG``, else the
-``config/recon.yaml`` shipped with the package) < the chain's properties. A property may
-name any reconstruction setting (``preset``, ``steps``, ``device``, ...) or a gadget
-setting below. Unknown names and invalid values raise ValueError naming them.
+Precedence (later wins): built-in defaults < the operator's YAML file (``recon:`` and
+``gadget:`` sections; ``--config``, else ``$DDUGM_CONFIG``, else the ``config/recon.yaml``
+shipped with the package) < a client-named YAML (the ``config`` property) < the operator's
+command-line overrides < the client's properties. A property may name any reconstruction
+setting (``preset``, ``steps``, ``device``, ...) or a gadget setting below. Unknown names
+and invalid values raise ValueError naming them.
+
+Two kinds of source. The *operator* (the YAML files the server or Gadgetron is started with,
+the command line) is trusted. A *client* (a chain's properties, an MRD client's config text)
+is not: settings that name server files (``config``, ``debug_dir``, ``image_weights``,
+``kspace_weights``) are refused unless they lie inside a folder the operator allows
+(``server: allowed_dirs``), resolved without following symbolic links; errors about a
+client-named file never repeat its content. The YAML's ``server:`` section (:class:`Limits`)
+holds the operator's limits, which every stream is checked against before anything is
+allocated; a client can never set it.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import stat
 import sys
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from ddugm_core.reconstruction import ReconConfig
 
+log = logging.getLogger("ddugm.settings")
+
 OUTPUTS = ("magnitude", "complex")
+#: settings that name files or folders on the server: operator-only unless inside allowed_dirs
+PATH_KEYS = ("config", "debug_dir", "image_weights", "kspace_weights")
+MAX_YAML_BYTES = 1 << 20
 SENDS = ("auto", "images", "image_array")
 
 
@@ -44,6 +61,67 @@ class GadgetSettings:
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
 
 
+@dataclass
+class Limits:
+    """The operator's limits (``server:`` section of the operator's YAML; ``ddugm serve``
+    flags override). Every stream is checked against them before anything is allocated."""
+
+    allowed_dirs: list = field(default_factory=list)  # folders clients may name files in (config, debug_dir, weights)
+    max_matrix: int = 1024  # encoded and recon matrix along x and y; a readout may have 4x this many samples
+    max_frames: int = 512  # cardiac phases of one slice
+    max_coils: int = 128  # receiver channels
+    max_slice_elements: int = 1 << 27  # coils x frames x ny x nx of one slice (1 GiB of complex64)
+    max_stream_elements: int = 1 << 28  # k-space samples one stream may buffer (2 GiB of complex64)
+    max_message_mb: int = 1024  # one data message (acquisition, image, ReconData, ImageArray, waveform)
+    max_text_kb: int = 4096  # configuration, header and text messages
+    max_steps: int = 1000  # sampler steps a stream may ask for (the paper preset needs 1000)
+    max_iterations: int = 1000  # lowrank_iters, ls_iters, dc_iters
+    max_window: int = 12  # Hankel window (memory grows with its fourth power)
+    allow_compile: bool = False  # may a client turn on torch.compile (minutes of compiling, per frame size)
+    max_connections: int = 16  # open connections of ddugm serve; more are refused with an error
+    max_cached: int = 4  # distinct settings whose reconstructors (and models) stay loaded
+    handshake_timeout: float = 30.0  # seconds to send the configuration and header after connecting
+    idle_timeout: float = 3600.0  # seconds a client may stay silent mid-stream
+    shutdown_grace: float = 30.0  # seconds running reconstructions get to stop on SIGINT / SIGTERM
+
+    def validate(self):
+        if not isinstance(self.allowed_dirs, list) or not all(isinstance(d, str) and d for d in self.allowed_dirs):
+            raise ValueError("server setting allowed_dirs must be a list of folder paths")
+        for name in ("max_matrix", "max_frames", "max_coils", "max_slice_elements", "max_stream_elements",
+                     "max_message_mb", "max_text_kb", "max_steps", "max_iterations", "max_window",
+                     "max_connections", "max_cached"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"server setting {name} must be a positive integer, got {v!r}")
+        for name in ("handshake_timeout", "idle_timeout", "shutdown_grace"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"server setting {name} must be a positive number of seconds, got {v!r}")
+        if not isinstance(self.allow_compile, bool):
+            raise ValueError(f"server setting allow_compile must be true or false, got {self.allow_compile!r}")
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb << 20
+
+    @property
+    def max_text_bytes(self) -> int:
+        return self.max_text_kb << 10
+
+    def check_recon(self, cfg: ReconConfig) -> None:
+        """Settings that would let one stream monopolise the device."""
+        s = cfg.sampler_settings()
+        if s.steps > self.max_steps:
+            raise ValueError(f"steps = {s.steps} exceeds the server's limit max_steps = {self.max_steps}")
+        for name in ("lowrank_iters", "ls_iters", "dc_iters"):
+            if getattr(cfg, name) > self.max_iterations:
+                raise ValueError(f"{name} = {getattr(cfg, name)} exceeds the server's limit "
+                                 f"max_iterations = {self.max_iterations}")
+        if cfg.window > self.max_window:
+            raise ValueError(f"window = {cfg.window} exceeds the server's limit max_window = {self.max_window}")
+
+
+LIMIT_KEYS = {f.name: f for f in fields(Limits)}
 GADGET_KEYS = {f.name: f for f in fields(GadgetSettings)}
 RECON_KEYS = {f.name: f for f in fields(ReconConfig)}
 
@@ -122,44 +200,175 @@ def properties_from_xml(config) -> dict:
     return props
 
 
-def load_settings(properties: dict | None = None, yaml_path=None) -> tuple[ReconConfig, GadgetSettings]:
-    """Merge defaults, YAML and properties; validate both objects."""
-    props = dict(properties or {})
-    path = props.pop("config", None) or yaml_path or default_yaml()
-    recon, gadget = {}, {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"config file {str(p)!r} not found")
+def _yaml_error(e: yaml.YAMLError) -> str:
+    """Where a YAML file is broken, without quoting its content."""
+    mark = getattr(e, "problem_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "unreadable"
+
+
+def read_yaml(path, client: bool = False) -> dict:
+    """The sections of a settings file: ``{"recon": {...}, "gadget": {...}, "server": {...}}``.
+    A client-named file may not hold a ``server:`` section, and no error about it quotes it."""
+    p = Path(path)
+    who = "client-named settings file" if client else "config file"
+    if not p.is_file():
+        raise ValueError(f"{who} {str(p)!r} not found")
+    if p.stat().st_size > MAX_YAML_BYTES:
+        raise ValueError(f"{who} {str(p)!r} is larger than {MAX_YAML_BYTES} bytes: not a settings file")
+    try:
+        data = yaml.safe_load(_read_text(p, nofollow=client)) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        detail = _yaml_error(e) if isinstance(e, yaml.YAMLError) else "not UTF-8 text"
+        raise ValueError(f"{who} {str(p)!r} is not valid YAML ({detail})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{who} {str(p)!r}: expected a mapping with 'recon:' and 'gadget:' sections")
+    sections = ("recon", "gadget") if client else ("recon", "gadget", "server")
+    if any(k in data for k in ("recon", "gadget", "server")):
+        extra = sorted(str(k) for k in set(data) - set(sections))
+        if extra:
+            if client:
+                raise ValueError(f"{who} {str(p)!r}: only 'recon:' and 'gadget:' sections are allowed "
+                                 f"(the server's limits are the operator's)")
+            raise ValueError(f"{p}: unknown section(s) {extra}; expected {', '.join(sections)}")
+        out = {k: data.get(k) or {} for k in sections}
+    else:
+        out = {"recon": data, "gadget": {}, "server": {}}
+    for k, v in out.items():
+        if not isinstance(v, dict):
+            raise ValueError(f"{who} {str(p)!r}: section '{k}' must be a mapping")
+    unknown = sorted(str(k) for k in set(out["gadget"]) - set(GADGET_KEYS))
+    if unknown:
+        if client:
+            raise ValueError(f"{who} {str(p)!r}: unknown gadget setting(s)")
+        raise ValueError(f"{p}: unknown gadget setting(s) {unknown}; known: {', '.join(GADGET_KEYS)}")
+    unknown = sorted(str(k) for k in set(out.get("server", {})) - set(LIMIT_KEYS))
+    if unknown:
+        raise ValueError(f"{p}: unknown server setting(s) {unknown}; known: {', '.join(LIMIT_KEYS)}")
+    return out
+
+
+def _read_text(p: Path, nofollow: bool) -> str:
+    flags = os.O_RDONLY | (getattr(os, "O_NOFOLLOW", 0) if nofollow else 0)
+    fd = os.open(p, flags)
+    with os.fdopen(fd, "rb") as f:
+        return f.read(MAX_YAML_BYTES + 1).decode("utf-8")
+
+
+def load_limits(yaml_path=None, overrides: dict | None = None) -> Limits:
+    """The operator's limits: defaults < the operator YAML's ``server:`` section < ``overrides``."""
+    path = yaml_path or default_yaml()
+    values = dict(read_yaml(path)["server"]) if path else {}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(values) - set(LIMIT_KEYS))
+    if unknown:
+        raise ValueError(f"unknown server setting(s) {unknown}; known: {', '.join(LIMIT_KEYS)}")
+    limits = Limits(**values)
+    limits.validate()
+    return limits
+
+
+def confined_path(key: str, value: str, allowed_dirs, kind: str = "file", create: bool = False) -> str:
+    """A client-named path, accepted only inside one of the operator's ``allowed_dirs``.
+
+    Decided on the name alone first (absolute or relative to the first allowed folder, no
+    ``..``), then walked component by component from the allowed folder with ``lstat``: a
+    symbolic link anywhere below it is refused. ``kind`` is ``file`` (must exist) or ``dir``
+    (created when ``create``). Returns the absolute path. The errors never depend on files
+    outside the allowed folders."""
+    if not allowed_dirs:
+        raise ValueError(f"setting {key!r} names a file on the server, which a client may not set; the operator "
+                         f"sets it in the server's YAML or on its command line, or allows folders for it "
+                         f"(server setting allowed_dirs)")
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
+        raise ValueError(f"setting {key!r}: not a path")
+    parts = value.replace("\\", "/").split("/")
+    if ".." in parts:
+        raise ValueError(f"setting {key!r}: '..' is not allowed in a client-named path")
+    roots = [os.path.realpath(d) for d in allowed_dirs]
+    if os.path.isabs(value):
+        norm = os.path.normpath(value)
+        base = next((r for r in roots if norm == r or norm.startswith(r.rstrip(os.sep) + os.sep)), None)
+        if base is None:
+            raise ValueError(f"setting {key!r}: {value!r} is not inside a folder the operator allows "
+                             f"for client paths (server setting allowed_dirs)")
+        rel = os.path.relpath(norm, base)
+    else:
+        base, rel = roots[0], os.path.normpath(value)
+    comps = [c for c in rel.split(os.sep) if c not in ("", ".")]
+    cur = base
+    for i, comp in enumerate(comps):
+        cur = os.path.join(cur, comp)
+        last = i == len(comps) - 1
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{p}: expected a mapping with 'recon:' and 'gadget:' sections")
-        if "recon" in data or "gadget" in data:
-            extra = sorted(set(data) - {"recon", "gadget"})
-            if extra:
-                raise ValueError(f"{p}: unknown section(s) {extra}; expected 'recon' and 'gadget'")
-            recon, gadget = dict(data.get("recon") or {}), dict(data.get("gadget") or {})
-        else:
-            recon = data
-        unknown = sorted(set(gadget) - set(GADGET_KEYS))
-        if unknown:
-            raise ValueError(f"{p}: unknown gadget setting(s) {unknown}; known: {', '.join(GADGET_KEYS)}")
-    for name, value in props.items():
-        if name in GADGET_KEYS:
-            gadget[name] = parse_scalar(name, value, GADGET_KEYS[name].type)
-        elif name in RECON_KEYS:
-            recon[name] = parse_scalar(name, value, RECON_KEYS[name].type)
-        else:
-            raise ValueError(f"unknown setting {name!r}; known: config, {', '.join(GADGET_KEYS)}, {', '.join(RECON_KEYS)}")
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            if kind == "dir" and create:
+                os.mkdir(cur, 0o750)
+                st = os.lstat(cur)
+            else:
+                raise ValueError(f"setting {key!r}: {value!r} not found in the allowed folder") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise ValueError(f"setting {key!r}: {value!r} passes through a symbolic link, which client paths may not")
+        if not last and not stat.S_ISDIR(st.st_mode):
+            raise ValueError(f"setting {key!r}: {value!r} is not a path below the allowed folder")
+    st = os.lstat(cur)
+    if kind == "file" and not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"setting {key!r}: {value!r} is not a regular file")
+    if kind == "dir" and not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"setting {key!r}: {value!r} is not a folder")
+    return cur
+
+
+def load_settings(properties: dict | None = None, yaml_path=None, *, operator: dict | None = None,
+                  limits: Limits | None = None) -> tuple[ReconConfig, GadgetSettings]:
+    """Merge defaults, the operator's YAML, a client-named YAML, the operator's overrides and the
+    client's ``properties``; check paths and limits; validate both objects.
+
+    ``properties`` come from a client (a chain, an MRD client): their path settings must lie in
+    ``limits.allowed_dirs``, ``compile`` needs ``limits.allow_compile``. ``operator`` holds
+    trusted overrides (a command line). ``limits`` default to the operator YAML's ``server:``."""
+    props = {k: v for k, v in (properties or {}).items()}
+    op = dict(operator or {})
+    op_yaml = op.pop("config", None) or yaml_path or default_yaml()
+    if limits is None:
+        limits = load_limits(op_yaml)
+    recon, gadget = {}, {}
+    if op_yaml:
+        data = read_yaml(op_yaml)
+        recon, gadget = dict(data["recon"]), dict(data["gadget"])
+    client_file = str(props.pop("config", "") or "").strip()
+    client_recon, client_gadget = {}, {}
+    if client_file:
+        data = read_yaml(confined_path("config", client_file, limits.allowed_dirs), client=True)
+        client_recon, client_gadget = data["recon"], data["gadget"]
+    for source in (client_recon, client_gadget, props):  # everything a client said
+        for key in PATH_KEYS[1:]:
+            value = source.get(key)
+            if isinstance(value, str) and value.strip():
+                kind = "dir" if key == "debug_dir" else "file"
+                source[key] = confined_path(key, value.strip(), limits.allowed_dirs, kind, create=kind == "dir")
+        if "compile" in source and parse_scalar("compile", source["compile"], RECON_KEYS["compile"].type) is True \
+                and not limits.allow_compile:
+            raise ValueError("compile: a client may not turn on torch.compile on this server "
+                             "(server setting allow_compile)")
+    recon.update(client_recon)
+    gadget.update(client_gadget)
+    for source in (op, props):
+        for name, value in source.items():
+            if name in GADGET_KEYS:
+                gadget[name] = parse_scalar(name, value, GADGET_KEYS[name].type)
+            elif name in RECON_KEYS:
+                recon[name] = parse_scalar(name, value, RECON_KEYS[name].type)
+            else:
+                raise ValueError(f"unknown setting {name!r}; known: config, {', '.join(GADGET_KEYS)}, "
+                                 f"{', '.join(RECON_KEYS)}")
     cfg = ReconConfig.from_dict({k: v for k, v in recon.items()})
     try:
         gs = GadgetSettings(**{k: _check_type(k, v) for k, v in gadget.items()})
     except TypeError as e:
         raise ValueError(str(e)) from None
     gs.validate()
+    limits.check_recon(cfg)
     return cfg, gs
 
 

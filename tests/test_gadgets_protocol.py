@@ -2,6 +2,7 @@
 (``python -m gadgetron PORT gadgets.external reconstruct``), Gadgetron's side played with the
 gadgetron package's own writers and readers; the persistent server with concurrent clients
 (one sending garbage) and an ``ismrmrd`` MRD-protocol client."""
+import os
 import socket
 import struct
 import threading
@@ -36,8 +37,8 @@ def cine(tmp_path_factory):
 def gadgetron():
     peers = []
 
-    def start():
-        peers.append(FakeGadgetron())
+    def start(env=None):
+        peers.append(FakeGadgetron(env=env))
         return peers[-1]
 
     yield start
@@ -46,9 +47,17 @@ def gadgetron():
 
 
 # ---------------------------------------------------------------- external gadget (execute)
-def test_acquisitions_in_images_out_with_score_models(gadgetron, cine, tiny_weights):
+def operator_env(tmp_path, text: str) -> dict:
+    """The environment of a Gadgetron whose operator YAML ($DDUGM_CONFIG) holds ``text``."""
+    y = tmp_path / "operator.yaml"
+    y.write_text(text)
+    return {**os.environ, "DDUGM_CONFIG": str(y)}
+
+
+def test_acquisitions_in_images_out_with_score_models(gadgetron, cine, tiny_weights, tmp_path):
     _, xml, acqs = cine
-    g = gadgetron()
+    # the chain names the weights: allowed only because the operator allows their folder
+    g = gadgetron(operator_env(tmp_path, f"server:\n  allowed_dirs: ['{tiny_weights['image'].parent}']\n"))
     g.send_config({"image_weights": tiny_weights["image"], "kspace_weights": tiny_weights["kspace"], "steps": 2,
                    "lowrank_iters": 3, "device": "cpu", "series_index": 7})
     g.send_header(xml)
