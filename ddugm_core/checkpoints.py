@@ -37,15 +37,40 @@ def read_metadata(path) -> dict:
     return meta
 
 
+#: a model file larger than this, or a network with more parameters, is refused before loading
+MAX_MODEL_BYTES = 2 << 30
+MAX_PARAMETERS = 300_000_000
+
+
 def load_model(path, device="cpu", expect_domain: str | None = None) -> NCSNpp:
-    """Rebuild a network from a model file; checks its domain when ``expect_domain`` is given."""
+    """Rebuild a network from a model file; checks its domain when ``expect_domain`` is given.
+
+    Nothing is allocated before the file is checked: its size, the network its metadata
+    describes (built on the ``meta`` device: no memory) and that every tensor in the file has
+    the shape that network expects."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"score model weights not found: {path}")
+    if path.stat().st_size > MAX_MODEL_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes is larger than a score model file may be ({MAX_MODEL_BYTES})")
     meta = read_metadata(path)
     if expect_domain is not None and meta.get("domain") != expect_domain:
         raise ValueError(f"{path} holds a {meta.get('domain')!r} model, expected {expect_domain!r}")
-    net = NCSNpp(NetConfig.from_dict(json.loads(meta["net_config"])))
+    try:
+        config = NetConfig.from_dict(json.loads(meta["net_config"]))
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in NCSNpp(config).state_dict().items()}
+    except (KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: the network settings in the file are not valid ({type(e).__name__})") from None
+    count = sum(int(torch.Size(s).numel()) for s in shapes.values())
+    if count > MAX_PARAMETERS:
+        raise ValueError(f"{path}: the network has {count} parameters, more than {MAX_PARAMETERS}")
+    with safe_open(str(path), framework="pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if stored != shapes:
+        bad = sorted(set(stored) ^ set(shapes)) or sorted(k for k in shapes if stored[k] != shapes[k])
+        raise ValueError(f"{path}: the tensors do not match the network its settings describe (first: {bad[0]!r})")
+    net = NCSNpp(config)
     state = load_file(str(path), device="cpu")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     net.load_state_dict(state)

@@ -22,6 +22,7 @@ import logging
 import select
 import socket
 import struct
+import time
 
 import ismrmrd
 import numpy as np
@@ -77,6 +78,11 @@ class SafeSocket:
         """Has the peer closed its side or reset the connection? (No wait, nothing consumed.)
         MRD and Gadgetron peers end a stream with CLOSE and then read; they never half-close."""
         try:
+            rdhup = getattr(select, "POLLRDHUP", 0)
+            if rdhup:  # Linux: the peer's FIN is seen even behind data not yet read (its CLOSE message)
+                p = select.poll()
+                p.register(self.sock, rdhup | select.POLLHUP | select.POLLERR)
+                return any(ev & (rdhup | select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))
             readable, _, _ = select.select([self.sock], [], [], 0)
             if not readable:
                 return False
@@ -95,11 +101,31 @@ class SafeSocket:
         self.closed = True
         if self.sock.fileno() < 0:
             return
+        if send_close:
+            self._drain()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self.sock.close()
+
+    def _drain(self, seconds: float = 2.0, limit: int = 64 << 20) -> None:
+        """Lingering close: after our last message, stop sending and read (and drop) what the
+        peer still sends, until it closes or for ``seconds``. Closing with unread data would
+        reset the connection, and the peer could lose the error message it has not read yet."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + seconds
+            while limit > 0:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                    return
+                chunk = self.sock.recv(1 << 16)
+                if not chunk:
+                    return
+                limit -= len(chunk)
+        except (OSError, ValueError):
+            pass
 
 
 class Budget:

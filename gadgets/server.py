@@ -347,10 +347,13 @@ def run(a: argparse.Namespace) -> int:
     log.info("stopped%s", "" if clean else " (some client threads did not end in time)")
     if handler.dropped:
         log.warning("%d log records were dropped while stderr was not being read", handler.dropped)
-    q.put(None)
+    try:
+        q.put(None, timeout=2.0)
+    except queue.Full:
+        pass
     writer.join(2.0)
-    if not clean:
-        # a client thread is still inside a long device call: do not let interpreter teardown abort it
-        sys.stderr.flush()
+    if not clean or writer.is_alive():
+        # a client thread is still inside a long device call (interpreter teardown would abort it),
+        # or stderr is not being read (flushing it at exit would block forever): leave at once
         os._exit(0)
     return 0

@@ -348,6 +348,7 @@ class ReconSession:
 
     def _reconstruct(self, cine: CineData, natural: str) -> list:
         where = ", ".join(f"{k}={v}" for k, v in cine.key.items())
+        log.info("%s: reconstructing %d frames (%s)", where, cine.kspace.shape[1], self.cfg.method)
         t0 = time.perf_counter()
         try:
             x, method, device, warning = self.engine.run(cine, self.cfg, self.gs, self.alive)
