@@ -14,7 +14,7 @@ import numpy as np
 
 from .protocol import parse_header
 from .session import ReconSession, ScanErrors
-from .settings import load_settings
+from .settings import load_limits, load_settings
 
 log = logging.getLogger("ddugm.replay")
 
@@ -33,6 +33,7 @@ def replay(inp: str, out: str, config: str | None = None, png: str | None = None
     file broke is not reconstructed from its partial data. Nothing is written when no image
     was reconstructed."""
     cfg, gs = load_settings(None, config, operator=overrides)  # bad settings fail before any reading
+    limits = load_limits(config)
     src = Path(inp)
     if not src.is_file():
         raise FileNotFoundError(f"input file {inp!r} not found")
@@ -53,7 +54,7 @@ def replay(inp: str, out: str, config: str | None = None, png: str | None = None
         if n == 0:
             raise ReplayError(f"{inp}: the file has no acquisitions (group '{group}')")
         gs.send = "images"
-        session = ReconSession(header, cfg, gs)
+        session = ReconSession(header, cfg, gs, limits=limits)
         images, broken = _read_all(ds, n, session, inp, quiet)
     finally:
         ds.close()

@@ -135,8 +135,11 @@ def test_shipped_yaml_matches_the_library_defaults():
     from ddugm_core.reconstruction import ReconConfig
     from gadgets.settings import GadgetSettings, default_yaml
 
+    from gadgets.settings import Limits, load_limits
+
     cfg, gs = load_settings({}, default_yaml())
     assert cfg == ReconConfig() and gs == GadgetSettings()
+    assert load_limits(default_yaml()) == Limits()
     assert parse_scalar("steps", "null", "Optional[int]") is None
 
 
