@@ -99,6 +99,7 @@ class Server:
         self.accept_errors = 0
         self._active: dict = {}  # connection number -> (thread, SafeSocket)
         self._active_lock = threading.Lock()
+        self._refusing = threading.BoundedSemaphore(32)
         self._stop = threading.Event()
         load_settings(None, config, operator=self.overrides, limits=self.limits)  # fail at start, not per client
 
@@ -155,7 +156,11 @@ class Server:
                 number = self.connections
                 if self.active >= self.limits.max_connections:
                     self.refused += 1
-                    self._refuse(conn, addr, number)
+                    if self._refusing.acquire(blocking=False):  # the answer (with its lingering close) off the accept loop
+                        threading.Thread(target=self._refuse, args=(conn, addr, number), daemon=True,
+                                         name=f"ddugm-refuse-{number}").start()
+                    else:  # a flood: no more threads, close at once
+                        conn.close()
                     continue
                 stream = SafeSocket(conn)
                 t = threading.Thread(target=self.handle, args=(conn, addr, number, stream), daemon=True,
@@ -167,15 +172,18 @@ class Server:
             self.sock.close()
 
     def _refuse(self, conn, addr, number) -> None:
-        log.warning("client %d %s:%d refused: %d connections open (server setting max_connections)", number,
-                    addr[0], addr[1], self.limits.max_connections)
+        if self.refused <= 10 or self.refused % 100 == 0:
+            log.warning("client %d %s:%d refused: %d connections open (server setting max_connections; %d refused "
+                        "so far)", number, addr[0], addr[1], self.limits.max_connections, self.refused)
         stream = SafeSocket(conn)
         try:
             conn.settimeout(1.0)
             stream.send_error(f"DD-UGM server: busy, {self.limits.max_connections} connections are open "
                               f"(server setting max_connections); try again later")
-        finally:
             stream.close()
+        finally:
+            stream.close(send_close=False)
+            self._refusing.release()
 
     def shutdown(self) -> None:
         """Stop accepting, cancel running jobs and wake clients blocked in reads; their handlers

@@ -49,6 +49,7 @@ def test_dockerfile_builds_on_the_gadgetron_runtime_and_installs_this_package():
     for src in copied:
         assert (ROOT / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
     assert "pip install" in text and "share/gadgetron/config" in text
+    assert "gadgets.guard.active()" in text  # the execute-style start-up guard is checked at build time
     for chain in CHAINS:
         assert chain.name in text or "config/*.xml" in text
     ignore = (ROOT / ".dockerignore").read_text().split()
