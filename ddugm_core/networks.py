@@ -61,7 +61,13 @@ class NetConfig:
 
 
 def _groups(ch: int) -> int:
-    return min(32, max(1, ch // 4))
+    """GroupNorm groups for ``ch`` channels: min(32, ch / 4) as published, or, where that does
+    not divide ``ch`` (widths that are not powers of two, e.g. nf 48: 144 channels), the
+    largest divisor of ``ch`` below it. Unchanged for every width that built before."""
+    g = min(32, max(1, ch // 4))
+    while ch % g:
+        g -= 1
+    return g
 
 
 class GaussianFourierEmbedding(nn.Module):

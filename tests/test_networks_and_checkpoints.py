@@ -70,3 +70,21 @@ def test_bf16_scores_stay_close_to_float32():
     assert low.dtype == torch.complex64
     err = float(torch.linalg.vector_norm(low - ref) / torch.linalg.vector_norm(ref))
     assert 0 < err < 0.02, err
+
+
+@pytest.mark.parametrize("nf", [12, 20, 24, 40, 48, 56, 80])
+def test_networks_build_and_run_at_widths_that_are_not_powers_of_two(nf):
+    net = NCSNpp(NetConfig(nf=nf, ch_mult=(1, 2, 2), attn_resolutions=(8,), image_size=16))
+    x = torch.randn(2, 2, 16, 16)
+    out = net(x, torch.tensor([0.1, 1.0]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    for m in net.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            assert m.num_channels % m.num_groups == 0 and m.num_groups <= 32
+
+
+def test_group_counts_unchanged_for_power_of_two_widths():
+    from ddugm_core.networks import _groups
+
+    for ch in (8, 16, 32, 64, 128, 256, 512, 96, 192):
+        assert _groups(ch) == min(32, max(1, ch // 4))
