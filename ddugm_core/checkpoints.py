@@ -25,8 +25,11 @@ def save_model(path, net: NCSNpp, domain: str, settings: dict | None = None, dty
                for k, v in net.state_dict().items()}
     meta = {"format": "ddugm-score-model/1", "domain": domain,
             "net_config": json.dumps(net.config.to_dict()), "settings": json.dumps(settings or {})}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=meta)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)  # atomic: a run killed while saving leaves the previous file whole
 
 
 def read_metadata(path) -> dict:

@@ -1,4 +1,5 @@
-"""Command line: ``ddugm train | demo | evaluate``."""
+"""Command line of the library alone (no Gadgetron needed): ``python -m ddugm_core.cli train | pack | demo |
+evaluate | bench``; the ``ddugm`` command adds the Gadgetron side."""
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,60 @@ def _train_parser(sub):
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    p.add_argument("--minutes", type=float, default=d.minutes,
+                   help="stop after this much wall-clock time; the schedule then runs on time (0: all --steps)")
+    p.add_argument("--save-minutes", type=float, default=d.save_minutes, help="also save the state this often")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="learning-rate warm-up steps")
+    p.add_argument("--schedule", choices=["cosine", "constant"], default=d.schedule)
+    p.add_argument("--sigma-dist", choices=["loguniform", "lognormal"], default=d.sigma_dist,
+                   help="training noise levels: log-uniform on [sigma-min, sigma-max] or log-normal (EDM) clipped to it")
+    p.add_argument("--sigma-mean", type=float, default=d.sigma_mean, help="lognormal: mean of ln sigma")
+    p.add_argument("--sigma-std", type=float, default=d.sigma_std, help="lognormal: std of ln sigma")
+    p.add_argument("--val-data", default="", help="validation frames (folder, file or pack; default: every 10th "
+                                                  "file of --data)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _pack_parser(sub):
+    p = sub.add_parser("pack", help="write the training patients' frames into one small file for a machine "
+                                    "without the data folder (and the validation patients into another)")
+    p.add_argument("out", help="output folder: train.npz (training patients) and val.npz (validation patients)")
+    p.add_argument("--data", default="../shared/data/acdc_cine", help="folder of ACDC files or frame stacks")
+    p.add_argument("--max-mb", type=float, default=40.0, help="size limit of train.npz in MiB (default: %(default)s)")
+    p.add_argument("--stride", type=int, default=0, help="keep every N-th cardiac phase (0: the smallest that fits)")
+    p.add_argument("--val-series", type=int, default=3, help="validation cines kept whole for evaluation (default: 3)")
+
+
+def _run_pack(a) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from .data import list_series_files, read_array, robust_scale, series_of, split_files, write_pack
+
+    train, val = split_files(list_series_files(a.data))
+    if not val:
+        raise ValueError(f"{a.data}: need at least 2 files to keep validation patients out of the pack")
+    out = Path(a.out)
+    info = {"train": write_pack(train, out / "train.npz", a.max_mb, a.stride),
+            "val": write_pack(val, out / "val.npz", 3.0, 0)}
+    cines, names = [], []
+    for f in val[:a.val_series]:  # mid slice, first 12 phases, float16: the GPU run's reconstruction check
+        stack = series_of(read_array(f))
+        s = stack[len(stack) // 2][:12].astype(np.float32)
+        cines.append((s / robust_scale(s)).astype(np.float16))
+        names.append(f.stem)
+    if cines:
+        with np.load(out / "val.npz") as z:
+            data = dict(z)
+        tmp = out / "val.tmp.npz"
+        np.savez_compressed(tmp, **data, cines=np.stack(cines), cine_names=np.asarray(names))
+        tmp.replace(out / "val.npz")
+    info["val"]["cines"] = names
+    info["val"]["mib"] = round((out / "val.npz").stat().st_size / 2**20, 2)
+    (out / "pack.json").write_text(json.dumps(info, indent=2))
+    print(json.dumps(info))
+    return 0
 
 
 def _run_train(a) -> int:
@@ -51,7 +105,9 @@ def _run_train(a) -> int:
     cfg = TrainConfig(domain=a.domain, data=a.data, out=a.out or f"runs/{a.domain}", steps=a.steps, batch=a.batch,
                       size=a.size, lr=a.lr, ema=a.ema, sigma_min=a.sigma_min, sigma_max=a.sigma_max, seed=a.seed,
                       device=a.device, amp=not a.no_amp, init=a.init, resume=not a.no_resume,
-                      save_every=a.save_every, log_every=a.log_every, threads=a.threads, net=net)
+                      save_every=a.save_every, log_every=a.log_every, threads=a.threads, net=net,
+                      minutes=a.minutes, save_minutes=a.save_minutes, warmup=a.warmup, schedule=a.schedule,
+                      sigma_dist=a.sigma_dist, sigma_mean=a.sigma_mean, sigma_std=a.sigma_std, val_data=a.val_data)
     result = train(cfg, progress=not a.quiet)
     print(json.dumps(result))
     return 0
@@ -61,18 +117,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ddugm", description="DD-UGM score-based cine MRI reconstruction")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _train_parser(sub)
-    try:
-        from . import demo as _demo
-        from . import evaluate as _evaluate
-        _demo.add_parser(sub)
-        _evaluate.add_parser(sub)
-    except ImportError:  # pragma: no cover - during bootstrap
-        _demo = _evaluate = None
+    _pack_parser(sub)
+    from . import bench as _bench
+    from . import demo as _demo
+    from . import evaluate as _evaluate
+
+    mods = {"demo": _demo, "evaluate": _evaluate, "bench": _bench}
+    for mod in mods.values():
+        mod.add_parser(sub)
     a = parser.parse_args(argv)
     try:
         if a.cmd == "train":
             return _run_train(a)
-        return (_evaluate if a.cmd == "evaluate" else _demo).run(a)
+        if a.cmd == "pack":
+            return _run_pack(a)
+        return mods[a.cmd].run(a)
     except (ValueError, FileNotFoundError) as e:
         print(f"ddugm {a.cmd}: error: {e}", file=sys.stderr)
         return 2

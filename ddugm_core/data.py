@@ -72,13 +72,88 @@ def robust_scale(series: np.ndarray | torch.Tensor, q: float = 99.0) -> float:
     return s
 
 
+PACK_FORMAT = "ddugm-frame-pack/1"
+
+
+def is_pack(path: Path) -> bool:
+    if Path(path).suffix != ".npz":
+        return False
+    with np.load(path, allow_pickle=False) as z:
+        return "format" in z.files and str(z["format"]) == PACK_FORMAT
+
+
+def read_pack(path: Path) -> torch.Tensor:
+    """The frames of a training pack (:func:`write_pack`), already normalised per series, as
+    float32 ``[N, H, W]``."""
+    with np.load(path, allow_pickle=False) as z:
+        frames = z["frames"].astype(np.float32) * z["scale"].astype(np.float32)[:, None, None]
+    return torch.from_numpy(frames)
+
+
+def write_pack(files: list[Path], out: Path, max_mb: float = 40.0, stride: int = 0, max_frames: int = 0) -> dict:
+    """Frames of ``files`` (whole patients) in one compressed ``.npz`` of at most ``max_mb`` MiB
+    for a machine without the data folder.
+
+    Each series is normalised as :func:`load_frames` does (99th percentile of the time
+    average), then stored as uint8 with one scale per series (``x = frames * scale``): the
+    quantisation step is max / 255 of the series. Every ``stride``-th cardiac phase is kept
+    (neighbouring phases are nearly alike); with ``stride=0`` the smallest stride whose file
+    fits ``max_mb`` is chosen. Returns what was written (frames, stride, size, quantisation
+    error)."""
+    series = []
+    for path in files:
+        for s in series_of(read_array(path)):
+            s = np.abs(s).astype(np.float32) if np.iscomplexobj(s) else s.astype(np.float32)
+            scale = robust_scale(s)
+            if np.isfinite(s).all() and scale > 0:
+                series.append((path.stem, s / scale))
+    if not series:
+        raise ValueError("no usable series to pack")
+    size = series[0][1].shape[-2:]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for k in ([stride] if stride else range(1, 65)):
+        frames, scales, names, ids, err = [], [], [], [], []
+        for i, (name, x) in enumerate(series):
+            x = center_fit(torch.from_numpy(x[::k]), size).numpy()
+            peak = float(x.max()) if x.size else 0.0
+            if peak <= 0:
+                continue
+            q = np.clip(np.round(x / peak * 255), 0, 255).astype(np.uint8)
+            err.append(float(np.sqrt(np.mean((q.astype(np.float32) * peak / 255 - x) ** 2))))
+            frames.append(q)
+            scales += [peak / 255] * len(q)
+            ids += [i] * len(q)
+            names.append(name)
+        frames = np.concatenate(frames)
+        if max_frames:
+            frames, scales, ids = frames[:max_frames], scales[:max_frames], ids[:max_frames]
+        tmp = out.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, format=np.array(PACK_FORMAT), frames=frames, scale=np.asarray(scales, np.float32),
+                            series=np.asarray(ids, np.int32), patients=np.asarray(sorted(set(names))))
+        mb = tmp.stat().st_size / 2**20
+        if mb <= max_mb or stride:
+            tmp.replace(out)
+            return {"file": str(out), "frames": int(len(frames)), "series": len(series), "patients": len(set(names)),
+                    "stride": k, "mib": round(mb, 2), "quantisation_rms": float(np.mean(err)),
+                    "quantisation_rms_max": float(np.max(err))}
+        tmp.unlink()
+    raise ValueError(f"the frames do not fit {max_mb} MiB even keeping every 64th phase")
+
+
 def load_frames(files: list[Path]) -> torch.Tensor:
     """All frames of ``files``, normalised per series, as complex64 ``[N, H, W]``.
 
-    Frames of different sizes are centre-padded/cropped to the first file's size.
+    Frames of different sizes are centre-padded/cropped to the first file's size. A training
+    pack (:func:`write_pack`) contributes its frames as stored (already normalised).
     """
     out, size = [], None
     for path in files:
+        if is_pack(path):
+            t = read_pack(path)
+            size = size or t.shape[-2:]
+            out.append(center_fit(t, size))
+            continue
         for s in series_of(read_array(path)):
             s = s.astype(np.complex64) if np.iscomplexobj(s) else s.astype(np.float32)
             scale = robust_scale(s)

@@ -20,12 +20,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ddugm", description="DD-UGM score-based cine MRI reconstruction for Gadgetron")
     sub = parser.add_subparsers(dest="cmd", required=True)
     core_cli._train_parser(sub)
+    core_cli._pack_parser(sub)
     for mod in COMMANDS.values():
         mod.add_parser(sub)
     a = parser.parse_args(argv)
     try:
         if a.cmd == "train":
             return core_cli._run_train(a)
+        if a.cmd == "pack":
+            return core_cli._run_pack(a)
         return COMMANDS[a.cmd].run(a)
     except (ValueError, FileNotFoundError) as e:
         print(f"ddugm {a.cmd}: error: {e}", file=sys.stderr)

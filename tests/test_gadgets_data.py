@@ -133,9 +133,7 @@ def test_invalid_settings_are_named(props, message):
 
 def test_shipped_yaml_matches_the_library_defaults():
     from ddugm_core.reconstruction import ReconConfig
-    from gadgets.settings import GadgetSettings, default_yaml
-
-    from gadgets.settings import Limits, load_limits
+    from gadgets.settings import GadgetSettings, Limits, default_yaml, load_limits
 
     cfg, gs = load_settings({}, default_yaml())
     assert cfg == ReconConfig() and gs == GadgetSettings()
