@@ -5,7 +5,7 @@ import time
 import pytest
 
 from ddugm_core.profiling import StageTimer, stage
-from gadgets.cli import main
+from ddugm_core.cli import main
 
 
 def test_stage_is_free_when_no_timer_is_active():

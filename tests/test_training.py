@@ -86,3 +86,72 @@ def test_acdc_files_load():
     frames = load_frames(sorted(ACDC.glob("patient*.npz"))[:1])
     assert frames.shape[1:] == (100, 95)
     assert float(frames.abs().max()) > 0.5 and torch.isfinite(torch.view_as_real(frames)).all()
+
+
+def test_pack_keeps_validation_patients_out_and_fits(frames_dir, tmp_path):
+    from ddugm_core.data import is_pack, read_pack
+
+    out = tmp_path / "pack"
+    assert main(["pack", str(out), "--data", str(frames_dir), "--max-mb", "1"]) == 0
+    info = json.loads((out / "pack.json").read_text())
+    z = np.load(out / "train.npz")
+    v = np.load(out / "val.npz")
+    assert is_pack(out / "train.npz") and z["frames"].dtype == np.uint8
+    assert not set(z["patients"]) & set(v["patients"])  # whole patients, never both
+    assert info["train"]["mib"] <= 1 and info["train"]["quantisation_rms"] < 0.01
+    frames = read_pack(out / "train.npz")
+    assert frames.shape[0] == info["train"]["frames"] and float(frames.max()) > 0.5
+
+
+def test_training_stops_on_wall_clock_time_and_saves(frames_dir, tmp_path):
+    import time as _time
+
+    out = tmp_path / "timed"
+    args = [*TINY]
+    args[args.index("--steps") + 1] = "1000000"
+    t0 = _time.perf_counter()
+    assert main(["train", "--domain", "image", "--data", str(frames_dir), "--out", str(out), *args,
+                 "--minutes", "0.05", "--sigma-dist", "lognormal"]) == 0
+    assert _time.perf_counter() - t0 < 40
+    assert (out / "image.safetensors").is_file() and (out / "state.safetensors").is_file()
+    den = json.loads((out / "denoise.json").read_text())
+    assert set(den) == {"0.02", "0.05", "0.1"} and all(np.isfinite(v["denoised_db"]) for v in den.values())
+
+
+def test_learning_rate_warms_up_then_decays():
+    from ddugm_core.training import TrainConfig, learning_rate
+
+    cfg = TrainConfig(lr=1e-3, warmup=10)
+    assert learning_rate(cfg, 0, 0.0) == pytest.approx(1e-4)
+    assert learning_rate(cfg, 50, 0.0) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 50, 1.0) == pytest.approx(1e-3 * cfg.lr_min_ratio)
+    assert learning_rate(cfg, 50, 0.5) < learning_rate(cfg, 50, 0.25)
+
+
+def test_gpu_run_script_dry_run(tmp_path):
+    """The GPU window's one command, on the CPU with tiny networks: every stage runs, the outputs
+    fit what the device tool brings back (at most 8 files of at most 16 MiB) and the weights load."""
+    from ddugm_core.checkpoints import load_model
+    from ddugm_core.phantom import cine_phantom
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        np.save(data / f"p{i}.npy", np.abs(cine_phantom(6, 40, seed=i)).astype(np.float32))
+    assert main(["pack", str(tmp_path / "pack"), "--data", str(data)]) == 0
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "ddugm_core.gpu_run", str(out), "--minutes", "6", "--pack",
+                        str(tmp_path / "pack"), "--dry-run"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    files = list(out.iterdir())
+    assert len(files) <= 8 and all(f.stat().st_size <= 16 << 20 for f in files)
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s["stages"]) == {"env", "bench", "train", "compare", "compile", "outputs"}
+    assert s["stages"]["env"]["pytest_gpu"]["status"] == "ok" and s["stages"]["bench"]["status"] == "ok"
+    assert all(r["exit"] == 0 and r["step"] > 0 for r in s["stages"]["train"]["runs"].values())
+    psnr = s["stages"]["compare"]["ddugm_psnr_r8"]
+    assert set(psnr) == {"committed", "new", "new_image_only", "new_kspace_only"}
+    assert all(np.isfinite(v) for v in psnr.values())
+    for name, domain in (("image", "image"), ("image_wide", "image"), ("kspace", "kspace")):
+        load_model(out / f"{name}.safetensors", expect_domain=domain)
+    assert not s["output_problems"]

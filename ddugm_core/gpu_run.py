@@ -1,0 +1,370 @@
+"""One command for a short GPU window: ``python -m ddugm_core.gpu_run OUT [--minutes 11]``.
+
+Made for a machine that has PyTorch with CUDA, numpy, scipy, safetensors, tqdm and pyyaml,
+but neither the data folder, nor gadgetron / ismrmrd, nor a network: it needs only this
+tree and a training pack (``ddugm pack runs/pack``: ``runs/pack/train.npz`` with the training
+patients, ``runs/pack/val.npz`` with the validation patients; carry ``runs/pack`` along).
+
+Stages, each time-boxed and independent of the others' failure (a stage that fails or runs
+out of time is recorded as such and the next one runs):
+
+a. ``env``: GPU name, torch and CUDA versions; ``pytest -m gpu`` on the test files that do
+   not need gadgetron;
+b. ``bench``: ``bench --device cuda`` on the three standard cases (eager);
+c. ``train``: three trainings side by side on the one GPU (small networks are launch-bound,
+   so they share it well) for the time left: the image prior continued from the committed
+   weights, a wider image prior (nf 48) from scratch, the k-space prior continued;
+d. ``compare``: one-step denoising PSNR at sigma 0.02 / 0.05 / 0.1 and validation DSM loss of
+   every new and committed network; DD-UGM PSNR on 3 validation cines at R = 8 with the
+   committed pair, the best new image prior with the new k-space prior, and each new prior
+   alone;
+e. ``compile``: ``bench --device cuda`` with ``compile: true`` (last: it may be long);
+f. OUT gets at most 8 files of at most 16 MiB: ``summary.json`` (every stage's status, times,
+   results), ``log.txt``, ``losses.json`` and the new weights as float16 safetensors with
+   their settings in the metadata.
+
+``--dry-run`` runs the same stages on the CPU with tiny networks, a tiny budget and small
+bench cases: the test suite does that, so the script cannot rot between GPU windows.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+MAX_FILES, MAX_BYTES = 8, 16 << 20
+
+
+class Run:
+    def __init__(self, out: Path, minutes: float, dry: bool, device: str, pack: Path):
+        self.out, self.dry, self.device, self.pack = out, dry, device, pack
+        self.t0 = time.time()
+        self.end = self.t0 + minutes * 60
+        self.work = out.parent / (out.name + "_work")
+        self.summary: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "minutes": minutes, "dry_run": dry,
+                              "device": device, "stages": {}}
+        self.log = []
+
+    def left(self) -> float:
+        return self.end - time.time()
+
+    def note(self, text: str) -> None:
+        line = f"[{time.time() - self.t0:7.1f} s] {text}"
+        print(line, flush=True)
+        self.log.append(line)
+
+    def sh(self, name: str, cmd: list, timeout: float, env: dict | None = None) -> dict:
+        """Run one command, time-boxed; its output goes to the log (tail)."""
+        timeout = max(5.0, min(timeout, self.left() - 5))
+        self.note(f"{name}: {' '.join(map(str, cmd))} (at most {timeout:.0f} s)")
+        t = time.time()
+        try:
+            p = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                               env={**os.environ, **(env or {})})
+            status = "ok" if p.returncode == 0 else f"failed (exit {p.returncode})"
+            output = p.stdout + p.stderr
+        except subprocess.TimeoutExpired as e:
+            status = "timeout"
+            output = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace") \
+                if isinstance(e.stdout, bytes) else (e.stdout or "") + (e.stderr or "")
+        result = {"status": status, "seconds": round(time.time() - t, 1)}
+        self.log.append(f"--- {name}: {status} in {result['seconds']} s; last lines:")
+        self.log += output.strip().splitlines()[-40:]
+        self.note(f"{name}: {status} in {result['seconds']} s")
+        return result
+
+    def stage(self, name: str, fn) -> None:
+        t = time.time()
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - one stage's failure must not cost the others
+            result = {"status": f"error: {type(e).__name__}: {e}"}
+            self.note(f"{name}: {result['status']}")
+        result.setdefault("status", "ok")
+        result["stage_seconds"] = round(time.time() - t, 1)
+        self.summary["stages"][name] = result
+        self.save()
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.summary["elapsed_s"] = round(time.time() - self.t0, 1)
+        (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2, default=str))
+        (self.out / "log.txt").write_text("\n".join(self.log)[-(4 << 20):] + "\n")
+
+
+# ---------------------------------------------------------------------- stages
+def stage_env(run: Run) -> dict:
+    import torch
+
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "cuda_available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    files = [f"tests/{p.name}" for p in sorted((ROOT / "tests").glob("test_*.py"))
+             if "gadget" not in p.read_text(encoding="utf-8")]
+    info["pytest_gpu"] = run.sh("pytest -m gpu", [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p",
+                                                  "no:cacheprovider", *files], 120 if not run.dry else 90)
+    tail = [ln for ln in run.log[-40:] if " passed" in ln or " failed" in ln or " skipped" in ln]
+    info["pytest_gpu"]["result"] = tail[-1] if tail else None
+    return info
+
+
+def bench_cmd(run: Run, json_path: Path, config: Path | None) -> list:
+    cmd = [sys.executable, "-m", "ddugm_core.cli", "bench", "--device", run.device, "--json", json_path]
+    if run.dry:
+        cmd += ["--cases", "paper", "--steps", "1", "--repeat", "0", "--no-warmup"]
+    else:
+        cmd += ["--repeat", "3"]
+    if config is not None:
+        cmd += ["--config", config]
+    return cmd
+
+
+def stage_bench(run: Run, compile_: bool, budget: float) -> dict:
+    run.work.mkdir(parents=True, exist_ok=True)
+    config = None
+    if compile_ or run.dry:
+        config = run.work / ("compile.yaml" if compile_ else "dry.yaml")
+        text = "recon:\n" + ("  compile: true\n" if compile_ else "")
+        if run.dry:  # the plumbing, without minutes of CPU work
+            text += "  method: zero_filled\n" if compile_ else "  ls_iters: 3\n"
+        config.write_text(text)
+    path = run.work / ("bench_compile.json" if compile_ else "bench.json")
+    result = run.sh("bench" + (" compile" if compile_ else ""), bench_cmd(run, path, config), budget)
+    if path.is_file():
+        data = json.loads(path.read_text())
+        result["results"] = [{k: r.get(k) for k in ("case", "seconds_per_slice", "instrumented_s", "stages_s",
+                                                    "network_calls", "cuda_max_allocated_gb", "peak_rss_gb",
+                                                    "psnr_db")} for r in data.get("results", [])]
+        result["info"] = data.get("info")
+    return result
+
+
+def _train_jobs(run: Run) -> dict:
+    """name -> (domain, arguments): continue the committed nets, and a wider image net."""
+    data = ["--data", run.pack / "train.npz", "--val-data", run.pack / "val.npz"]
+    if run.dry:
+        tiny = ["--nf", "8", "--ch-mult", "1,2", "--attn", "", "--size", "16", "--batch", "4", "--threads", "1"]
+        return {"image": ("image", [*data, *tiny, "--sigma-dist", "lognormal", "--sigma-mean", "-3.0"]),
+                "image_wide": ("image", [*data, *tiny[:1], "12", *tiny[2:], "--sigma-dist", "lognormal",
+                                         "--sigma-mean", "-3.0"]),
+                "kspace": ("kspace", [*data, *tiny, "--sigma-min", "0.0005", "--sigma-dist", "lognormal",
+                                      "--sigma-mean", "-4.6"])}
+    image_net = ["--nf", "16", "--ch-mult", "1,2,2,2", "--attn", "16", "--size", "64"]
+    return {
+        # the committed image prior, continued; noise levels weighted towards those the default preset uses
+        "image": ("image", [*data, *image_net, "--init", WEIGHTS / "image.safetensors", "--batch", "64", "--lr",
+                            "2e-4", "--warmup", "50", "--sigma-dist", "lognormal", "--sigma-mean", "-3.0"]),
+        # a wider image prior from scratch (3.9 M parameters, 8 MB in float16)
+        "image_wide": ("image", [*data, "--nf", "48", "--ch-mult", "1,2,2,2", "--attn", "16", "--size", "64",
+                                 "--batch", "64", "--lr", "3e-4", "--warmup", "200", "--sigma-dist", "lognormal",
+                                 "--sigma-mean", "-3.0"]),
+        # the committed k-space prior, continued, down to the scale of weighted k-space at reconstruction
+        "kspace": ("kspace", [*data, "--nf", "16", "--ch-mult", "1,2,2,2", "--attn", "12", "--size", "96",
+                              "--init", WEIGHTS / "kspace.safetensors", "--batch", "32", "--lr", "2e-4",
+                              "--warmup", "50", "--sigma-min", "0.0005", "--sigma-dist", "lognormal",
+                              "--sigma-mean", "-4.6"]),
+    }
+
+
+def stage_train(run: Run, budget: float) -> dict:
+    """The trainings side by side, each stopping on time (``--minutes``), saving every minute."""
+    jobs = _train_jobs(run)
+    minutes = max(0.1, (budget - 20) / 60)
+    procs = {}
+    for name, (domain, args) in jobs.items():
+        out = run.work / f"train_{name}"
+        if out.exists():
+            shutil.rmtree(out)
+        cmd = [sys.executable, "-m", "ddugm_core.cli", "train", "--domain", domain, "--out", out, "--minutes",
+               f"{minutes:.3f}", "--steps", "10000000", "--log-every", "10" if run.dry else "100",
+               "--save-minutes", "1", "--device", run.device, "--quiet", "--no-resume", *args]
+        run.note(f"train {name}: {' '.join(map(str, cmd))}")
+        log = open(run.work / f"train_{name}.log", "w")
+        procs[name] = (subprocess.Popen(list(map(str, cmd)), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log, out)
+    result = {"minutes_each": round(minutes, 2), "runs": {}}
+    hard = time.time() + budget + 60
+    for name, (p, log, out) in procs.items():
+        try:
+            p.wait(max(1.0, hard - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        log.close()
+        text = (run.work / f"train_{name}.log").read_text(errors="replace")
+        run.log.append(f"--- train {name}: exit {p.returncode}; last lines:")
+        run.log += text.strip().splitlines()[-15:]
+        r = {"exit": p.returncode}
+        try:
+            r.update(json.loads(text.strip().splitlines()[-1]))
+        except (ValueError, IndexError):
+            pass
+        r["weights"] = str(out / f"{jobs[name][0]}.safetensors") if (out / f"{jobs[name][0]}.safetensors").is_file() \
+            else None
+        result["runs"][name] = r
+        run.note(f"train {name}: exit {p.returncode}, step {r.get('step')}, val {r.get('val_loss')}")
+    return result
+
+
+def _val_frames(run: Run):
+    from .data import read_pack
+
+    import torch
+
+    return read_pack(run.pack / "val.npz").to(torch.complex64)
+
+
+def stage_compare(run: Run, trained: dict) -> dict:
+    import numpy as np
+    import torch
+
+    from .checkpoints import load_model
+    from .evaluate import frame_metrics, make_truth, simulate_case
+    from .reconstruction import ReconConfig, Reconstructor
+    from .training import denoise_psnr, dsm_loss
+    from .sde import VESDE
+
+    device = torch.device(run.device)
+    frames = _val_frames(run)
+    candidates = {"image_committed": ("image", WEIGHTS / "image.safetensors"),
+                  "kspace_committed": ("kspace", WEIGHTS / "kspace.safetensors")}
+    for name, r in (trained.get("runs") or {}).items():
+        if r.get("weights"):
+            candidates[name] = ("kspace" if name.startswith("kspace") else "image", Path(r["weights"]))
+    result = {"denoise": {}, "val_dsm_loss": {}}
+    g = torch.Generator(device).manual_seed(1)
+    for name, (domain, path) in candidates.items():
+        net = load_model(path, device, expect_domain=domain)
+        size = 16 if run.dry else (64 if domain == "image" else 96)
+        result["denoise"][name] = denoise_psnr(net, frames, domain, size=size)
+        from .data import FrameSampler
+
+        sampler = FrameSampler(frames, size, domain, device)
+        x = sampler.batch(64, g)
+        sig = torch.exp(torch.linspace(np.log(0.005), np.log(5.0), 64, device=device))
+        with torch.no_grad():
+            result["val_dsm_loss"][name] = round(float(dsm_loss(net, x, sig, VESDE.noise(x.shape, g, device))), 5)
+
+    def score(name):  # mean denoised PSNR over the three sigmas
+        return float(np.mean([v["denoised_db"] for v in result["denoise"][name].values()]))
+
+    images = [n for n in candidates if candidates[n][0] == "image" and n != "image_committed"]
+    best_image = max(images, key=score) if images else None
+    result["best_new_image"] = best_image
+    with np.load(run.pack / "val.npz") as z:
+        cines = [(str(n), np.asarray(c, np.float32)) for n, c in zip(z["cine_names"], z["cines"])]
+    if run.dry:
+        cines = [(n, c[:4, :32, :32]) for n, c in cines[:1]]
+    pairs = {"committed": ("image_committed", "kspace_committed")}
+    if best_image and "kspace" in candidates:
+        pairs["new"] = (best_image, "kspace")
+    if best_image:
+        pairs["new_image_only"] = (best_image, "kspace_committed")
+    if "kspace" in candidates:
+        pairs["new_kspace_only"] = ("image_committed", "kspace")
+    psnrs = {}
+    for pair, (im, ks) in pairs.items():
+        cfg = ReconConfig(image_weights=str(candidates[im][1]), kspace_weights=str(candidates[ks][1]),
+                          device=run.device, **({"steps": 2, "ls_iters": 3} if run.dry else {}))
+        rec = Reconstructor(cfg)
+        values = []
+        for i, (name, cine) in enumerate(cines):
+            case = simulate_case(name, make_truth(cine, seed=i), 8.0, 2 if run.dry else 8, 0.005, seed=i)
+            x = rec.recon(case.kspace, case.mask, None, seed=0)
+            values += frame_metrics(case.truth, x)["psnr"]
+        psnrs[pair] = round(float(np.mean(values)), 3)
+        run.note(f"compare: DD-UGM R=8 on {len(cines)} validation cines, {pair}: {psnrs[pair]} dB")
+        run.save()
+    result["ddugm_psnr_r8"] = psnrs
+    result["cines"] = [n for n, _ in cines]
+    return result
+
+
+def stage_outputs(run: Run) -> dict:
+    """Weights (float16), loss curves; everything else is already in summary.json / log.txt."""
+    import torch
+
+    from .checkpoints import load_model, read_metadata, save_model
+
+    written, losses = [], {}
+    runs = (run.summary["stages"].get("train") or {}).get("runs") or {}
+    for name, r in runs.items():
+        w = r.get("weights")
+        if not w:
+            continue
+        domain = "kspace" if name.startswith("kspace") else "image"
+        meta = read_metadata(w)
+        net = load_model(w, "cpu", expect_domain=domain)
+        dst = run.out / f"{name}.safetensors"
+        save_model(dst, net, domain, json.loads(meta.get("settings", "{}")), dtype=torch.float16)
+        written.append(dst.name)
+        csv_path = Path(w).parent / "loss.csv"
+        if csv_path.is_file():
+            losses[name] = list(csv.DictReader(open(csv_path)))
+        den = Path(w).parent / "denoise.json"
+        if den.is_file():
+            losses[f"{name}_denoise"] = json.loads(den.read_text())
+    (run.out / "losses.json").write_text(json.dumps(losses, indent=1))
+    written.append("losses.json")
+    return {"files": written}
+
+
+def check_outputs(out: Path) -> list:
+    problems = []
+    files = [p for p in out.iterdir() if p.is_file()]
+    if len(files) > MAX_FILES:
+        problems.append(f"{len(files)} files (at most {MAX_FILES})")
+    problems += [f"{p.name}: {p.stat().st_size} bytes" for p in files if p.stat().st_size > MAX_BYTES]
+    return problems
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ddugm_core.gpu_run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", help="output folder (at most 8 files, each at most 16 MiB)")
+    ap.add_argument("--minutes", type=float, default=11.0, help="wall-clock budget of the whole run")
+    ap.add_argument("--pack", default="runs/pack", help="folder with train.npz and val.npz (ddugm pack)")
+    ap.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run")
+    ap.add_argument("--dry-run", action="store_true", help="tiny networks and cases: checks the script on a CPU")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    if out.exists():
+        shutil.rmtree(out)
+    pack = Path(a.pack)
+    if not (pack / "train.npz").is_file() or not (pack / "val.npz").is_file():
+        print(f"gpu_run: {pack}/train.npz and val.npz are needed: run `ddugm pack {pack}` where the data are",
+              file=sys.stderr)
+        return 2
+    device = "cpu" if a.dry_run and a.device == "cuda" else a.device
+    run = Run(out, a.minutes, a.dry_run, device, pack)
+    total = a.minutes * 60
+    budgets = {"env": min(120, 0.12 * total), "bench": min(120, 0.15 * total), "compare": min(90, 0.12 * total),
+               "compile": min(150, 0.18 * total)}
+    train_budget = max(30.0, total - sum(budgets.values()) - 30)
+    if a.dry_run:  # fixed, generous stage limits (a loaded CI machine), 15 s of training; --minutes caps it all
+        budgets, train_budget = {"env": 120, "bench": 90, "compare": 90, "compile": 30}, 15.0
+    run.summary["budgets_s"] = {**budgets, "train": train_budget}
+    run.stage("env", lambda: stage_env(run))
+    run.stage("bench", lambda: stage_bench(run, False, budgets["bench"]))
+    run.stage("train", lambda: stage_train(run, min(train_budget, run.left() - budgets["compare"] - budgets["compile"])))
+    run.stage("compare", lambda: stage_compare(run, run.summary["stages"].get("train") or {}))
+    run.stage("compile", lambda: stage_bench(run, True, min(budgets["compile"], run.left() - 20)))
+    run.stage("outputs", lambda: stage_outputs(run))
+    problems = check_outputs(out)
+    run.summary["output_problems"] = problems
+    run.note(f"done in {time.time() - run.t0:.0f} s; outputs: {sorted(p.name for p in out.iterdir())}")
+    run.save()
+    return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
