@@ -217,9 +217,9 @@ def stage_train(run: Run, budget: float) -> dict:
 
 
 def _val_frames(run: Run):
-    from .data import read_pack
-
     import torch
+
+    from .data import read_pack
 
     return read_pack(run.pack / "val.npz").to(torch.complex64)
 
@@ -231,8 +231,8 @@ def stage_compare(run: Run, trained: dict) -> dict:
     from .checkpoints import load_model
     from .evaluate import frame_metrics, make_truth, simulate_case
     from .reconstruction import ReconConfig, Reconstructor
-    from .training import denoise_psnr, dsm_loss
     from .sde import VESDE
+    from .training import denoise_psnr, dsm_loss
 
     device = torch.device(run.device)
     frames = _val_frames(run)

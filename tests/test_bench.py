@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from ddugm_core.profiling import StageTimer, stage
 from ddugm_core.cli import main
+from ddugm_core.profiling import StageTimer, stage
 
 
 def test_stage_is_free_when_no_timer_is_active():
