@@ -335,6 +335,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pack", default="runs/pack", help="folder with train.npz and val.npz (ddugm pack)")
     ap.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run")
     ap.add_argument("--dry-run", action="store_true", help="tiny networks and cases: checks the script on a CPU")
+    ap.add_argument("--stages", default="env,bench,train,compare,compile,outputs",
+                    help="which stages to run, in their fixed order (default: all); e.g. compare alone measures "
+                         "the committed weights")
     a = ap.parse_args(argv)
     out = Path(a.out)
     if out.exists():
@@ -353,12 +356,22 @@ def main(argv=None) -> int:
     if a.dry_run:  # fixed, generous stage limits (a loaded CI machine), 15 s of training; --minutes caps it all
         budgets, train_budget = {"env": 120, "bench": 90, "compare": 90, "compile": 30}, 15.0
     run.summary["budgets_s"] = {**budgets, "train": train_budget}
-    run.stage("env", lambda: stage_env(run))
-    run.stage("bench", lambda: stage_bench(run, False, budgets["bench"]))
-    run.stage("train", lambda: stage_train(run, min(train_budget, run.left() - budgets["compare"] - budgets["compile"])))
-    run.stage("compare", lambda: stage_compare(run, run.summary["stages"].get("train") or {}))
-    run.stage("compile", lambda: stage_bench(run, True, min(budgets["compile"], run.left() - 20)))
-    run.stage("outputs", lambda: stage_outputs(run))
+    stages = {
+        "env": lambda: stage_env(run),
+        "bench": lambda: stage_bench(run, False, budgets["bench"]),
+        "train": lambda: stage_train(run, min(train_budget, run.left() - budgets["compare"] - budgets["compile"])),
+        "compare": lambda: stage_compare(run, run.summary["stages"].get("train") or {}),
+        "compile": lambda: stage_bench(run, True, min(budgets["compile"], run.left() - 20)),
+        "outputs": lambda: stage_outputs(run),
+    }
+    chosen = [x.strip() for x in a.stages.split(",") if x.strip()]
+    unknown = sorted(set(chosen) - set(stages))
+    if unknown:
+        print(f"gpu_run: unknown stage(s) {unknown}; choose from {', '.join(stages)}", file=sys.stderr)
+        return 2
+    for name, fn in stages.items():
+        if name in chosen:
+            run.stage(name, fn)
     problems = check_outputs(out)
     run.summary["output_problems"] = problems
     run.note(f"done in {time.time() - run.t0:.0f} s; outputs: {sorted(p.name for p in out.iterdir())}")
