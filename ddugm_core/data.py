@@ -32,13 +32,42 @@ def list_series_files(source) -> list[Path]:
     return files
 
 
-def split_files(files: list[Path], val_every: int = 10) -> tuple[list[Path], list[Path]]:
-    """Whole-file (whole-patient) split: every ``val_every``-th file (sorted) is validation."""
+#: Fixed whole-patient splits of the 90 shared ACDC patients (``patientNNN.npz``; 010, 020, ...,
+#: 100 are withheld from the shared data altogether). Validation: every choice and threshold is
+#: made on it (the held-out patients of every earlier training run). Test: reported only, never
+#: looked at while choosing. Train: the other 72. Weights trained before these lists existed
+#: (the CPU-trained shipped pair) saw the test patients; everything trained since does not.
+ACDC_VALIDATION = tuple(f"patient{n:03d}" for n in (11, 22, 33, 44, 55, 66, 77, 88, 99))
+ACDC_TEST = tuple(f"patient{n:03d}" for n in (5, 15, 25, 35, 45, 65, 75, 85, 95))
+SPLITS = ("train", "validation", "test")
+
+
+def _is_acdc(files: list[Path]) -> bool:
+    return bool(files) and all(f.stem.startswith("patient") and f.stem[7:].isdigit() for f in files)
+
+
+def split_of(files: list[Path], split: str, val_every: int = 10) -> list[Path]:
+    """The files of one split. ACDC files follow the fixed lists above; other sources: every
+    ``val_every``-th file (sorted) is validation, there is no test split, the rest is train."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     files = sorted(files)
+    if _is_acdc(files):
+        val = [f for f in files if f.stem in ACDC_VALIDATION]
+        test = [f for f in files if f.stem in ACDC_TEST]
+        return {"validation": val, "test": test,
+                "train": [f for f in files if f not in val and f not in test]}[split]
+    if split == "test":
+        return []
     if len(files) < 2 or val_every <= 0:
-        return files, []
+        return files if split == "train" else []
     val = files[val_every - 1::val_every] or files[-1:]
-    return [f for f in files if f not in val], val
+    return val if split == "validation" else [f for f in files if f not in val]
+
+
+def split_files(files: list[Path], val_every: int = 10) -> tuple[list[Path], list[Path]]:
+    """Whole-file (whole-patient) (train, validation) split; test patients are in neither."""
+    return split_of(files, "train", val_every), split_of(files, "validation", val_every)
 
 
 def read_array(path: Path) -> np.ndarray:

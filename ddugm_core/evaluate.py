@@ -46,19 +46,21 @@ def select_series(source, split: str = "val", slices: str = "mid", max_series: i
                   max_frames: int = 0) -> list[tuple[str, np.ndarray]]:
     """Series ``(name, frames [T, y, x])`` from a folder or file.
 
-    split: ``val`` (the training command's held-out patients, every 10th file), ``train``
-    or ``all``. slices: ``mid`` (the middle slice of a multi-slice file) or ``all``.
+    split: ``validation`` (alias ``val``: where settings are chosen), ``test`` (reported only;
+    ACDC's fixed test patients), ``train`` or ``all`` (:func:`~ddugm_core.data.split_of`).
+    slices: ``mid`` (the middle slice of a multi-slice file) or ``all``.
     """
-    from .data import list_series_files, read_array, series_of, split_files
+    from .data import list_series_files, read_array, series_of, split_of
 
     files = list_series_files(source)
     if split != "all":
-        train, val = split_files(files)
-        files = {"val": val, "train": train}.get(split)
-        if files is None:
-            raise ValueError(f"split must be val, train or all, got {split!r}")
+        split = {"val": "validation"}.get(split, split)
+        if split not in ("train", "validation", "test"):
+            raise ValueError(f"split must be validation, test, train or all, got {split!r}")
+        files = split_of(files, split)
         if not files:
-            raise ValueError(f"no {split} files in {source} (the split needs at least 2 files; use --split all)")
+            raise ValueError(f"no {split} files in {source} (validation needs at least 2 files, test the ACDC "
+                             f"patient files; use --split all)")
     if slices not in ("mid", "all"):
         raise ValueError(f"slices must be mid or all, got {slices!r}")
     out = []
@@ -131,8 +133,9 @@ def add_parser(sub):
                                         "from real images; writes a Markdown report")
     p.add_argument("--data", default=DEFAULT_DATA,
                    help="folder (or file) of ACDC .npz or complex/magnitude .npy/.npz cine stacks (default: %(default)s)")
-    p.add_argument("--split", default="val", choices=["val", "train", "all"],
-                   help="which files: the training command's held-out patients (val, default), train, or all")
+    p.add_argument("--split", default="validation", choices=["validation", "val", "test", "train", "all"],
+                   help="which files: validation (default; where settings are chosen), test (ACDC's fixed test "
+                        "patients: report only), train, or all")
     p.add_argument("--slices", default="mid", choices=["mid", "all"], help="slices per multi-slice file (default: mid)")
     p.add_argument("--max-series", type=int, default=0, help="use at most this many series (0: all)")
     p.add_argument("--max-frames", type=int, default=0, help="use at most this many frames per series (0: all)")

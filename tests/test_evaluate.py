@@ -118,6 +118,8 @@ def test_evaluate_errors_are_named(extra, message, tmp_path, capsys):
 def test_acdc_validation_split_is_the_training_one():
     names = [n for n, _ in select_series(ACDC)]
     assert names[0].startswith("patient011") and len(names) == 9
+    test = [n for n, _ in select_series(ACDC, split="test")]
+    assert len(test) == 9 and not {n[:10] for n in test} & {n[:10] for n in names}
 
 
 def test_tune_l_plus_s_prints_the_grid(series_dir, fast_yaml, capsys, monkeypatch):

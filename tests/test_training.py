@@ -66,9 +66,17 @@ def test_ddp_two_processes_gloo(frames_dir, tmp_path):
 
 
 def test_splits_are_whole_files():
-    files = [Path(f"patient{i:03d}.npz") for i in range(1, 21)]
+    from ddugm_core.data import split_of
+
+    files = [Path(f"patient{i:03d}.npz") for i in range(1, 101) if i % 10]  # the 90 shared patients
     train, val = split_files(files)
-    assert len(val) == 2 and not set(train) & set(val) and len(train) + len(val) == 20
+    test = split_of(files, "test")
+    assert (len(train), len(val), len(test)) == (72, 9, 9)
+    assert not set(train) & set(val) and not set(train) & set(test) and not set(val) & set(test)
+    assert [f.stem for f in val][:2] == ["patient011", "patient022"]  # the earlier held-out patients, unchanged
+    other = [Path(f"series{i}.npy") for i in range(20)]  # other sources: every 10th file, no test split
+    t, v = split_files(other)
+    assert len(v) == 2 and len(t) == 18 and split_of(other, "test") == []
 
 
 def test_sampler_batches_are_normalised_and_augmented(frames_dir):
