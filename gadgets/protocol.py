@@ -48,6 +48,7 @@ class SafeSocket:
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.closed = False
+        self.mrd = False  # an MRD (FIRE-style) client rather than Gadgetron: errors go as TEXT "ERR ..."
 
     def read(self, n: int) -> bytes:
         buf = bytearray()
@@ -67,10 +68,17 @@ class SafeSocket:
         self.sock.sendall(bytes(data) if not isinstance(data, (bytes, bytearray, memoryview)) else data)
 
     def send_error(self, message: str) -> None:
-        """Message 8: Gadgetron reports it as the external node's error (a RemoteError)."""
+        """To Gadgetron: message 8, which it reports as the external node's error (a RemoteError).
+        To an MRD client (``self.mrd``; MRD defines no error message): a TEXT message starting
+        with "ERR", as FIRE servers send, NUL-terminated."""
         data = message.encode("utf-8", "replace")
+        if self.mrd:
+            text = (message if message.startswith("ERR") else f"ERR {message}").encode("utf-8", "replace") + b"\x00"
+            packet = struct.pack("<HI", TEXT, len(text)) + text
+        else:
+            packet = struct.pack("<H", ERROR) + struct.pack("<Q", len(data)) + data
         try:
-            self.write(struct.pack("<H", ERROR) + struct.pack("<Q", len(data)) + data)
+            self.write(packet)
         except OSError:
             log.warning("could not send the error to the peer (connection gone)")
 
@@ -162,9 +170,14 @@ def read_text(stream, what: str, limit: int = MAX_TEXT) -> bytes:
     return stream.read(n)
 
 
+def strip_nul(data: bytes) -> bytes:
+    """Text up to its NUL terminator (MRD clients terminate config, header and text with one)."""
+    return bytes(data).split(b"\x00", 1)[0]
+
+
 def parse_header(data: bytes):
     try:
-        return ismrmrd.xsd.CreateFromDocument(data)
+        return ismrmrd.xsd.CreateFromDocument(strip_nul(data))
     except Exception as e:  # noqa: BLE001 - xsdata raises several types
         raise ProtocolError(f"the ISMRMRD header is not valid XML for the ISMRMRD schema: {e}") from None
 
@@ -277,18 +290,19 @@ def send_item(stream, item, writers=None) -> None:
     raise TypeError(f"no writer for {type(item).__name__}")
 
 
-def run_stream(stream, session, send, readers=None, limits=None) -> None:
+def run_stream(stream, session, send, readers=None, limits=None, first_id: int | None = None) -> None:
     """Read data messages until CLOSE, feeding the session and sending what it returns;
-    then finish the session (reconstruct what is buffered) and raise its collected errors."""
+    then finish the session (reconstruct what is buffered) and raise its collected errors.
+    ``first_id``: a message id already read by the caller."""
     lim = _limits(limits)
     readers = readers or data_readers(lim)
     while True:
-        mid = read_id(stream)
+        mid, first_id = (first_id, None) if first_id is not None else (read_id(stream), None)
         if mid == CLOSE:
             break
         if mid == TEXT:
             text = read_text(stream, "text message", lim.max_text_bytes)
-            log.info("text message: %s", text.decode("utf-8", "replace")[:500])
+            log.info("text message: %s", strip_nul(text).decode("utf-8", "replace")[:500])
             continue
         reader = readers.get(mid)
         if reader is None:

@@ -19,6 +19,7 @@ cleanly (running clients get an error message, exit code 0).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import logging.handlers
 import os
@@ -43,9 +44,13 @@ from .protocol import (
     read_text,
     run_stream,
     send_item,
+    strip_nul,
 )
 from .session import Cancelled, Engine, ReconSession
-from .settings import Limits, load_limits, load_settings, properties_from_xml
+from .settings import GADGET_KEYS, RECON_KEYS, Limits, load_limits, load_settings, properties_from_xml
+
+#: keys a client's JSON parameters may set (``config`` is FIRE's configuration name there, not ours)
+SETTING_KEYS = (set(GADGET_KEYS) | set(RECON_KEYS)) - {"config"}
 
 log = logging.getLogger("ddugm.server")
 
@@ -221,11 +226,16 @@ class Server:
         try:
             conn.settimeout(lim.handshake_timeout)
             props = self._read_config(stream, who, lim)
-            header = self._read_header(stream, lim)
+            header, extra = self._read_header(stream, lim, who)
+            props.update(extra)
             conn.settimeout(lim.idle_timeout)
+            first = read_id(stream)
+            while first == TEXT:  # FIRE-style clients send their JSON parameters after the header
+                props.update(self._text_parameters(stream, lim, who))
+                first = read_id(stream)
             cfg, gs = load_settings(props, self.config, operator=self.overrides, limits=lim)
             session = ReconSession(header, cfg, gs, self.engine, lim, alive)
-            run_stream(stream, session, lambda item: send_item(stream, item), limits=lim)
+            run_stream(stream, session, lambda item: send_item(stream, item), limits=lim, first_id=first)
             log.info("%s: done, %d images sent", who, session.sent_images)
             stream.close()
         except (PeerClosed, Cancelled) as e:
@@ -247,25 +257,66 @@ class Server:
 
     @staticmethod
     def _read_config(stream, who, limits: Limits) -> dict:
+        """The configuration message; it also tells who is calling. Gadgetron's ``<connect>``
+        sends its node's ``<configuration>`` as CONFIG_TEXT without a terminator; MRD clients send
+        a configuration name (CONFIG_FILE), or NUL-terminated or non-XML text: their errors go
+        as TEXT "ERR ..." (:meth:`SafeSocket.send_error`)."""
         mid = read_id(stream)
         if mid == CONFIG_FILE:
+            stream.mrd = True
             name = stream.read(1024).split(b"\x00", 1)[0].decode("utf-8", "replace")
             log.info("%s: configuration name %r (settings come from the server's configuration)", who, name[:100])
             return {}
         if mid == CONFIG_TEXT:
-            return chain_properties(read_text(stream, "configuration", limits.max_text_bytes))
+            text = read_text(stream, "configuration", limits.max_text_bytes)
+            body = strip_nul(text).strip()
+            stream.mrd = text.endswith(b"\x00") or not body.startswith(b"<")
+            return chain_properties(body) if body.startswith(b"<") else {}
         raise ProtocolError(f"expected a configuration message first (id {CONFIG_FILE} or {CONFIG_TEXT}), got id {mid}")
 
-    @staticmethod
-    def _read_header(stream, limits: Limits):
+    def _read_header(self, stream, limits: Limits, who: str = "client") -> tuple:
+        """The ISMRMRD header (NUL terminator or not) and the parameters of JSON text messages
+        sent before it."""
+        extra = {}
         while True:
             mid = read_id(stream)
             if mid == TEXT:
-                read_text(stream, "text message", limits.max_text_bytes)
+                extra.update(self._text_parameters(stream, limits, who))
                 continue
             if mid != HEADER:
                 raise ProtocolError(f"expected the ISMRMRD header (id {HEADER}), got id {mid}")
-            return parse_header(read_text(stream, "ISMRMRD header", limits.max_text_bytes))
+            data = read_text(stream, "ISMRMRD header", limits.max_text_bytes)
+            if data.endswith(b"\x00"):
+                stream.mrd = True
+            return parse_header(data), extra
+
+    @staticmethod
+    def _text_parameters(stream, limits: Limits, who: str) -> dict:
+        """A text message; JSON with a ``parameters`` object (python-ismrmrd-server's
+        ``configAdditional``) gives settings: keys that name one of ours are applied (checked like
+        every client setting), FIRE's own ``config`` / ``customconfig`` (a server-side
+        configuration name) and other keys are logged and ignored."""
+        text = strip_nul(read_text(stream, "text message", limits.max_text_bytes)).decode("utf-8", "replace")
+        try:
+            data = json.loads(text)
+        except ValueError:
+            log.info("%s: text message: %s", who, text[:500])
+            return {}
+        params = data.get("parameters") if isinstance(data, dict) else None
+        if not isinstance(params, dict):
+            log.info("%s: JSON text without parameters (ignored)", who)
+            return {}
+        known = {k: v for k, v in params.items() if k in SETTING_KEYS}
+        ignored = sorted(str(k) for k in params if k not in known)
+        if ignored:
+            log.info("%s: JSON parameters not ours, ignored: %s", who, ", ".join(ignored)[:300])
+        out = {}
+        for k, v in known.items():
+            if isinstance(v, (dict, list)):
+                raise ValueError(f"JSON parameter {k!r} must be a single value")
+            out[k] = "" if v is None else (str(v).lower() if isinstance(v, bool) else str(v))
+        log.info("%s: settings from JSON parameters: %s", who, ", ".join(f"{k}={v}" for k, v in out.items()) or "none")
+        return out
 
 
 def add_parser(sub):

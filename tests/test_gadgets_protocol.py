@@ -7,7 +7,9 @@ import socket
 import struct
 import threading
 import time
+from pathlib import Path
 
+import h5py
 import ismrmrd
 import numpy as np
 import pytest
@@ -309,3 +311,61 @@ def test_ddugm_serve_command(cine):
         proc.send_signal(2)
         proc.wait(10)
     assert proc.returncode == 0
+
+
+# ---------------------------------------------------------------- MRD / FIRE clients
+CLIENTS = Path(__file__).resolve().parents[2] / "shared" / "clients" / "python-ismrmrd-server"
+
+
+def _fire_client(port, raw, out, cwd, config="ddugm"):
+    """python-ismrmrd-server's own client.py, unmodified, run from where it is shipped."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(CLIENTS / "client.py"), str(raw), "-a", "127.0.0.1", "-p", str(port),
+                           "-c", config, "-o", str(out)], capture_output=True, text=True, timeout=120, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(CLIENTS)})
+
+
+@pytest.mark.skipif(not (CLIENTS / "client.py").is_file(), reason="python-ismrmrd-server client not in ../shared")
+def test_python_ismrmrd_server_client_gets_images_and_readable_errors(server, cine, tmp_path):
+    import json
+
+    _, port = server
+    path, _, _ = cine
+    r = _fire_client(port, path, tmp_path / "out.h5", tmp_path)
+    log = r.stdout + r.stderr
+    assert "Received    10 images" in log, log[-2000:]  # its NUL-terminated header is accepted
+    # its JSON parameters (configAdditional, sent as text after the header) are settings, checked like the rest
+    (tmp_path / "ddugm.json").write_text(json.dumps({"parameters": {"series_index": 4, "unrelated": "x"}}))
+    r = _fire_client(port, path, tmp_path / "out2.h5", tmp_path)
+    log = r.stdout + r.stderr
+    assert "Received    10 images" in log, log[-2000:]
+    with h5py.File(tmp_path / "out2.h5") as f:
+        group = f[list(f.keys())[0]]
+        assert any(k.startswith("image_4") for k in group.keys()), list(group.keys())
+    (tmp_path / "ddugm.json").write_text(json.dumps({"parameters": {"steps": 100000}}))
+    r = _fire_client(port, path, tmp_path / "out3.h5", tmp_path)
+    log = r.stdout + r.stderr
+    assert "ERR DD-UGM server: ValueError: steps = 100000 exceeds the server's limit max_steps" in log, log[-2000:]
+    assert "unknown message type" not in log.lower()
+
+
+def test_mrd_serializer_client_reads_errors_as_text(server, cine):
+    """An ismrmrd ProtocolDeserializer has no message 8: an MRD client's error comes as TEXT "ERR ..."."""
+    from ismrmrd.serialization import ConfigFile, ProtocolDeserializer, ProtocolSerializer
+
+    _, port = server
+    _, xml, acqs = cine
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    wf = sock.makefile("wb")
+    ser = ProtocolSerializer(wf)
+    ser.serialize(ConfigFile("ddugm"))
+    hdr = ismrmrd.xsd.CreateFromDocument(xml)
+    hdr.encoding[0].encodedSpace.matrixSize.x = 100000
+    ser.serialize(hdr)
+    ser.close()
+    wf.flush()
+    items = list(ProtocolDeserializer(sock.makefile("rb")).deserialize())
+    sock.close()
+    assert len(items) == 1 and isinstance(items[0], str) and items[0].startswith("ERR ") and "max_matrix" in items[0]
