@@ -19,11 +19,13 @@ cleanly (running clients get an error message, exit code 0).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import logging.handlers
 import os
 import queue
+import select
 import signal
 import socket
 import sys
@@ -48,6 +50,9 @@ from .protocol import (
 )
 from .session import Cancelled, Engine, ReconSession
 from .settings import GADGET_KEYS, RECON_KEYS, Limits, load_limits, load_settings, properties_from_xml
+
+#: what "localhost" means for the server: both loopbacks, whichever a client resolves first
+LOOPBACK = ["127.0.0.1", "::1"]
 
 #: keys a client's JSON parameters may set (``config`` is FIRE's configuration name there, not ours)
 SETTING_KEYS = (set(GADGET_KEYS) | set(RECON_KEYS)) - {"config"}
@@ -88,9 +93,12 @@ class Server:
     operator's YAML; ``overrides`` are the operator's command-line settings (trusted);
     ``idle_timeout``, when given, overrides the limit of that name."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 18000, config: str | None = None,
+    def __init__(self, host="localhost", port: int = 18000, config: str | None = None,
                  overrides: dict | None = None, idle_timeout: float | None = None, limits: Limits | None = None):
-        self.host, self.port = host, port
+        hosts = [host] if isinstance(host, str) else list(host or ["localhost"])
+        self.hosts = [h for name in hosts for h in (LOOPBACK if name == "localhost" else [name])]
+        self.host = self.hosts[0]
+        self.port = port
         self.config = config
         self.overrides = dict(overrides or {})
         self.limits = limits or load_limits(config)
@@ -98,7 +106,8 @@ class Server:
             self.limits.idle_timeout = float(idle_timeout)
         self.limits.validate()
         self.engine = Engine(self.limits.max_cached)
-        self.sock = None
+        self.socks: list = []
+        self.bound: list = []  # "address:port" actually listening
         self.connections = 0  # accepted so far
         self.refused = 0
         self.accept_errors = 0
@@ -108,14 +117,38 @@ class Server:
         self._stop = threading.Event()
         load_settings(None, config, operator=self.overrides, limits=self.limits)  # fail at start, not per client
 
+    @property
+    def sock(self):
+        return self.socks[0] if self.socks else None
+
     def bind(self) -> int:
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((self.host, self.port))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        return self.port
+        """Listen on every address of ``hosts`` at one port ("localhost": 127.0.0.1 and ::1, so a
+        client that resolves localhost to either finds the server; ::1 is skipped with a warning
+        where the machine has no IPv6 loopback). Port 0 picks a free port for all of them."""
+        for attempt in range(20):
+            socks, port = [], self.port
+            try:
+                for i, host in enumerate(self.hosts):
+                    try:
+                        sock = _listen(host, port)
+                    except OSError as e:
+                        if host == "::1" and e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) and i > 0:
+                            log.warning("no IPv6 loopback on this machine (%s): listening on IPv4 only", e)
+                            continue
+                        raise
+                    socks.append(sock)
+                    port = sock.getsockname()[1]
+            except OSError as e:
+                for sock in socks:
+                    sock.close()
+                if self.port == 0 and e.errno == errno.EADDRINUSE and attempt < 19:
+                    continue  # the port picked for the first address is taken on another: pick again
+                raise
+            self.socks, self.port = socks, port
+            self.bound = [(f"[{s.getsockname()[0]}]" if s.family == socket.AF_INET6 else s.getsockname()[0])
+                          + f":{port}" for s in socks]
+            return port
+        raise OSError("could not bind every address to one port")
 
     def preload(self) -> None:
         """Load the models now, so the first scan does not wait for them."""
@@ -134,16 +167,20 @@ class Server:
     def serve_forever(self) -> None:
         """Accept until :meth:`shutdown`. Accept errors (too many open files, ...) are logged and
         retried with a back-off; connections beyond ``max_connections`` get an error and are closed."""
-        if self.sock is None:
+        if not self.socks:
             self.bind()
-        log.info("DD-UGM server listening on %s:%d (at most %d connections)", self.host, self.port,
+        log.info("DD-UGM server listening on %s (at most %d connections)", ", ".join(self.bound),
                  self.limits.max_connections)
-        self.sock.settimeout(0.5)
+        for sock in self.socks:
+            sock.settimeout(0.5)
         backoff = 0.0
         try:
             while not self._stop.is_set():
                 try:
-                    conn, addr = self.sock.accept()
+                    ready = select.select(self.socks, [], [], 0.5)[0] if len(self.socks) > 1 else self.socks
+                    if not ready:
+                        continue
+                    conn, addr = ready[0].accept()
                 except socket.timeout:
                     continue
                 except OSError as e:
@@ -174,7 +211,8 @@ class Server:
                     self._active[number] = (t, stream)
                 t.start()
         finally:
-            self.sock.close()
+            for sock in self.socks:
+                sock.close()
 
     def _refuse(self, conn, addr, number) -> None:
         if self.refused <= 10 or self.refused % 100 == 0:
@@ -319,9 +357,26 @@ class Server:
         return out
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:  # "::" serves IPv4 too; "::1" only IPv6 (127.0.0.1 has its own socket)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+        sock.bind((host, port))
+        sock.listen(64)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def add_parser(sub):
     p = sub.add_parser("serve", help="persistent reconstruction server for Gadgetron <connect> and MRD clients")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; '::' or 0.0.0.0 for all)")
+    p.add_argument("--host", action="append", default=None,
+                   help="address to listen on, repeatable (default: localhost = 127.0.0.1 and ::1, loopback only; "
+                        "'::' for every IPv4 and IPv6 address, 0.0.0.0 for every IPv4 one)")
     p.add_argument("--port", type=int, default=18000, help="port (default: %(default)s)")
     p.add_argument("--config", default=None, help="the operator's YAML settings, with its server: limits "
                                                   "(default: $DDUGM_CONFIG, else config/recon.yaml)")
@@ -387,7 +442,7 @@ def run(a: argparse.Namespace) -> int:
     limit_overrides = {"idle_timeout": a.idle_timeout, "max_connections": a.max_connections,
                        "allowed_dirs": a.allow_dir}
     limits = load_limits(a.config, limit_overrides)
-    server = Server(a.host, a.port, a.config, overrides, limits=limits)
+    server = Server(a.host or ["localhost"], a.port, a.config, overrides, limits=limits)
     server.bind()
     stopping = []
 

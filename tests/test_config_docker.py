@@ -33,6 +33,7 @@ def test_chain_is_a_valid_v2_configuration_with_our_node(path):
         assert callable(getattr(module, execute.get("target")))
     else:
         assert connect.get("port") == "18000"  # ddugm serve's default
+        assert connect.get("address") == "127.0.0.1"  # no resolution of "localhost" (which may give ::1 first)
     load_settings(chain_properties(path.read_bytes()))  # every property is a valid setting
     names = [g.findtext("classname") for g in root.iter("gadget")]
     if path.name != "ddugm_cine_acquisitions.xml":  # the buffered chains

@@ -369,3 +369,47 @@ def test_mrd_serializer_client_reads_errors_as_text(server, cine):
     items = list(ProtocolDeserializer(sock.makefile("rb")).deserialize())
     sock.close()
     assert len(items) == 1 and isinstance(items[0], str) and items[0].startswith("ERR ") and "max_matrix" in items[0]
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("first", ["::1", "127.0.0.1"])
+def test_connect_finds_the_default_server_whichever_localhost_resolves_to_first(cine, first):
+    """Gadgetron's <connect> without an address resolves "localhost" and tries the first address
+    only: the default server listens on both loopbacks."""
+    if first == "::1" and not _has_ipv6_loopback():
+        pytest.skip("no IPv6 loopback on this machine")
+    srv = Server(port=0, overrides=FAST, idle_timeout=30)
+    port = srv.bind()
+    assert srv.hosts == ["127.0.0.1", "::1"]
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        path, _, _ = cine
+        hdr, recon_data = recon_data_from_file(str(path))
+        from gadgetron.types.recon_data import write_recon_data
+
+        family = socket.AF_INET6 if ":" in first else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.settimeout(60)
+        s.connect((first, port))
+        sock = _Sock(s)
+        cfg = b'<?xml version="1.0"?>\n<configuration><property name="send" value="images"/></configuration>\n'
+        sock.write(struct.pack("<HI", 2, len(cfg)) + cfg)
+        x = hdr.toXML().encode()
+        sock.write(struct.pack("<HI", 3, len(x)) + x)
+        write_recon_data(sock, recon_data)
+        sock.write(struct.pack("<H", 4))
+        r = read_replies(sock, timeout=60)
+        s.close()
+        assert r.closed and not r.errors and len(r.images) == 5
+    finally:
+        srv.shutdown()
+        t.join(10)

@@ -336,7 +336,7 @@ def test_handshake_timeout_and_half_close_close_the_socket(server):
 
 def test_accept_errors_are_survived(server, small, monkeypatch):
     srv, port = server()
-    real = srv.sock
+    real = srv.socks[0]
     errors = [OSError(24, "Too many open files")] * 5
 
     class Flaky:
@@ -348,7 +348,7 @@ def test_accept_errors_are_survived(server, small, monkeypatch):
                 raise errors.pop()
             return real.accept()
 
-    srv.sock = Flaky()
+    srv.socks[0] = Flaky()
     deadline = time.time() + 20
     while srv.accept_errors < 5 and time.time() < deadline:  # each error is retried after a back-off
         time.sleep(0.05)
