@@ -32,7 +32,8 @@ def image_header(acq_head, frame: int, key: dict, geometry: Geometry, shape, dty
             setattr(h, name, int(key.get(name, 0)))
     h.phase = frame  # frame order is cardiac phase order
     h.version = 1
-    h.data_type = ismrmrd.DATATYPE_CXFLOAT if np.dtype(dtype) == np.complex64 else ismrmrd.DATATYPE_FLOAT
+    h.data_type = {np.dtype(np.complex64): ismrmrd.DATATYPE_CXFLOAT,
+                   np.dtype(np.int16): ismrmrd.DATATYPE_SHORT}.get(np.dtype(dtype), ismrmrd.DATATYPE_FLOAT)
     h.flags = 0
     h.matrix_size[:] = (int(shape[1]), int(shape[0]), 1)
     h.field_of_view[:] = (float(geometry.recon_fov[0]), float(geometry.recon_fov[1]), float(geometry.recon_fov[2]))
@@ -57,19 +58,39 @@ def make_meta(method: str, preset: str, warning: str | None, frame: int, frames:
     return m
 
 
-def frames_to_images(x: np.ndarray, cine, geometry: Geometry, *, complex_output: bool, first_index: int,
-                     series_index: int, method: str, preset: str, warning: str | None) -> list:
-    """``x [frame, y, x]`` complex -> list of ``ismrmrd.Image`` (data ``[1, 1, y, x]``)."""
+INT16_MAX = 4095  # int16 output: 12-bit magnitudes, as scanners store them
+
+
+def frames_to_images(x: np.ndarray, cine, geometry: Geometry, *, complex_output: bool = False, first_index: int,
+                     series_index: int, method: str, preset: str, warning: str | None, output: str | None = None) -> list:
+    """``x [frame, y, x]`` complex -> list of ``ismrmrd.Image`` (data ``[1, 1, y, x]``).
+
+    ``output``: ``magnitude`` (float32), ``complex`` (complex64) or ``int16`` (magnitude scaled
+    so the slice's brightest pixel is 4095, as FIRE examples send, with ``WindowCenter`` /
+    ``WindowWidth`` meta from its 1st-99th percentile range)."""
+    output = output or ("complex" if complex_output else "magnitude")
     t = x.shape[0]
+    mag = np.abs(x)
+    scale = INT16_MAX / max(float(mag.max()), 1e-30)
+    if output == "int16":
+        lo, hi = (float(v) * scale for v in np.percentile(mag, [1, 99]))
+        window = (int(round((lo + hi) / 2)), max(1, int(round(hi - lo))))
     out = []
     for f in range(t):
-        data = x[f].astype(np.complex64) if complex_output else np.abs(x[f]).astype(np.float32)
+        if output == "complex":
+            data = x[f].astype(np.complex64)
+        elif output == "int16":
+            data = np.clip(np.round(mag[f] * scale), 0, INT16_MAX).astype(np.int16)
+        else:
+            data = mag[f].astype(np.float32)
         head = image_header(cine.headers[f], f, cine.key, geometry, data.shape, data.dtype,
-                            ismrmrd.IMTYPE_COMPLEX if complex_output else ismrmrd.IMTYPE_MAGNITUDE,
+                            ismrmrd.IMTYPE_COMPLEX if output == "complex" else ismrmrd.IMTYPE_MAGNITUDE,
                             first_index + f, series_index)
         img = ismrmrd.Image(head=head)  # allocates [channels, z, y, x] from the header
         img.data[:] = data[None, None]
         img.meta = make_meta(method, preset, warning, f, t)
+        if output == "int16":
+            img.meta["WindowCenter"], img.meta["WindowWidth"] = str(window[0]), str(window[1])
         out.append(img)
     return out
 

@@ -82,6 +82,15 @@ class SafeSocket:
         except OSError:
             log.warning("could not send the error to the peer (connection gone)")
 
+    def send_text(self, message: str) -> None:
+        """A TEXT message (NUL-terminated, as MRD clients expect); for MRD peers only: Gadgetron
+        takes a text message from an external node as an illegal message."""
+        text = message.encode("utf-8", "replace") + b"\x00"
+        try:
+            self.write(struct.pack("<HI", TEXT, len(text)) + text)
+        except OSError:
+            log.warning("could not send a text message to the peer (connection gone)")
+
     def peer_gone(self) -> bool:
         """Has the peer closed its side or reset the connection? (No wait, nothing consumed.)
         MRD and Gadgetron peers end a stream with CLOSE and then read; they never half-close."""

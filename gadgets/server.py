@@ -274,6 +274,10 @@ class Server:
             cfg, gs = load_settings(props, self.config, operator=self.overrides, limits=lim)
             session = ReconSession(header, cfg, gs, self.engine, lim, alive)
             run_stream(stream, session, lambda item: send_item(stream, item), limits=lim, first_id=first)
+            if session.received == 0:
+                log.warning("%s: the stream had no data (no acquisitions); nothing reconstructed", who)
+                if stream.mrd:
+                    stream.send_text("WARNING DD-UGM server: the stream had no acquisitions; nothing was reconstructed")
             log.info("%s: done, %d images sent", who, session.sent_images)
             stream.close()
         except (PeerClosed, Cancelled) as e:

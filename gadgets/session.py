@@ -205,10 +205,12 @@ class ReconSession:
         self.failed = set()
         self.ignored_spaces = 0
         self.whitener_checked = False
+        self.received = 0  # data items handled
 
     # ---------------------------------------------------------------- input
     def handle(self, item) -> list:
         """Take one item; return the items to send on (possibly none)."""
+        self.received += 1
         if isinstance(item, ismrmrd.Acquisition):
             return self._acquisition(item)
         from gadgetron.types.recon_data import ReconData
@@ -362,7 +364,7 @@ class ReconSession:
         self.timings.append(seconds)
         log.info("%s: %d frames %s on %s in %.2f s%s", where, x.shape[0], method, device, seconds,
                  f" (WARNING: {warning})" if warning else "")
-        images = frames_to_images(x, cine, self.geometry, complex_output=self.gs.output == "complex",
+        images = frames_to_images(x, cine, self.geometry, output=self.gs.output,
                                   first_index=self.next_index, series_index=self.gs.series_index,
                                   method=method, preset=self.cfg.preset, warning=warning)
         self.next_index += len(images)

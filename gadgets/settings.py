@@ -33,7 +33,7 @@ from ddugm_core.reconstruction import ReconConfig
 
 log = logging.getLogger("ddugm.settings")
 
-OUTPUTS = ("magnitude", "complex")
+OUTPUTS = ("magnitude", "complex", "int16")
 #: settings that name files or folders on the server: operator-only unless inside allowed_dirs
 PATH_KEYS = ("config", "debug_dir", "image_weights", "kspace_weights")
 MAX_YAML_BYTES = 1 << 20
@@ -42,7 +42,7 @@ SENDS = ("auto", "images", "image_array")
 
 @dataclass
 class GadgetSettings:
-    output: str = "magnitude"  # magnitude | complex
+    output: str = "magnitude"  # magnitude | complex | int16 (12-bit magnitude with window meta, as FIRE sends)
     send: str = "auto"  # auto (ImageArray for ReconData input, images for acquisitions) | images | image_array
     fallback: bool = True  # a failed score-based reconstruction falls back to low-rank (warning in meta)
     seed: int = 0  # sampler seed (reconstructions are deterministic for a seed)

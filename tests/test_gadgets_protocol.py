@@ -413,3 +413,32 @@ def test_connect_finds_the_default_server_whichever_localhost_resolves_to_first(
     finally:
         srv.shutdown()
         t.join(10)
+
+
+def test_mrd_client_int16_output_and_a_warning_for_an_empty_stream(server, cine):
+    from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolDeserializer, ProtocolSerializer
+
+    _, port = server
+    _, xml, acqs = cine
+
+    def exchange(config, items):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        wf = sock.makefile("wb")
+        ser = ProtocolSerializer(wf)
+        ser.serialize(config)
+        ser.serialize(ismrmrd.xsd.CreateFromDocument(xml))
+        for a in items:
+            ser.serialize(a)
+        ser.close()
+        wf.flush()
+        out = list(ProtocolDeserializer(sock.makefile("rb")).deserialize())
+        sock.close()
+        return out
+
+    images = exchange(ConfigText('<configuration><property name="output" value="int16"/></configuration>'), acqs)
+    assert len(images) == 10 and all(isinstance(i, ismrmrd.Image) for i in images)
+    assert images[0].data.dtype == np.int16 and images[0].getHead().data_type == ismrmrd.DATATYPE_SHORT
+    per_slice = max(int(np.asarray(i.data).max()) for i in images[:5])
+    assert per_slice == 4095 and int(images[0].meta["WindowWidth"]) > 0
+    out = exchange(ConfigFile("ddugm"), [])
+    assert len(out) == 1 and isinstance(out[0], str) and out[0].startswith("WARNING") and "no acquisitions" in out[0]
