@@ -73,6 +73,7 @@ setup(
         "gadgetron>=1.4.1",
         "ismrmrd>=1.14",
         "h5py>=3",
+        "mrd-python>=2.1",
     ],
     extras_require={
         "test": ["pytest>=7"],

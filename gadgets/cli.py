@@ -10,10 +10,10 @@ from ddugm_core import cli as core_cli
 from ddugm_core import demo as core_demo
 from ddugm_core import evaluate as core_evaluate
 
-from . import replay, server, simulate
+from . import mrd2, replay, server, simulate
 
 COMMANDS = {"demo": core_demo, "evaluate": core_evaluate, "bench": core_bench,
-            "serve": server, "recon": replay, "simulate": simulate}
+            "serve": server, "recon": replay, "simulate": simulate, "stream": mrd2}
 
 
 def main(argv=None) -> int:

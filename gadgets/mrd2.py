@@ -1,0 +1,320 @@
+"""``ddugm stream``: MRD v2 in, MRD v2 images out (mrd-python), for Pingvin and
+``mrd_hdf5_to_stream | ddugm stream | mrd_stream_to_hdf5`` pipelines.
+
+Reads a binary MRD v2 stream (stdin or ``--input``), reconstructs it with the same
+:class:`~gadgets.session.ReconSession` (and the same settings) as the gadget, the server and
+``ddugm recon``, and writes the input's header followed by the images (stdout or
+``--output``), each slice as soon as it is reconstructed. MRD v2 and ISMRMRD v1 share their
+fields and flag bits, so the conversion here is field by field: :func:`header_to_v1`,
+:func:`acquisition_to_v1` and :func:`image_to_v2` for the stream, and the reverse of the first
+two (:func:`header_to_v2`, :func:`acquisition_to_v2`) to turn an ISMRMRD v1 file into a v2
+stream (``ddugm stream --from-ismrmrd raw.h5``). Logs go to stderr, never to the stream.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import ismrmrd
+import ismrmrd.xsd as x
+import numpy as np
+
+log = logging.getLogger("ddugm.stream")
+
+USER = 8  # user_int / user_float slots in ISMRMRD v1 headers
+
+
+def _mrd():
+    try:
+        import mrd
+    except ImportError:  # pragma: no cover - it is a dependency
+        raise ValueError("MRD v2 streams need mrd-python: pip install mrd-python") from None
+    return mrd
+
+
+# ---------------------------------------------------------------------- headers
+def _v(value, default=0):
+    return default if value is None else value
+
+
+def header_to_v1(h) -> x.ismrmrdHeader:
+    """The parts of an MRD v2 header a reconstruction reads, as an ISMRMRD v1 header."""
+    if not h.encoding:
+        raise ValueError("the MRD header has no encoding")
+
+    def space(s):
+        if s is None or s.matrix_size is None:
+            return None
+        f = s.field_of_view_mm
+        return x.encodingSpaceType(matrixSize=x.matrixSizeType(x=s.matrix_size.x, y=s.matrix_size.y,
+                                                               z=_v(s.matrix_size.z, 1)),
+                                   fieldOfView_mm=x.fieldOfViewMm(x=f.x, y=f.y, z=f.z) if f is not None else None)
+
+    def limit(v):
+        return None if v is None else x.limitType(minimum=v.minimum, maximum=v.maximum, center=v.center)
+
+    encodings = []
+    for e in h.encoding:
+        lim = e.encoding_limits
+        names = ("kspace_encoding_step_0", "kspace_encoding_step_1", "kspace_encoding_step_2", "average", "slice",
+                 "contrast", "phase", "repetition", "set", "segment")
+        limits = x.encodingLimitsType(**{n: limit(getattr(lim, n, None)) for n in names}) if lim is not None else None
+        traj = getattr(e.trajectory, "name", str(e.trajectory)).lower()
+        encodings.append(x.encodingType(encodedSpace=space(e.encoded_space), reconSpace=space(e.recon_space),
+                                        encodingLimits=limits, trajectory=x.trajectoryType(traj)))
+    asi = h.acquisition_system_information
+    system = None
+    if asi is not None:
+        system = x.acquisitionSystemInformationType(
+            systemVendor=asi.system_vendor, systemModel=asi.system_model,
+            systemFieldStrength_T=asi.system_field_strength_t,
+            relativeReceiverNoiseBandwidth=asi.relative_receiver_noise_bandwidth, receiverChannels=asi.receiver_channels)
+    ec = h.experimental_conditions
+    freq = getattr(ec, "h1resonance_frequency_hz", None) if ec is not None else None
+    return x.ismrmrdHeader(version=_v(h.version, 1), acquisitionSystemInformation=system, encoding=encodings,
+                           experimentalConditions=x.experimentalConditionsType(H1resonanceFrequency_Hz=int(_v(freq, 0))))
+
+
+def header_to_v2(h: x.ismrmrdHeader):
+    """An ISMRMRD v1 header's encodings and acquisition system as an MRD v2 header."""
+    mrd = _mrd()
+
+    def space(s):
+        if s is None:
+            return None
+        f = s.fieldOfView_mm
+        return mrd.EncodingSpaceType(matrix_size=mrd.MatrixSizeType(x=s.matrixSize.x, y=s.matrixSize.y,
+                                                                    z=_v(s.matrixSize.z, 1)),
+                                     field_of_view_mm=mrd.FieldOfViewMm(x=f.x, y=f.y, z=f.z))
+
+    def limit(v):
+        return None if v is None else mrd.LimitType(minimum=_v(v.minimum), maximum=_v(v.maximum), center=_v(v.center))
+
+    encodings = []
+    for e in h.encoding:
+        lim = e.encodingLimits
+        names = ("kspace_encoding_step_0", "kspace_encoding_step_1", "kspace_encoding_step_2", "average", "slice",
+                 "contrast", "phase", "repetition", "set", "segment")
+        limits = mrd.EncodingLimitsType(**{n: limit(getattr(lim, n, None)) for n in names}) if lim else None
+        traj = getattr(e.trajectory, "value", str(e.trajectory)).upper()
+        encodings.append(mrd.EncodingType(encoded_space=space(e.encodedSpace), recon_space=space(e.reconSpace),
+                                          encoding_limits=limits, trajectory=mrd.Trajectory[traj]))
+    asi = h.acquisitionSystemInformation
+    system = None
+    if asi is not None:
+        system = mrd.AcquisitionSystemInformationType(
+            system_vendor=asi.systemVendor, system_model=asi.systemModel,
+            system_field_strength_t=asi.systemFieldStrength_T,
+            relative_receiver_noise_bandwidth=asi.relativeReceiverNoiseBandwidth, receiver_channels=asi.receiverChannels)
+    ec = h.experimentalConditions
+    conditions = mrd.ExperimentalConditionsType(h1resonance_frequency_hz=int(ec.H1resonanceFrequency_Hz)) \
+        if ec is not None else mrd.ExperimentalConditionsType()
+    return mrd.Header(acquisition_system_information=system, experimental_conditions=conditions, encoding=encodings)
+
+
+# ---------------------------------------------------------------------- acquisitions and images
+_IDX = ("kspace_encode_step_1", "kspace_encode_step_2", "average", "slice", "contrast", "phase", "repetition", "set",
+        "segment")
+_VECTORS = ("position", "read_dir", "phase_dir", "slice_dir", "patient_table_position")
+
+
+def acquisition_to_v1(a) -> ismrmrd.Acquisition:
+    data = np.ascontiguousarray(np.asarray(a.data, dtype=np.complex64))
+    if data.ndim != 2:
+        raise ValueError(f"MRD acquisition data must be [channels, samples], got shape {data.shape}")
+    traj = None if a.trajectory is None or np.asarray(a.trajectory).size == 0 else np.asarray(a.trajectory, np.float32)
+    src = a.head
+    h = ismrmrd.AcquisitionHeader()
+    h.version = 1
+    h.flags = int(src.flags)
+    h.measurement_uid = int(_v(src.measurement_uid))
+    h.scan_counter = int(_v(src.scan_counter))
+    h.acquisition_time_stamp = int(_v(src.acquisition_time_stamp))
+    for i, v in enumerate(list(src.physiology_time_stamp)[:3]):
+        h.physiology_time_stamp[i] = int(v)
+    h.number_of_samples = data.shape[1]
+    h.active_channels = h.available_channels = data.shape[0]
+    h.discard_pre, h.discard_post = int(_v(src.discard_pre)), int(_v(src.discard_post))
+    h.center_sample = int(_v(src.center_sample, data.shape[1] // 2))
+    h.encoding_space_ref = int(_v(src.encoding_space_ref))
+    h.trajectory_dimensions = 0 if traj is None else traj.shape[0]
+    h.sample_time_us = float(_v(src.sample_time_us, 0.0))
+    for name in _VECTORS:
+        getattr(h, name)[:] = [float(v) for v in np.asarray(getattr(src, name), dtype=np.float64)[:3]]
+    for name in _IDX:
+        setattr(h.idx, name, int(_v(getattr(src.idx, name))))
+    for i, v in enumerate(list(src.idx.user)[:USER]):
+        h.idx.user[i] = int(v)
+    for i, v in enumerate(list(src.user_int)[:USER]):
+        h.user_int[i] = int(v)
+    for i, v in enumerate(list(src.user_float)[:USER]):
+        h.user_float[i] = float(v)
+    return ismrmrd.Acquisition(h, data, traj) if traj is not None else ismrmrd.Acquisition(h, data)
+
+
+def acquisition_to_v2(a: ismrmrd.Acquisition):
+    mrd = _mrd()
+    src = a.getHead()
+    idx = mrd.EncodingCounters(**{n: int(getattr(src.idx, n)) for n in _IDX}, user=[int(v) for v in src.idx.user])
+    head = mrd.AcquisitionHeader(
+        flags=mrd.AcquisitionFlags(int(src.flags)), idx=idx, measurement_uid=int(src.measurement_uid),
+        scan_counter=int(src.scan_counter), acquisition_time_stamp=int(src.acquisition_time_stamp),
+        physiology_time_stamp=[int(v) for v in src.physiology_time_stamp],
+        channel_order=list(range(int(src.active_channels))), discard_pre=int(src.discard_pre),
+        discard_post=int(src.discard_post), center_sample=int(src.center_sample),
+        encoding_space_ref=int(src.encoding_space_ref), sample_time_us=float(src.sample_time_us),
+        **{n: np.asarray(getattr(src, n), dtype=np.float32) for n in _VECTORS},
+        user_int=[int(v) for v in src.user_int], user_float=[float(v) for v in src.user_float])
+    traj = np.asarray(a.traj, np.float32).T if src.trajectory_dimensions else None
+    return mrd.Acquisition(head=head, data=np.asarray(a.data, np.complex64), trajectory=traj)
+
+
+def image_to_v2(img: ismrmrd.Image):
+    """An ISMRMRD image (data ``[channels, z, y, x]``) as an MRD v2 stream item."""
+    mrd = _mrd()
+    src = img.getHead()
+    data = np.asarray(img.data)
+    kinds = {np.dtype(np.float32): mrd.StreamItem.ImageFloat, np.dtype(np.complex64): mrd.StreamItem.ImageComplexFloat,
+             np.dtype(np.int16): mrd.StreamItem.ImageInt16}
+    kind = kinds.get(data.dtype)
+    if kind is None:
+        raise ValueError(f"no MRD v2 image type for {data.dtype}")
+    types = {ismrmrd.IMTYPE_MAGNITUDE: mrd.ImageType.MAGNITUDE, ismrmrd.IMTYPE_PHASE: mrd.ImageType.PHASE,
+             ismrmrd.IMTYPE_REAL: mrd.ImageType.REAL, ismrmrd.IMTYPE_IMAG: mrd.ImageType.IMAG,
+             ismrmrd.IMTYPE_COMPLEX: mrd.ImageType.COMPLEX}
+    head = mrd.ImageHeader(
+        measurement_uid=int(src.measurement_uid), field_of_view=np.asarray(src.field_of_view, np.float32),
+        position=np.asarray(src.position, np.float32), col_dir=np.asarray(src.read_dir, np.float32),
+        line_dir=np.asarray(src.phase_dir, np.float32), slice_dir=np.asarray(src.slice_dir, np.float32),
+        patient_table_position=np.asarray(src.patient_table_position, np.float32),
+        average=int(src.average), slice=int(src.slice), contrast=int(src.contrast), phase=int(src.phase),
+        repetition=int(src.repetition), set=int(src.set), acquisition_time_stamp=int(src.acquisition_time_stamp),
+        physiology_time_stamp=[int(v) for v in src.physiology_time_stamp],
+        image_type=types.get(int(src.image_type), mrd.ImageType.MAGNITUDE), image_index=int(src.image_index),
+        image_series_index=int(src.image_series_index), user_int=[int(v) for v in src.user_int],
+        user_float=[float(v) for v in src.user_float])
+    meta = {}
+    for key in img.meta.keys():
+        v = img.meta[key]
+        meta[key] = [mrd.ImageMetaValue.String(str(e)) for e in (v if isinstance(v, (list, tuple)) else [v])]
+    return kind(mrd.Image(head=head, data=data, meta=meta))
+
+
+def ismrmrd_file_to_v2(path: str, out, group: str = "dataset") -> int:
+    """Write an ISMRMRD v1 raw file as an MRD v2 binary stream; returns the acquisitions written."""
+    mrd = _mrd()
+    ds = ismrmrd.Dataset(path, group, create_if_needed=False, mode="r")
+    try:
+        header = x.CreateFromDocument(ds.read_xml_header())
+        n = ds.number_of_acquisitions()
+        w = mrd.BinaryMrdWriter(out)
+        w.write_header(header_to_v2(header))
+        w.write_data(mrd.StreamItem.Acquisition(acquisition_to_v2(ds.read_acquisition(i))) for i in range(n))
+        w.close()
+    finally:
+        ds.close()
+    return n
+
+
+# ---------------------------------------------------------------------- the command
+def stream(inp, out, config: str | None = None, overrides: dict | None = None) -> dict:
+    """Reconstruct an MRD v2 stream ``inp`` into ``out`` (binary files); returns a summary.
+    Slices that fail are logged and skipped (the others are written); the summary lists them."""
+    from .session import ReconSession
+    from .settings import load_limits, load_settings
+
+    mrd = _mrd()
+    cfg, gs = load_settings(None, config, operator=overrides)
+    limits = load_limits(config)
+    gs.send = "images"
+    try:
+        reader = mrd.BinaryMrdReader(inp)
+        header = reader.read_header()
+    except Exception as e:  # noqa: BLE001 - bad magic bytes, another schema, an empty input
+        raise ValueError(f"the input is not an MRD v2 binary stream ({type(e).__name__}: {e})") from None
+    if header is None:
+        raise ValueError("the MRD stream has no header")
+    session = ReconSession(header_to_v1(header), cfg, gs, limits=limits)
+    counts = {"acquisitions": 0, "images": 0, "passed_on": 0}
+
+    def items():
+        """The input's items; a truncated or corrupted stream ends in one ValueError (mrd-python
+        raises EOFError, BufferError or others, depending on where the bytes stop)."""
+        it = iter(reader.read_data())
+        while True:
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            except Exception as e:  # noqa: BLE001 - see above
+                raise ValueError(f"the MRD v2 stream ended early or is corrupted after {counts['acquisitions']} "
+                                 f"acquisitions ({type(e).__name__}: {e}); the images of the slices completed "
+                                 f"before were written") from None
+            yield item
+
+    def images():
+        for item in items():
+            if isinstance(item, mrd.StreamItem.Acquisition):
+                counts["acquisitions"] += 1
+                produced = session.handle(acquisition_to_v1(item.value))
+            else:  # waveforms, images, anything else: passed on unchanged
+                counts["passed_on"] += 1
+                yield item
+                continue
+            for img in produced:
+                counts["images"] += 1
+                yield image_to_v2(img)
+        for img in session.finish():
+            counts["images"] += 1
+            yield image_to_v2(img)
+
+    writer = mrd.BinaryMrdWriter(out)
+    writer.write_header(header)
+    writer.write_data(images())
+    writer.close()
+    reader.close()
+    if counts["acquisitions"] == 0:
+        log.warning("the stream had no acquisitions; nothing reconstructed")
+    return {**counts, "errors": session.errors, "seconds_per_slice": [round(t, 2) for t in session.timings]}
+
+
+def add_parser(sub):
+    p = sub.add_parser("stream", help="MRD v2 stream in (stdin), MRD v2 images out (stdout): for Pingvin and "
+                                      "mrd_hdf5_to_stream / mrd_stream_to_hdf5 pipelines")
+    p.add_argument("--input", default=None, help="read this MRD v2 binary file instead of stdin")
+    p.add_argument("--output", default=None, help="write to this file instead of stdout")
+    p.add_argument("--from-ismrmrd", default=None, metavar="RAW.h5",
+                   help="only convert this ISMRMRD v1 raw file into an MRD v2 stream (to --output or stdout)")
+    p.add_argument("--config", default=None, help="YAML settings (default: config/recon.yaml)")
+    p.add_argument("--method", default=None)
+    p.add_argument("--preset", default=None)
+    p.add_argument("--steps", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--output-type", default=None, help="magnitude | complex | int16")
+    p.add_argument("--log-level", default="INFO")
+
+
+def run(a: argparse.Namespace) -> int:
+    logging.basicConfig(level=a.log_level.upper(), format="%(levelname)s %(message)s", stream=sys.stderr)
+    out = open(a.output, "wb") if a.output else sys.stdout.buffer
+    try:
+        if a.from_ismrmrd:
+            n = ismrmrd_file_to_v2(a.from_ismrmrd, out)
+            log.info("%d acquisitions written as MRD v2", n)
+            return 0
+        inp = open(a.input, "rb") if a.input else sys.stdin.buffer
+        overrides = {k: v for k, v in (("method", a.method), ("preset", a.preset), ("steps", a.steps),
+                                       ("device", a.device), ("output", a.output_type)) if v is not None}
+        try:
+            summary = stream(inp, out, a.config, overrides)
+        finally:
+            if a.input:
+                inp.close()
+        log.info("%d acquisitions in, %d images out%s", summary["acquisitions"], summary["images"],
+                 f"; failed: {'; '.join(summary['errors'])}" if summary["errors"] else "")
+        return 1 if summary["errors"] else 0
+    finally:
+        out.flush()
+        if a.output:
+            out.close()

@@ -1,0 +1,101 @@
+"""MRD v2 (Gadgetron's successor, Pingvin): ``ddugm stream`` with mrd-python's own readers,
+writers and tools (its phantom generator and its reference stream reconstruction)."""
+import subprocess
+import sys
+
+import ismrmrd
+import numpy as np
+import pytest
+
+mrd = pytest.importorskip("mrd")
+
+from gadgets.mrd2 import acquisition_to_v1, acquisition_to_v2, header_to_v1, header_to_v2  # noqa: E402
+from gadgets.replay import replay  # noqa: E402
+from gadgets.simulate import simulate  # noqa: E402
+
+
+def _ddugm(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "gadgets.cli", "stream", *map(str, args)], input=stdin,
+                          capture_output=True, timeout=180)
+
+
+def _images(data: bytes):
+    import io
+
+    r = mrd.BinaryMrdReader(io.BytesIO(data))
+    header = r.read_header()
+    return header, list(r.read_data())
+
+
+def test_stream_of_mrd_pythons_phantom_matches_its_own_reconstruction(tmp_path):
+    raw = tmp_path / "phantom.bin"
+    subprocess.run([sys.executable, "-m", "mrd.tools.phantom", "-m", "32", "-c", "4", "-r", "2", "-o", str(raw)],
+                   check=True, timeout=120)
+    ref = subprocess.run([sys.executable, "-m", "mrd.tools.stream_recon", "-i", str(raw)], capture_output=True,
+                         check=True, timeout=120).stdout
+    ours = _ddugm("--method", "zero_filled", "--device", "cpu", stdin=raw.read_bytes())  # stdin -> stdout
+    assert ours.returncode == 0, ours.stderr.decode()[-2000:]
+    header, items = _images(ours.stdout)
+    _, ref_items = _images(ref)
+    assert header.encoding[0].encoded_space.matrix_size.x == 64  # the input's header, passed on
+    assert len(items) == 2 and all(isinstance(i, mrd.StreamItem.ImageFloat) for i in items)
+    assert [i.value.head.repetition for i in items] == [0, 1]
+    for a, b in zip(items, ref_items):  # fully sampled: the coil-combined image, as mrd-python's own recon gives
+        x, y = np.abs(a.value.data).ravel(), np.abs(b.value.data).ravel()
+        assert np.corrcoef(x, y)[0, 1] > 0.98
+    assert items[0].value.meta["DDUGM_Method"] == [mrd.ImageMetaValue.String("zero_filled")]
+
+
+def test_converted_ismrmrd_file_streams_to_the_same_images_as_recon(tmp_path):
+    raw = tmp_path / "cine.h5"
+    simulate(str(raw), frames=4, size=32, coils=3, accel=2, acs=8, noise=0.002, slices=2, seed=4)
+    v2 = tmp_path / "cine.mrd"
+    r = _ddugm("--from-ismrmrd", raw, "--output", v2)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    out = tmp_path / "images.mrd"
+    r = _ddugm("--input", v2, "--output", out, "--method", "low_rank", "--steps", "3", "--device", "cpu",
+               "--output-type", "complex")
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    _, items = _images(out.read_bytes())
+    assert len(items) == 8 and all(isinstance(i, mrd.StreamItem.ImageComplexFloat) for i in items)
+    replay(str(raw), str(tmp_path / "v1.h5"), overrides={"method": "low_rank", "steps": "3", "device": "cpu",
+                                                          "output": "complex"}, quiet=True)
+    ds = ismrmrd.Dataset(str(tmp_path / "v1.h5"), "dataset", create_if_needed=False, mode="r")
+    ref = [ds.read_image("image_1", i) for i in range(ds.number_of_images("image_1"))]
+    ds.close()
+    for a, b in zip(items, ref):
+        h = a.value.head
+        assert (h.slice, h.phase, h.image_index) == (b.slice, b.phase, b.image_index)
+        assert np.allclose(h.position, b.position) and np.allclose(h.line_dir, b.phase_dir)
+        np.testing.assert_allclose(a.value.data, b.data, atol=1e-5 * np.abs(b.data).max())
+
+
+def test_conversion_keeps_every_field_the_reconstruction_reads(tmp_path):
+    raw = tmp_path / "c.h5"
+    simulate(str(raw), frames=2, size=16, coils=2, accel=2, acs=4, noise=0.002, seed=1)
+    ds = ismrmrd.Dataset(str(raw), "dataset", create_if_needed=False, mode="r")
+    hdr = ismrmrd.xsd.CreateFromDocument(ds.read_xml_header())
+    acqs = [ds.read_acquisition(i) for i in range(ds.number_of_acquisitions())]
+    ds.close()
+    back = header_to_v1(header_to_v2(hdr))
+    for a, b in ((back.encoding[0].encodedSpace, hdr.encoding[0].encodedSpace),
+                 (back.encoding[0].reconSpace, hdr.encoding[0].reconSpace)):
+        assert (a.matrixSize.x, a.matrixSize.y, a.fieldOfView_mm.x) == (b.matrixSize.x, b.matrixSize.y,
+                                                                          b.fieldOfView_mm.x)
+    assert back.encoding[0].encodingLimits.kspace_encoding_step_1.center == \
+        hdr.encoding[0].encodingLimits.kspace_encoding_step_1.center
+    for a in acqs[:5]:
+        b = acquisition_to_v1(acquisition_to_v2(a))
+        assert bytes(b.getHead()) == bytes(a.getHead())
+        np.testing.assert_array_equal(b.data, a.data)
+
+
+def test_bad_streams_get_one_line_errors(tmp_path):
+    r = _ddugm("--method", "low_rank", stdin=b"this is not MRD" * 10)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "not an MRD v2 binary stream" in err and "Traceback" not in err
+    raw = tmp_path / "p.bin"
+    subprocess.run([sys.executable, "-m", "mrd.tools.phantom", "-m", "32", "-c", "2", "-o", str(raw)], check=True)
+    r = _ddugm("--method", "low_rank", stdin=raw.read_bytes()[:-3000])  # cut mid-stream
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "ended early or is corrupted" in err and "Traceback" not in err
