@@ -442,3 +442,72 @@ def test_mrd_client_int16_output_and_a_warning_for_an_empty_stream(server, cine)
     assert per_slice == 4095 and int(images[0].meta["WindowWidth"]) > 0
     out = exchange(ConfigFile("ddugm"), [])
     assert len(out) == 1 and isinstance(out[0], str) and out[0].startswith("WARNING") and "no acquisitions" in out[0]
+
+
+@pytest.mark.skipif(not (CLIENTS / "client.py").is_file(), reason="python-ismrmrd-server client not in ../shared")
+def test_fire_process_module_in_a_python_ismrmrd_server_loop(cine, tmp_path, monkeypatch):
+    """gadgets.fire.process driven the way python-ismrmrd-server drives a module (its own Connection
+    class), with its unmodified client.py on the other end."""
+    import sys
+
+    from gadgets.fire import parameters, process
+
+    monkeypatch.syspath_prepend(str(CLIENTS))
+    from connection import Connection  # python-ismrmrd-server's, from ../shared
+
+    op = tmp_path / "operator.yaml"
+    op.write_text("recon:\n  method: low_rank\n  lowrank_iters: 5\n  device: cpu\n")
+    monkeypatch.setenv("DDUGM_CONFIG", str(op))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    done = {}
+
+    def serve_once():
+        sock, _ = listener.accept()
+        conn = Connection(sock, False)
+        config = conn.next()  # the configuration name
+        metadata = ismrmrd.xsd.CreateFromDocument(conn.next())
+        process(conn, config, metadata)
+        conn.send_close()
+        conn.shutdown_close()
+        done["ok"] = True
+
+    t = threading.Thread(target=serve_once, daemon=True)
+    t.start()
+    path, _, _ = cine
+    r = _fire_client(port, path, tmp_path / "out.h5", tmp_path)
+    t.join(60)
+    listener.close()
+    log = r.stdout + r.stderr
+    assert done.get("ok") and "Received    10 images" in log, log[-2000:]
+    assert parameters({"parameters": {"steps": 3, "config": "x", "other": 1}}) == {"steps": "3"}
+    assert parameters("not json") == {}
+    del sys.modules["connection"]
+
+
+def test_fire_process_reports_bad_settings_as_error_text(cine):
+    from gadgets.fire import process
+
+    _, xml, acqs = cine
+
+    class FakeConnection:
+        def __init__(self):
+            self.images, self.logs = [], []
+
+        def __iter__(self):
+            return iter(list(acqs) + [None])
+
+        def send_image(self, images):
+            self.images += images
+
+        def send_logging(self, level, text):
+            self.logs.append((level, text))
+
+    c = FakeConnection()
+    process(c, {"parameters": {"steps": 100000}}, xml)
+    assert not c.images and c.logs[0][0] == "ERROR" and "max_steps" in c.logs[0][1]
+    c = FakeConnection()
+    process(c, {"parameters": {"method": "low_rank", "lowrank_iters": 3, "device": "cpu"}}, xml)
+    assert len(c.images) == 10 and not c.logs
