@@ -203,8 +203,10 @@ def image_to_v2(img: ismrmrd.Image):
 
 def ismrmrd_file_to_v2(path: str, out, group: str = "dataset") -> int:
     """Write an ISMRMRD v1 raw file as an MRD v2 binary stream; returns the acquisitions written."""
+    from .replay import open_dataset
+
     mrd = _mrd()
-    ds = ismrmrd.Dataset(path, group, create_if_needed=False, mode="r")
+    ds = open_dataset(path, group)
     try:
         header = x.CreateFromDocument(ds.read_xml_header())
         n = ds.number_of_acquisitions()

@@ -19,6 +19,21 @@ from .settings import load_limits, load_settings
 log = logging.getLogger("ddugm.replay")
 
 
+def open_dataset(path, group: str = "dataset"):
+    """An ISMRMRD file opened read-only. ismrmrd 1.14 (what Gadgetron 4.7's image carries) has
+    no ``mode`` and opens files for writing ('r+': it fails on read-only files, and HDF5 may spend
+    minutes on a corrupted one), so there the file is opened read-only under its Dataset."""
+    try:
+        return ismrmrd.Dataset(str(path), group, create_if_needed=False, mode="r")
+    except TypeError:
+        import h5py
+
+        ds = ismrmrd.Dataset.__new__(ismrmrd.Dataset)
+        ds._file = h5py.File(str(path), "r")  # the two attributes ismrmrd 1.14's Dataset keeps
+        ds._dataset_name = group
+        return ds
+
+
 class ReplayError(ValueError):
     """The raw file cannot be replayed (missing, not ISMRMRD, corrupted, no acquisitions)."""
 
@@ -38,7 +53,7 @@ def replay(inp: str, out: str, config: str | None = None, png: str | None = None
     if not src.is_file():
         raise FileNotFoundError(f"input file {inp!r} not found")
     try:
-        ds = ismrmrd.Dataset(str(src), group, create_if_needed=False, mode="r")
+        ds = open_dataset(src, group)
     except Exception as e:  # noqa: BLE001 - h5py raises several types for a broken file
         raise ReplayError(f"{inp}: not an ISMRMRD raw file with a '{group}' group ({type(e).__name__}: {e})") from None
     try:
@@ -69,10 +84,13 @@ def replay(inp: str, out: str, config: str | None = None, png: str | None = None
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists():
         dst.unlink()
-    with ismrmrd.Dataset(str(dst), "dataset", create_if_needed=True) as od:
+    od = ismrmrd.Dataset(str(dst), "dataset", create_if_needed=True)  # no context manager in ismrmrd 1.14
+    try:
         od.write_xml_header(header_xml if isinstance(header_xml, (str, bytes)) else header.toXML())
         for img in images:
             od.append_image(f"image_{img.image_series_index}", img)
+    finally:
+        od.close()
     if png:
         save_pngs(images, Path(png))
     if broken:

@@ -275,14 +275,16 @@ def main():
     raw = (tmp / "small.h5").read_bytes()
     cut = int(0.7 * len(raw))
     (tmp / "corrupted.h5").write_bytes(raw[:cut] + bytes(4096) + raw[cut + 4096:])
-    with ismrmrd.Dataset(str(tmp / "empty.h5"), "dataset", create_if_needed=True) as ds:
-        ds.write_xml_header(xml)
-    with ismrmrd.Dataset(str(tmp / "nan.h5"), "dataset", create_if_needed=True) as ds:
-        ds.write_xml_header(xml)
-        for a in acqs:
-            if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
-                a = ismrmrd.Acquisition(a.getHead(), np.full_like(a.data, np.nan))
-            ds.append_acquisition(a)
+    ds = ismrmrd.Dataset(str(tmp / "empty.h5"), "dataset", create_if_needed=True)  # ismrmrd 1.14: no "with"
+    ds.write_xml_header(xml)
+    ds.close()
+    ds = ismrmrd.Dataset(str(tmp / "nan.h5"), "dataset", create_if_needed=True)  # ismrmrd 1.14: no "with"
+    ds.write_xml_header(xml)
+    for a in acqs:
+        if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            a = ismrmrd.Acquisition(a.getHead(), np.full_like(a.data, np.nan))
+        ds.append_acquisition(a)
+    ds.close()
     (tmp / "text.h5").write_text("not HDF5\n")
     for name in ("corrupted", "empty", "nan", "text"):
         out = tmp / f"{name}.out.h5"

@@ -20,6 +20,8 @@ from gadgetron.external.readers import read_image
 from gadgetron.types.image_array import ImageArray, read_image_array, write_image_array
 from gadgetron.types.recon_data import ReconBit, ReconBuffer, ReconData, SamplingDescription, write_recon_data
 
+from gadgets.replay import open_dataset
+
 
 class _Sock:
     def __init__(self, s):
@@ -133,7 +135,7 @@ def recon_data_from_file(path: str, slice_: int = 0):
     no noise scan) would deliver for one slice of a raw file: one ReconBit, data
     [E0, E1, 1, CHA, N, 1, 1] (phases along N), headers [E1, 1, N, 1, 1], embedded ACS
     lines also in a reference buffer."""
-    ds = ismrmrd.Dataset(path, "dataset", create_if_needed=False, mode="r")
+    ds = open_dataset(path)
     hdr = ismrmrd.xsd.CreateFromDocument(ds.read_xml_header())
     enc = hdr.encoding[0]
     e0, e1 = enc.encodedSpace.matrixSize.x, enc.encodedSpace.matrixSize.y

@@ -7,6 +7,7 @@ import pytest
 from ddugm_core.metrics import psnr
 from gadgets.geometry import Geometry
 from gadgets.kspace import NoiseWhitener, finalize_images, fourier_resize, ky_to_grid, readout_to_grid
+from gadgets.replay import open_dataset
 from gadgets.session import Engine, ReconSession
 from gadgets.settings import load_settings, parse_scalar, properties_from_xml
 from gadgets.simulate import simulate
@@ -31,7 +32,7 @@ def sim(tmp_path_factory):
 
 
 def read_file(path):
-    ds = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False, mode="r")
+    ds = open_dataset(str(path))
     hdr = ismrmrd.xsd.CreateFromDocument(ds.read_xml_header())
     acqs = [ds.read_acquisition(i) for i in range(ds.number_of_acquisitions())]
     ds.close()

@@ -11,7 +11,7 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from gadgets.replay import replay
+from gadgets.replay import open_dataset, replay
 
 SIEMENS = Path(__file__).resolve().parents[2] / "shared" / "data" / "siemens_grappa_r3.h5"
 SHEPP = shutil.which("ismrmrd_generate_cartesian_shepp_logan")
@@ -25,7 +25,7 @@ def ddugm(*args, check=True):
 
 
 def read_images(path, group="image_1"):
-    ds = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False, mode="r")
+    ds = open_dataset(str(path))
     imgs = [ds.read_image(group, i) for i in range(ds.number_of_images(group))]
     ds.close()
     return imgs
@@ -35,12 +35,12 @@ def test_simulate_then_recon_from_the_command_line(tmp_path):
     raw, out, png = tmp_path / "cine.h5", tmp_path / "img.h5", tmp_path / "png"
     r = ddugm("simulate", raw, "--frames", 5, "--size", 32, "--coils", 3, "--accel", 3, "--acs", 8)
     assert '"acceleration"' in r.stdout
-    hdr = ismrmrd.xsd.CreateFromDocument(ismrmrd.Dataset(str(raw), "dataset", False, mode="r").read_xml_header())
+    hdr = ismrmrd.xsd.CreateFromDocument(open_dataset(raw).read_xml_header())
     enc = hdr.encoding[0]
     assert (enc.encodedSpace.matrixSize.x, enc.reconSpace.matrixSize.x) == (64, 32)  # 2x readout oversampling
     assert enc.encodingLimits.phase.maximum == 4 and hdr.acquisitionSystemInformation.receiverChannels == 3
     assert str(enc.trajectory.value) == "cartesian" and enc.parallelImaging.accelerationFactor.kspace_encoding_step_1 == 3
-    ds = ismrmrd.Dataset(str(raw), "dataset", False, mode="r")
+    ds = open_dataset(raw)
     first = ds.read_acquisition(0)
     assert first.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
     assert any(ds.read_acquisition(i).is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)

@@ -18,6 +18,7 @@ from gadgetron_peer import FakeGadgetron, _Sock, read_replies
 from ddugm_core.checkpoints import load_model, save_model
 from ddugm_core.networks import NCSNpp, NetConfig
 from ddugm_core.reconstruction import ReconConfig
+from gadgets.replay import open_dataset
 from gadgets.server import Server
 from gadgets.session import Engine
 from gadgets.settings import Limits, load_settings
@@ -46,7 +47,7 @@ def heavy(tmp_path_factory):
 
 
 def _read(path):
-    ds = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False, mode="r")
+    ds = open_dataset(str(path))
     xml = ds.read_xml_header()
     acqs = [ds.read_acquisition(i) for i in range(ds.number_of_acquisitions())]
     ds.close()
@@ -532,20 +533,21 @@ def test_recon_of_corrupted_empty_and_nan_files(tmp_path):
     raw = path.read_bytes()
     cases = {}
     broken = tmp_path / "broken.h5"
-    cut = int(0.7 * len(raw))  # zeros over the acquisitions' data (random bytes also fail, but HDF5 takes ~30 s)
-    broken.write_bytes(raw[:cut] + bytes(4096) + raw[cut + 4096:])
-    cases["corrupted"] = broken
+    broken.write_bytes(raw[: int(0.7 * len(raw))])  # truncated (bytes overwritten mid-file: the next test)
+    cases["truncated"] = broken
     empty = tmp_path / "empty.h5"
-    with ismrmrd.Dataset(str(empty), "dataset", create_if_needed=True) as ds:
-        ds.write_xml_header(xml)
+    ds = ismrmrd.Dataset(str(empty), "dataset", create_if_needed=True)  # ismrmrd 1.14: no "with"
+    ds.write_xml_header(xml)
+    ds.close()
     cases["no acquisitions"] = empty
     nan = tmp_path / "nan.h5"
-    with ismrmrd.Dataset(str(nan), "dataset", create_if_needed=True) as ds:
-        ds.write_xml_header(xml)
-        for a in acqs:
-            if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
-                a = ismrmrd.Acquisition(a.getHead(), np.full_like(a.data, np.nan))
-            ds.append_acquisition(a)
+    ds = ismrmrd.Dataset(str(nan), "dataset", create_if_needed=True)  # ismrmrd 1.14: no "with"
+    ds.write_xml_header(xml)
+    for a in acqs:
+        if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            a = ismrmrd.Acquisition(a.getHead(), np.full_like(a.data, np.nan))
+        ds.append_acquisition(a)
+    ds.close()
     cases["NaN data"] = nan
     text = tmp_path / "text.h5"
     text.write_text("not HDF5 at all\n")
@@ -557,3 +559,40 @@ def test_recon_of_corrupted_empty_and_nan_files(tmp_path):
         lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
         assert "Traceback" not in p.stderr and lines[-1].startswith("ddugm recon: error:"), (name, p.stderr)
         assert not out.exists(), name
+
+
+def test_recon_of_a_file_that_breaks_mid_way_writes_the_completed_slices(tmp_path, monkeypatch):
+    """An acquisition that cannot be read (HDF5's errors for bytes overwritten mid-file; how long
+    HDF5 takes to give up depends on the bytes and its version, so the read fails on cue here)."""
+    from gadgets.replay import ReplayError, open_dataset, replay
+    from gadgets.session import ScanErrors
+
+    raw = tmp_path / "two.h5"
+    simulate(str(raw), frames=2, size=16, coils=2, accel=2, acs=4, noise=0.002, slices=2, seed=1)
+    ds = open_dataset(raw)
+    n = ds.number_of_acquisitions()
+    slices = [ds.read_acquisition(i).idx.slice for i in range(n)]
+    ds.close()
+    first_of_slice1 = slices.index(1)
+    real = ismrmrd.Dataset.read_acquisition
+
+    def broken_after(limit):
+        def read(self, i):
+            if i >= limit:
+                raise OSError("Can't synchronously read data (bad global heap collection signature)")
+            return real(self, i)
+        return read
+
+    monkeypatch.setattr(ismrmrd.Dataset, "read_acquisition", broken_after(first_of_slice1 + 3))
+    out = tmp_path / "out.h5"
+    with pytest.raises(ScanErrors, match=f"acquisition {first_of_slice1 + 3} of {n} cannot be read"):
+        replay(str(raw), str(out), overrides={"method": "zero_filled", "device": "cpu"}, quiet=True)
+    ds = open_dataset(out)
+    images = [ds.read_image("image_1", i) for i in range(ds.number_of_images("image_1"))]
+    ds.close()
+    assert len(images) == 2 and {im.slice for im in images} == {0}  # slice 0 only; slice 1 not from partial data
+    monkeypatch.setattr(ismrmrd.Dataset, "read_acquisition", broken_after(3))
+    out2 = tmp_path / "out2.h5"
+    with pytest.raises(ReplayError, match="nothing written"):
+        replay(str(raw), str(out2), overrides={"method": "zero_filled", "device": "cpu"}, quiet=True)
+    assert not out2.exists()

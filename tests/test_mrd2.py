@@ -10,7 +10,7 @@ import pytest
 mrd = pytest.importorskip("mrd")
 
 from gadgets.mrd2 import acquisition_to_v1, acquisition_to_v2, header_to_v1, header_to_v2  # noqa: E402
-from gadgets.replay import replay  # noqa: E402
+from gadgets.replay import open_dataset, replay  # noqa: E402
 from gadgets.simulate import simulate  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def test_converted_ismrmrd_file_streams_to_the_same_images_as_recon(tmp_path):
     assert len(items) == 8 and all(isinstance(i, mrd.StreamItem.ImageComplexFloat) for i in items)
     replay(str(raw), str(tmp_path / "v1.h5"), overrides={"method": "low_rank", "steps": "3", "device": "cpu",
                                                           "output": "complex"}, quiet=True)
-    ds = ismrmrd.Dataset(str(tmp_path / "v1.h5"), "dataset", create_if_needed=False, mode="r")
+    ds = open_dataset(str(tmp_path / "v1.h5"))
     ref = [ds.read_image("image_1", i) for i in range(ds.number_of_images("image_1"))]
     ds.close()
     for a, b in zip(items, ref):
@@ -73,7 +73,7 @@ def test_converted_ismrmrd_file_streams_to_the_same_images_as_recon(tmp_path):
 def test_conversion_keeps_every_field_the_reconstruction_reads(tmp_path):
     raw = tmp_path / "c.h5"
     simulate(str(raw), frames=2, size=16, coils=2, accel=2, acs=4, noise=0.002, seed=1)
-    ds = ismrmrd.Dataset(str(raw), "dataset", create_if_needed=False, mode="r")
+    ds = open_dataset(str(raw))
     hdr = ismrmrd.xsd.CreateFromDocument(ds.read_xml_header())
     acqs = [ds.read_acquisition(i) for i in range(ds.number_of_acquisitions())]
     ds.close()
