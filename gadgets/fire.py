@@ -21,41 +21,22 @@ import logging
 
 import ismrmrd
 
+from .external import engine
 from .protocol import parse_header
-from .session import Engine, ReconSession
-from .settings import GADGET_KEYS, RECON_KEYS, load_limits, load_settings
+from .session import ReconSession
+from .settings import json_parameters, load_limits, load_settings
 
 log = logging.getLogger("ddugm.fire")
 
-_ENGINE = None
-
-
-def _engine(max_cached: int) -> Engine:
-    global _ENGINE
-    if _ENGINE is None:
-        _ENGINE = Engine(max_cached)
-    return _ENGINE
-
-
 def parameters(config) -> dict:
-    """Our settings among a FIRE configuration's JSON ``parameters`` (``config`` and
-    ``customconfig`` there name server-side configurations: not ours)."""
+    """Our settings among a FIRE configuration's JSON ``parameters`` (a dict or JSON text)."""
     if isinstance(config, str):
         try:
             config = json.loads(config)
         except ValueError:
             return {}
     params = config.get("parameters") if isinstance(config, dict) else None
-    if not isinstance(params, dict):
-        return {}
-    keys = (set(GADGET_KEYS) | set(RECON_KEYS)) - {"config"}
-    out = {}
-    for k, v in params.items():
-        if k in keys:
-            if isinstance(v, (dict, list)):
-                raise ValueError(f"JSON parameter {k!r} must be a single value")
-            out[k] = "" if v is None else (str(v).lower() if isinstance(v, bool) else str(v))
-    return out
+    return json_parameters(params)[0] if isinstance(params, dict) else {}
 
 
 def _send_error(connection, message: str) -> None:
@@ -74,7 +55,7 @@ def process(connection, config, metadata) -> None:
         limits = load_limits()
         cfg, gs = load_settings(parameters(config), limits=limits)
         gs.send = "images"
-        session = ReconSession(header, cfg, gs, _engine(limits.max_cached), limits)
+        session = ReconSession(header, cfg, gs, engine(limits.max_cached), limits)
     except Exception as e:  # noqa: BLE001 - every failure must reach the client
         _send_error(connection, f"DD-UGM: {type(e).__name__}: {e}")
         return

@@ -49,13 +49,12 @@ from .protocol import (
     strip_nul,
 )
 from .session import Cancelled, Engine, ReconSession
-from .settings import GADGET_KEYS, RECON_KEYS, Limits, load_limits, load_settings, properties_from_xml
+from .settings import Limits, json_parameters, load_limits, load_settings, properties_from_xml
 
 #: what "localhost" means for the server: both loopbacks, whichever a client resolves first
 LOOPBACK = ["127.0.0.1", "::1"]
 
-#: keys a client's JSON parameters may set (``config`` is FIRE's configuration name there, not ours)
-SETTING_KEYS = (set(GADGET_KEYS) | set(RECON_KEYS)) - {"config"}
+
 
 log = logging.getLogger("ddugm.server")
 
@@ -348,15 +347,9 @@ class Server:
         if not isinstance(params, dict):
             log.info("%s: JSON text without parameters (ignored)", who)
             return {}
-        known = {k: v for k, v in params.items() if k in SETTING_KEYS}
-        ignored = sorted(str(k) for k in params if k not in known)
+        out, ignored = json_parameters(params)
         if ignored:
             log.info("%s: JSON parameters not ours, ignored: %s", who, ", ".join(ignored)[:300])
-        out = {}
-        for k, v in known.items():
-            if isinstance(v, (dict, list)):
-                raise ValueError(f"JSON parameter {k!r} must be a single value")
-            out[k] = "" if v is None else (str(v).lower() if isinstance(v, bool) else str(v))
         log.info("%s: settings from JSON parameters: %s", who, ", ".join(f"{k}={v}" for k, v in out.items()) or "none")
         return out
 

@@ -319,6 +319,23 @@ def confined_path(key: str, value: str, allowed_dirs, kind: str = "file", create
     return cur
 
 
+def json_parameters(params: dict) -> tuple[dict, list]:
+    """A FIRE-style client's JSON ``parameters`` (python-ismrmrd-server's ``configAdditional``):
+    ``(settings, ignored keys)``. Keys that name one of our settings become client properties
+    (strings, checked later like every client setting); FIRE's ``config`` / ``customconfig`` name a
+    server-side configuration and, like any other key, are ignored."""
+    keys = (set(GADGET_KEYS) | set(RECON_KEYS)) - {"config"}
+    out, ignored = {}, []
+    for k, v in params.items():
+        if k not in keys:
+            ignored.append(str(k))
+            continue
+        if isinstance(v, (dict, list)):
+            raise ValueError(f"JSON parameter {k!r} must be a single value")
+        out[k] = "" if v is None else (str(v).lower() if isinstance(v, bool) else str(v))
+    return out, sorted(ignored)
+
+
 def load_settings(properties: dict | None = None, yaml_path=None, *, operator: dict | None = None,
                   limits: Limits | None = None) -> tuple[ReconConfig, GadgetSettings]:
     """Merge defaults, the operator's YAML, a client-named YAML, the operator's overrides and the
