@@ -229,6 +229,7 @@ def stage_compare(run: Run, trained: dict) -> dict:
     import torch
 
     from .checkpoints import load_model
+    from .data import FrameSampler
     from .evaluate import frame_metrics, make_truth, simulate_case
     from .reconstruction import ReconConfig, Reconstructor
     from .sde import VESDE
@@ -247,8 +248,6 @@ def stage_compare(run: Run, trained: dict) -> dict:
         net = load_model(path, device, expect_domain=domain)
         size = 16 if run.dry else (64 if domain == "image" else 96)
         result["denoise"][name] = denoise_psnr(net, frames, domain, size=size)
-        from .data import FrameSampler
-
         sampler = FrameSampler(frames, size, domain, device)
         x = sampler.batch(64, g)
         sig = torch.exp(torch.linspace(np.log(0.005), np.log(5.0), 64, device=device))

@@ -283,10 +283,6 @@ class Reconstructor:
                                           compile=cfg.compile) for d, p in paths.items()}
         return self._scores
 
-    @property
-    def models_loaded(self) -> bool:
-        return self._scores is not None
-
     def recon(self, kspace, mask=None, coil_maps=None, seed: int = 0, method: str | None = None,
               callback: Optional[Callable[[int, int], None]] = None):
         """Reconstruct ``[frame, y, x]`` complex64 images from centred k-space.

@@ -23,6 +23,9 @@ import numpy as np
 log = logging.getLogger("ddugm.stream")
 
 USER = 8  # user_int / user_float slots in ISMRMRD v1 headers
+#: encoding limits, named alike in ISMRMRD v1 and MRD v2
+_LIMITS = ("kspace_encoding_step_0", "kspace_encoding_step_1", "kspace_encoding_step_2", "average", "slice",
+           "contrast", "phase", "repetition", "set", "segment")
 
 
 def _mrd():
@@ -57,9 +60,7 @@ def header_to_v1(h) -> x.ismrmrdHeader:
     encodings = []
     for e in h.encoding:
         lim = e.encoding_limits
-        names = ("kspace_encoding_step_0", "kspace_encoding_step_1", "kspace_encoding_step_2", "average", "slice",
-                 "contrast", "phase", "repetition", "set", "segment")
-        limits = x.encodingLimitsType(**{n: limit(getattr(lim, n, None)) for n in names}) if lim is not None else None
+        limits = x.encodingLimitsType(**{n: limit(getattr(lim, n, None)) for n in _LIMITS}) if lim is not None else None
         traj = getattr(e.trajectory, "name", str(e.trajectory)).lower()
         encodings.append(x.encodingType(encodedSpace=space(e.encoded_space), reconSpace=space(e.recon_space),
                                         encodingLimits=limits, trajectory=x.trajectoryType(traj)))
@@ -94,9 +95,7 @@ def header_to_v2(h: x.ismrmrdHeader):
     encodings = []
     for e in h.encoding:
         lim = e.encodingLimits
-        names = ("kspace_encoding_step_0", "kspace_encoding_step_1", "kspace_encoding_step_2", "average", "slice",
-                 "contrast", "phase", "repetition", "set", "segment")
-        limits = mrd.EncodingLimitsType(**{n: limit(getattr(lim, n, None)) for n in names}) if lim else None
+        limits = mrd.EncodingLimitsType(**{n: limit(getattr(lim, n, None)) for n in _LIMITS}) if lim else None
         traj = getattr(e.trajectory, "value", str(e.trajectory)).upper()
         encodings.append(mrd.EncodingType(encoded_space=space(e.encodedSpace), recon_space=space(e.reconSpace),
                                           encoding_limits=limits, trajectory=mrd.Trajectory[traj]))
@@ -227,8 +226,8 @@ def stream(inp, out, config: str | None = None, overrides: dict | None = None) -
     from .settings import load_limits, load_settings
 
     mrd = _mrd()
-    cfg, gs = load_settings(None, config, operator=overrides)
     limits = load_limits(config)
+    cfg, gs = load_settings(None, config, operator=overrides, limits=limits)
     gs.send = "images"
     try:
         reader = mrd.BinaryMrdReader(inp)

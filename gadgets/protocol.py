@@ -71,14 +71,11 @@ class SafeSocket:
         """To Gadgetron: message 8, which it reports as the external node's error (a RemoteError).
         To an MRD client (``self.mrd``; MRD defines no error message): a TEXT message starting
         with "ERR", as FIRE servers send, NUL-terminated."""
-        data = message.encode("utf-8", "replace")
         if self.mrd:
-            text = (message if message.startswith("ERR") else f"ERR {message}").encode("utf-8", "replace") + b"\x00"
-            packet = struct.pack("<HI", TEXT, len(text)) + text
-        else:
-            packet = struct.pack("<H", ERROR) + struct.pack("<Q", len(data)) + data
+            return self.send_text(message if message.startswith("ERR") else f"ERR {message}")
+        data = message.encode("utf-8", "replace")
         try:
-            self.write(packet)
+            self.write(struct.pack("<H", ERROR) + struct.pack("<Q", len(data)) + data)
         except OSError:
             log.warning("could not send the error to the peer (connection gone)")
 
@@ -274,10 +271,10 @@ def data_readers(limits=None) -> dict:
     budget = lim.max_message_bytes
 
     def bounded(reader, what):
-        return lambda stream: reader(Budget(stream, budget, what), lim) if reader is not read_recon_data \
-            else reader(Budget(stream, budget, what))
+        return lambda stream: reader(Budget(stream, budget, what), lim)
 
-    return {ACQUISITION: bounded(read_acquisition, "acquisition"), RECON_DATA: bounded(read_recon_data, "ReconData"),
+    return {ACQUISITION: bounded(read_acquisition, "acquisition"),
+            RECON_DATA: bounded(lambda s, _: read_recon_data(s), "ReconData"),
             IMAGE: bounded(read_image, "image"), IMAGE_ARRAY: bounded(read_image_array, "ImageArray"),
             WAVEFORM: bounded(read_waveform, "waveform")}
 

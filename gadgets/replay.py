@@ -47,8 +47,8 @@ def replay(inp: str, out: str, config: str | None = None, png: str | None = None
     acquisition are still written (and the error raised after); the slice being read when the
     file broke is not reconstructed from its partial data. Nothing is written when no image
     was reconstructed."""
-    cfg, gs = load_settings(None, config, operator=overrides)  # bad settings fail before any reading
     limits = load_limits(config)
+    cfg, gs = load_settings(None, config, operator=overrides, limits=limits)  # bad settings fail before reading
     src = Path(inp)
     if not src.is_file():
         raise FileNotFoundError(f"input file {inp!r} not found")

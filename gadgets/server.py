@@ -154,8 +154,7 @@ class Server:
         cfg, _ = load_settings(None, self.config, operator=self.overrides, limits=self.limits)
         if cfg.method == "ddugm":
             rec = self.engine.reconstructor(cfg)
-            rec.load_models()
-            self.engine._share_models(rec)
+            self.engine.load_models(rec)
             log.info("models loaded on %s", rec.device)
 
     @property
@@ -305,7 +304,7 @@ class Server:
         mid = read_id(stream)
         if mid == CONFIG_FILE:
             stream.mrd = True
-            name = stream.read(1024).split(b"\x00", 1)[0].decode("utf-8", "replace")
+            name = strip_nul(stream.read(1024)).decode("utf-8", "replace")
             log.info("%s: configuration name %r (settings come from the server's configuration)", who, name[:100])
             return {}
         if mid == CONFIG_TEXT:

@@ -89,18 +89,21 @@ class Engine:
                 self._recons.popitem(last=False)
             return rec
 
-    def _share_models(self, rec: Reconstructor) -> None:
-        """Give ``rec`` the models loaded for its weights and device, or keep its own once loaded."""
-        if cfg_needs_models(rec.config):
-            mkey = rec.model_key()
-            with self._cache_lock:
-                if not rec.models_loaded and mkey in self._models:
-                    rec.use_models(self._models[mkey])
-                self._models.pop(mkey, None)
-                if rec.models_loaded:
-                    self._models[mkey] = rec.load_models()
-                while len(self._models) > self.max_cached:
-                    self._models.popitem(last=False)
+    def load_models(self, rec: Reconstructor) -> None:
+        """Give ``rec`` the score models loaded for its weights and device, loading them on the
+        first use of that pair (at most ``max_cached`` pairs stay loaded)."""
+        if rec.config.method != "ddugm":
+            return
+        mkey = rec.model_key()
+        with self._cache_lock:
+            scores = self._models.pop(mkey, None)
+        if scores is None:
+            scores = rec.load_models()
+        rec.use_models(scores)
+        with self._cache_lock:
+            self._models[mkey] = scores  # most recently used last
+            while len(self._models) > self.max_cached:
+                self._models.popitem(last=False)
 
     @property
     def cached(self) -> int:
@@ -131,9 +134,8 @@ class Engine:
                     raise Cancelled(f"the client went away; reconstruction stopped at iteration {i} of {n}")
 
             try:
-                self._share_models(rec)
+                self.load_models(rec)
                 x = rec.recon(cine.kspace, cine.mask, maps, seed=gs.seed, callback=check)
-                self._share_models(rec)
                 if 0 < cfg.virtual_coils < cine.kspace.shape[0]:
                     log.info("slice %s: %d coils compressed to %d virtual coils, %.2f %% of the signal energy kept",
                              cine.key, cine.kspace.shape[0], cfg.virtual_coils, 100 * rec.coil_energy_kept)
@@ -150,10 +152,6 @@ class Engine:
                 return x, "low_rank", fb.device, warning
         finally:
             self._lock.release()
-
-
-def cfg_needs_models(cfg: ReconConfig) -> bool:
-    return cfg.method == "ddugm"
 
 
 def coil_maps_from_ref(cine: CineData, cfg: ReconConfig, device):

@@ -266,10 +266,7 @@ def test_reconstructor_cache_is_bounded_and_models_are_shared(tiny_weights):
         cfg = ReconConfig(image_weights=str(tiny_weights["image"]), kspace_weights=str(tiny_weights["kspace"]),
                           fusion=0.1 * i, device="cpu")
         rec = engine.reconstructor(cfg)
-        engine._share_models(rec)
-        if not rec.models_loaded:
-            rec.load_models()
-            engine._share_models(rec)
+        engine.load_models(rec)
         recs.append(rec)
     assert engine.cached == 3 and len(engine._models) == 1
     assert all(r.load_models() is recs[0].load_models() for r in recs)  # one copy of the networks
