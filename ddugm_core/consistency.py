@@ -51,7 +51,7 @@ class DataConsistency:
             self._inv_diag = torch.where(self.support, 1.0 / torch.where(self.support, diag, torch.ones_like(diag)),
                                          torch.zeros_like(diag))
             self._hybrid = None
-            if mode == "replace" and bool((self.mask == self.mask[..., :1]).all()):
+            if bool((self.mask == self.mask[..., :1]).all()):
                 self._hybrid = self._hybrid_setup()
 
     def _hybrid_setup(self) -> dict:
@@ -107,8 +107,24 @@ class DataConsistency:
             return ifft2c(self.y)
         return self.Ahy * self._inv_diag
 
+    def normal(self, x: torch.Tensor) -> torch.Tensor:
+        """A^H A x (single coil: F^H M F x): the Gram operator of the measurement."""
+        if self.A is None:
+            return ifft2c(self.mask * fft2c(x))
+        h = self._hybrid
+        if h is not None and h["maps"] is not None:  # line mask, even ny: F^H M F = c IFFT_y(M FFT_y(c .))
+            coil = torch.fft.fft(h["maps"] * x[None], dim=-2, norm="ortho") * h["lines"]
+            return (h["maps"].conj() * torch.fft.ifft(coil, dim=-2, norm="ortho")).sum(0)
+        if h is not None:  # line mask, odd ny
+            return self.S.adjoint(ifft1c(fft1c(self.S(x), dim=-2) * h["lines"], dim=-2))
+        return self.A.H(self.A(x))
+
+    def adjoint(self) -> torch.Tensor:
+        """A^H y, the unnormalised adjoint of the data (single coil: the zero-filled image)."""
+        return ifft2c(self.y) if self.A is None else self.Ahy
+
     def _normal(self, x):
-        out = self.A.H(self.A(x))
+        out = self.normal(x)
         return out + self.lam * x if self.lam else out
 
     def _cg(self, x0: torch.Tensor) -> torch.Tensor:

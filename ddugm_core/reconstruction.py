@@ -64,8 +64,8 @@ class ReconConfig:
     dc_iters: int = 5                   # conjugate-gradient steps when dc_mode is cg
     dc_lambda: float = 0.0
     virtual_coils: int = 0              # SVD coil compression to this many coils (0: use all coils)
-    coil_calib: int = 24                # max calibration lines for coil maps
-    coil_threshold: float = 0.05        # support threshold (fraction of max) for coil maps
+    coil_calib: int = 0                 # max calibration lines for coil maps (0: as many as sampled)
+    coil_threshold: float = 0.02        # coil-map support: pixels below this fraction of the max signal are zeroed (0: none)
     scale_percentile: float = 99.0
     image_weights: str = ""             # "" = the shipped weights
     kspace_weights: str = ""
@@ -132,8 +132,8 @@ class ReconConfig:
             raise ValueError(f"virtual_coils must be >= 0 (0: no compression), got {self.virtual_coils}")
         if self.lowrank_iters < 1 or self.dc_iters < 1 or self.dc_lambda < 0:
             raise ValueError("lowrank_iters and dc_iters must be >= 1, dc_lambda >= 0")
-        if not 0 < self.scale_percentile <= 100 or not 0 <= self.coil_threshold < 1 or self.coil_calib < 3:
-            raise ValueError("scale_percentile in (0, 100], coil_threshold in [0, 1), coil_calib >= 3")
+        if not 0 < self.scale_percentile <= 100 or not 0 <= self.coil_threshold < 1 or 0 < self.coil_calib < 3:
+            raise ValueError("scale_percentile in (0, 100], coil_threshold in [0, 1), coil_calib 0 (no limit) or >= 3")
         if self.device != "auto":
             try:
                 torch.device(self.device)
