@@ -25,6 +25,7 @@ from .metrics import hfen, psnr, ssim
 DEFAULT_DATA = "../shared/data/acdc_cine"
 #: what the report calls each method; "ddugm_paper" is DD-UGM with the paper preset.
 METHOD_NAMES = {"zero_filled": "zero-filled", "low_rank": "low-rank only", "l_plus_s": "L+S",
+                "llr_ttv": "LLR + temporal TV",
                 "ddugm": "DD-UGM (default)", "ddugm_paper": "DD-UGM (paper)"}
 ALL_METHODS = tuple(METHOD_NAMES)
 

@@ -24,8 +24,8 @@ from .networks import ScoreFunction, bf16_is_fast
 from .operators import KWeight, expand_mask, fft2c, ifft2c, kspace_weight
 from .sampler import SamplerSettings, ddugm_sample
 
-METHODS = ("ddugm", "low_rank", "l_plus_s", "zero_filled")
-INITS = ("zero_filled", "low_rank", "l_plus_s")  # where the sampler starts
+METHODS = ("ddugm", "low_rank", "l_plus_s", "llr_ttv", "zero_filled")
+INITS = ("zero_filled", "low_rank", "l_plus_s", "llr_ttv")  # where the sampler starts
 
 #: Sampling schedules. "paper" is the published one; "default" is the fast preset,
 #: chosen by measurement (README, "Settings").
@@ -60,6 +60,12 @@ class ReconConfig:
     ls_lambda_l: float = 0.01           #   SVT threshold relative to the largest singular value,
     ls_lambda_s: float = 0.02           #   temporal-Fourier soft threshold (normalised units),
     ls_tol: float = 0.0025              #   stop when the relative update is below this
+    llr_iters: int = 50                 # locally low-rank + temporal TV (ADMM): iterations,
+    llr_block: int = 8                  #   tile size of the locally low-rank penalty,
+    llr_lambda: float = 0.001           #   its singular-value threshold (per unit noise singular value),
+    ttv_lambda: float = 0.01            #   temporal TV weight (normalised image units),
+    llr_rho: float = 0.2                #   ADMM penalty,
+    llr_cg_iters: int = 3               #   conjugate-gradient steps per x-update
     dc_mode: str = "replace"            # multi-coil data consistency: replace (coil k-space) or cg
     dc_iters: int = 5                   # conjugate-gradient steps when dc_mode is cg
     dc_lambda: float = 0.0
@@ -128,6 +134,10 @@ class ReconConfig:
             raise ValueError(f"dc_mode must be 'replace' or 'cg', got {self.dc_mode!r}")
         if self.ls_iters < 1 or not 0 <= self.ls_lambda_l < 1 or self.ls_lambda_s < 0 or self.ls_tol < 0:
             raise ValueError("ls_iters must be >= 1, ls_lambda_l in [0, 1), ls_lambda_s >= 0, ls_tol >= 0")
+        if self.llr_iters < 1 or self.llr_block < 1 or self.llr_cg_iters < 1 or self.llr_rho <= 0 \
+                or self.llr_lambda < 0 or self.ttv_lambda < 0:
+            raise ValueError("llr_iters, llr_block and llr_cg_iters must be >= 1, llr_rho > 0, "
+                             "llr_lambda and ttv_lambda >= 0")
         if self.virtual_coils < 0:
             raise ValueError(f"virtual_coils must be >= 0 (0: no compression), got {self.virtual_coils}")
         if self.lowrank_iters < 1 or self.dc_iters < 1 or self.dc_lambda < 0:
@@ -310,20 +320,20 @@ class Reconstructor:
             x = baselines.zero_filled(dc)
         elif method == "low_rank":
             x = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window, callback, s.lowrank_solver)
-        elif method == "l_plus_s":
-            x = baselines.l_plus_s(dc, cfg.ls_iters, cfg.ls_lambda_l, cfg.ls_lambda_s, cfg.ls_tol, callback)
+        elif method in ("l_plus_s", "llr_ttv"):
+            x = self._classical(method, dc, callback)
         else:
             scores = self.load_models()
             gen = torch.Generator(self.device).manual_seed(int(seed))
             init = cfg.resolved("init")
-            offset = {"low_rank": cfg.lowrank_iters, "l_plus_s": cfg.ls_iters}.get(init, 0)
+            offset = {"low_rank": cfg.lowrank_iters, "l_plus_s": cfg.ls_iters, "llr_ttv": cfg.llr_iters}.get(init, 0)
             # one progress count over the warm start and the sampler
             progress = None if callback is None else (lambda i, n: callback(offset + i, offset + n))
             warm_cb = None if callback is None else (lambda i, n: callback(i, n + s.steps))
             if init == "low_rank":  # a classical estimate, then refine
                 x0 = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window, warm_cb, s.lowrank_solver)
-            elif init == "l_plus_s":
-                x0 = baselines.l_plus_s(dc, cfg.ls_iters, cfg.ls_lambda_l, cfg.ls_lambda_s, cfg.ls_tol, warm_cb)
+            elif init in ("l_plus_s", "llr_ttv"):
+                x0 = self._classical(init, dc, warm_cb)
             else:
                 x0 = dc.image(baselines.zero_filled(dc))
             k0 = fft2c(x0)
@@ -335,6 +345,13 @@ class Reconstructor:
         if as_numpy:
             return x.cpu().numpy()
         return x.to(out_device) if out_device is not None else x
+
+    def _classical(self, method: str, dc: DataConsistency, callback) -> torch.Tensor:
+        cfg = self.config
+        if method == "l_plus_s":
+            return baselines.l_plus_s(dc, cfg.ls_iters, cfg.ls_lambda_l, cfg.ls_lambda_s, cfg.ls_tol, callback)
+        return baselines.llr_ttv(dc, cfg.llr_iters, cfg.llr_lambda, cfg.ttv_lambda, cfg.llr_block, cfg.llr_rho,
+                                 cfg.llr_cg_iters, callback=callback)
 
     def _scale(self, k, m, maps) -> torch.Tensor:
         """Robust percentile of the time-averaged coil-combined image (no reference used)."""

@@ -50,3 +50,19 @@ def test_other_masks_use_the_2d_path():
     dc = DataConsistency(y, mask, maps)
     assert dc._hybrid is None
     assert torch.allclose(dc.image(x), _by_definition(y, mask, maps, x), atol=1e-4)
+
+
+@pytest.mark.parametrize("ny,line_mask", [(16, True), (15, True), (16, False)])
+def test_normal_operator_is_a_h_a(ny, line_mask):
+    c, t, nx = 3, 4, 10
+    maps, y, x = rc(c, ny, nx), rc(c, t, ny, nx), rc(t, ny, nx)
+    if line_mask:
+        mask = (torch.rand(t, ny, 1, generator=g) < 0.4).float().expand(t, ny, nx)
+    else:
+        mask = (torch.rand(t, ny, nx, generator=g) < 0.4).float()
+    dc = DataConsistency(y, mask, maps)
+    ref = (maps.conj()[:, None] * ifft2c(mask * fft2c(maps[:, None] * x[None]))).sum(0)
+    assert torch.allclose(dc.normal(x), ref, atol=1e-4)
+    assert torch.allclose(dc.adjoint(), (maps.conj()[:, None] * ifft2c(y * mask)).sum(0), atol=1e-4)
+    single = DataConsistency(y[:1], mask)
+    assert torch.allclose(single.normal(x), ifft2c(mask * fft2c(x)), atol=1e-4)

@@ -38,6 +38,16 @@ def test_fully_sampled_multicoil_is_sense_image(tiny_config, method):
     assert rel(rec.recon(k, method=method), sense) < 1e-3
 
 
+def test_llr_ttv_fully_sampled_is_the_least_squares_image_without_regularisation(tiny_config):
+    x = cine_phantom(4, 24, seed=3)
+    maps = coil_maps(4, 24)
+    k = simulate_kspace(x, maps, np.ones((4, 24), bool))
+    plain = ReconConfig.from_dict({**tiny_config.to_dict(), "llr_lambda": 0.0, "ttv_lambda": 0.0, "llr_iters": 10})
+    assert rel(Reconstructor(plain).recon(k, coil_maps=maps, method="llr_ttv"), x) < 1e-3
+    # the default regularisation moves a fully sampled image only a little
+    assert 1e-3 < rel(Reconstructor(tiny_config).recon(k, coil_maps=maps, method="llr_ttv"), x) < 0.05
+
+
 def test_scaling_kspace_scales_result(tiny_config):
     x = cine_phantom(4, 24, seed=3)
     k = simulate_kspace(x, coil_maps(2, 24), variable_density_mask(4, 24, 3, seed=1))
@@ -74,6 +84,7 @@ def test_undersampled_baselines_improve_on_zero_filled(tiny_config):
     zf = psnr(x, rec.recon(k, method="zero_filled"))
     assert psnr(x, rec.recon(k, method="low_rank")) > zf + 3
     assert psnr(x, rec.recon(k, method="l_plus_s")) > zf + 3
+    assert psnr(x, rec.recon(k, method="llr_ttv")) > zf + 3
 
 
 def test_coil_compression_is_exact_for_data_in_fewer_coils_and_close_otherwise(tiny_config):
@@ -173,7 +184,8 @@ def test_config_yaml_roundtrip_and_validation(tmp_path):
                       ("x: !!python/object/apply:os.system ['true']", "not valid YAML"),
                       ("method: magic", "method must be"), ("init: magic", "init must be"),
                       ("ls_lambda_l: 1.5", "ls_lambda_l"), ("ls_lambda_s: -1", "ls_lambda_s"),
-                      ("lowrank_solver: svd", "lowrank_solver")]:
+                      ("lowrank_solver: svd", "lowrank_solver"), ("llr_rho: 0", "llr_rho"),
+                      ("ttv_lambda: -1", "ttv_lambda"), ("llr_block: 0", "llr_block"), ("init: llr", "init must be")]:
         p.write_text(text)
         with pytest.raises(ValueError, match=msg):
             ReconConfig.from_yaml(p)
