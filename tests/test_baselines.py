@@ -3,8 +3,18 @@ import numpy as np
 import pytest
 import torch
 
-from ddugm_core.baselines import (conjugate_gradient, l_plus_s, llr_ttv, locally_low_rank, singular_value_threshold,
-                                  soft_threshold, temporal_diff, temporal_diff_adjoint, temporal_ft, temporal_ift)
+from ddugm_core.baselines import (
+    conjugate_gradient,
+    l_plus_s,
+    llr_ttv,
+    locally_low_rank,
+    singular_value_threshold,
+    soft_threshold,
+    temporal_diff,
+    temporal_diff_adjoint,
+    temporal_ft,
+    temporal_ift,
+)
 from ddugm_core.consistency import DataConsistency
 from ddugm_core.masks import variable_density_mask
 from ddugm_core.metrics import psnr
