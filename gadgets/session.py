@@ -119,7 +119,7 @@ class Engine:
 
     def run(self, cine: CineData, cfg: ReconConfig, gs: GadgetSettings, alive: Optional[Callable[[], bool]] = None):
         """Reconstruct one slice: returns (frames ``[T, y, x]`` complex64 on the encoded grid,
-        method used, device used, warning or None). Falls back to low-rank on CPU if the score-based
+        method used, device used, warning or None). Falls back to LLR + temporal TV on CPU if the score-based
         reconstruction fails and ``gs.fallback`` is on. ``alive()`` is polled while waiting for
         the queue and at every iteration; when it turns false the job stops with :class:`Cancelled`."""
         self._acquire(alive)
@@ -145,13 +145,18 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - any failure of the primary method
                 if not gs.fallback or cfg.method != "ddugm":
                     raise
-                warning = f"DD-UGM failed ({type(e).__name__}: {e}); low-rank reconstruction used instead"
+                warning = f"DD-UGM failed ({type(e).__name__}: {e}); LLR + temporal TV reconstruction used instead"
                 log.warning("slice %s: %s", cine.key, warning)
-                fb = Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "method": "low_rank", "device": "cpu"}))
+                fb = Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "method": FALLBACK, "device": "cpu"}))
                 x = fb.recon(cine.kspace, cine.mask, None if maps is None else maps.cpu(), seed=gs.seed, callback=check)
-                return x, "low_rank", fb.device, warning
+                return x, FALLBACK, fb.device, warning
         finally:
             self._lock.release()
+
+
+#: the classical method a failed score-based reconstruction falls back to (the strongest one
+#: measured: ``ddugm evaluate``, README)
+FALLBACK = "llr_ttv"
 
 
 def coil_maps_from_ref(cine: CineData, cfg: ReconConfig, device):

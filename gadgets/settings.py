@@ -44,7 +44,7 @@ SENDS = ("auto", "images", "image_array")
 class GadgetSettings:
     output: str = "magnitude"  # magnitude | complex | int16 (12-bit magnitude with window meta, as FIRE sends)
     send: str = "auto"  # auto (ImageArray for ReconData input, images for acquisitions) | images | image_array
-    fallback: bool = True  # a failed score-based reconstruction falls back to low-rank (warning in meta)
+    fallback: bool = True  # a failed score-based reconstruction falls back to LLR + temporal TV (warning in meta)
     seed: int = 0  # sampler seed (reconstructions are deterministic for a seed)
     series_index: int = 1  # image_series_index of the images sent
     debug_dir: str = ""  # if set: save each slice's k-space, mask and images there (.npz)

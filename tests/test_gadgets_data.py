@@ -212,7 +212,7 @@ def test_one_bad_slice_does_not_lose_the_others(sim):
 def test_failed_score_model_falls_back_with_a_warning(sim, tmp_path):
     path, _ = sim
     hdr, acqs = read_file(path)
-    cfg, gs = load_settings(operator={"image_weights": str(tmp_path / "missing.safetensors"), "lowrank_iters": "5",
+    cfg, gs = load_settings(operator={"image_weights": str(tmp_path / "missing.safetensors"), "llr_iters": "5",
                                       "device": "cpu"})
     s = ReconSession(hdr, cfg, gs, Engine())
     out = []
@@ -221,7 +221,7 @@ def test_failed_score_model_falls_back_with_a_warning(sim, tmp_path):
             out += s.handle(a)
     out += s.finish()
     assert len(out) == 6 and not s.errors
-    assert out[0].meta["DDUGM_Method"] == "low_rank" and "DD-UGM failed" in out[0].meta["DDUGM_Warning"]
+    assert out[0].meta["DDUGM_Method"] == "llr_ttv" and "DD-UGM failed" in out[0].meta["DDUGM_Warning"]
     assert "FALLBACK" in out[0].meta["GADGETRON_ImageComment"]
     cfg, gs = load_settings(operator={"image_weights": str(tmp_path / "missing.safetensors"), "fallback": "false",
                                       "device": "cpu"})
