@@ -130,7 +130,8 @@ def summarise(values: list[float]) -> tuple[float, float]:
 
 # ---------------------------------------------------------------------- running
 def add_parser(sub):
-    p = sub.add_parser("evaluate", help="compare zero-filled, low-rank, L+S and DD-UGM on simulated multi-coil cine "
+    p = sub.add_parser("evaluate", help="compare zero-filled, low-rank, L+S, LLR + temporal TV and DD-UGM on simulated "
+                                        "multi-coil cine "
                                         "from real images; writes a Markdown report")
     p.add_argument("--data", default=DEFAULT_DATA,
                    help="folder (or file) of ACDC .npz or complex/magnitude .npy/.npz cine stacks (default: %(default)s)")
@@ -158,6 +159,10 @@ def add_parser(sub):
     p.add_argument("--tune-l-plus-s", action="store_true",
                    help="instead of the report: grid-search the L+S thresholds on these series at the first "
                         "acceleration and print mean PSNR per pair (how the shipped defaults were chosen)")
+    p.add_argument("--trace", action="store_true",
+                   help="instead of the report: for DD-UGM on these series, print per sampler step the noise level "
+                        "each network is told and the RMS error of its input against the truth (needs --maps true, "
+                        "so that the image's phase convention is the truth's); writes trace.json")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -195,6 +200,8 @@ def run(a) -> int:
     series = select_series(a.data, a.split, a.slices, a.max_series, a.max_frames)
     if a.tune_l_plus_s:
         return tune_l_plus_s(series, base, rec.device, accels[0], a)
+    if a.trace:
+        return trace_noise(series, rec, accels, a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     def runs(i: int, m: str) -> bool:  # the paper preset only on the first --paper-series series
@@ -300,6 +307,48 @@ def tune_l_plus_s(series, base, device, accel: float, a) -> int:
     return 0
 
 
+def trace_noise(series, rec, accels: list[float], a) -> int:
+    """Per sampler step: sigma told to each network against the RMS error (per real component)
+    of its input, averaged over the series. The truth is used only to measure."""
+    import torch
+
+    if a.maps != "true":
+        raise ValueError("--trace needs --maps true (estimated maps give the image another phase than the truth)")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table: dict = {}
+    for i, (name, frames) in enumerate(series):
+        truth = make_truth(frames, a.seed * 1000 + i)
+        for r in accels:
+            case = simulate_case(name, truth, r, a.coils, a.noise, a.seed * 1000 + i)
+            ref = torch.from_numpy(case.truth).to(rec.device)
+
+            def record(rec_, r=r, ref=ref):
+                from .operators import fft2c
+
+                t = ref / rec_["scale"]
+                rms = lambda d: float(torch.sqrt(torch.mean(d.real ** 2 + d.imag ** 2) / 2))  # noqa: E731
+                row = table.setdefault((r, rec_["step"]), {"sigma": rec_["sigma"], "kspace_sigma": rec_["kspace_sigma"],
+                                                           "image": [], "kspace": []})
+                row["image"].append(rms(rec_["image_input"] - t))
+                w = rec_["weight"].weight
+                row["kspace"].append(rms((rec_["kspace_input"] - rec_["weight"](fft2c(t)))[..., w > 0]))
+
+            rec.recon(case.kspace, case.mask, case.maps, seed=a.seed, method="ddugm", trace=record)
+    rows = [{"accel": r, "step": st, "sigma": v["sigma"], "image_rms": float(np.mean(v["image"])),
+             "kspace_sigma": v["kspace_sigma"], "kspace_rms": float(np.mean(v["kspace"]))}
+            for (r, st), v in sorted(table.items())]
+    (out / "trace.json").write_text(json.dumps({"settings": {k: v for k, v in vars(a).items() if k != "func"},
+                                                "series": [n for n, _ in series], "rows": rows}, indent=2))
+    print(f"noise model of the sampler on {len(series)} series (RMS per real component, normalised units)")
+    print("| R | step | sigma (image) | image input error | sigma (k-space) | weighted k-space input error |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['accel']:g} | {row['step']} | {row['sigma']:.4f} | {row['image_rms']:.4f} | "
+              f"{row['kspace_sigma']:.4f} | {row['kspace_rms']:.4f} |")
+    return 0
+
+
 def summary_table(results: list[dict], methods: list[str], accels: list[float],
                   failures: list[dict] = ()) -> list[dict]:
     """One row per (R, method): mean and std over all frames of all series, seconds per slice.
@@ -353,8 +402,8 @@ def report_markdown(rows: list[dict], settings: dict, figure: bool, n_series: in
         f"- Acquisition: {e['coils']} simulated coil(s) (smooth ring sensitivities, normalised), complex Gaussian "
         f"k-space noise std {e['noise']} per real component (normalised image units, orthonormal FFT), one "
         "variable-density random Cartesian mask per frame with the centre lines always sampled.",
-        f"- Coil maps given to the methods: {e['maps']}" + (" from the time-averaged data (Walsh)." if e["maps"] == "estimated"
-                                                             else " (the simulated ones)."),
+        f"- Coil maps given to the methods: {e['maps']}"
+        + (" from the time-averaged data of all frames (Walsh)." if e["maps"] == "estimated" else " (the simulated ones)."),
         f"- DD-UGM default preset: {preset_text(rd)}. Paper preset: {preset_text(rp)}"
         + (f", run on the first {e['paper_series']} series only" if e["paper_series"] else "") + ".",
         f"- L+S (Otazo 2015): at most {rd['ls_iters']} iterations, lambda_L {rd['ls_lambda_l']} (of the largest "

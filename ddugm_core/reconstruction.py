@@ -294,13 +294,15 @@ class Reconstructor:
         return self._scores
 
     def recon(self, kspace, mask=None, coil_maps=None, seed: int = 0, method: str | None = None,
-              callback: Optional[Callable[[int, int], None]] = None):
+              callback: Optional[Callable[[int, int], None]] = None, trace: Optional[Callable[[dict], None]] = None):
         """Reconstruct ``[frame, y, x]`` complex64 images from centred k-space.
 
         kspace: ``[coil, frame, ky, kx]`` or ``[frame, ky, kx]``, zeros where not acquired.
         mask: ``[frame, ky, kx]`` or ``[frame, ky]``; inferred from the non-zero lines if None.
         coil_maps: ``[coil, y, x]``, normalised (sum |S|^2 = 1); estimated if None and coil > 1.
         Returns a numpy array for numpy input, else a tensor on the input's device.
+        trace: passed to the sampler (:func:`~ddugm_core.sampler.ddugm_sample`), each record with
+        ``scale`` (the normalisation: states are in the input's units divided by it) and ``weight``.
         """
         cfg = self.config
         method = method or cfg.method
@@ -338,7 +340,8 @@ class Reconstructor:
                 x0 = dc.image(baselines.zero_filled(dc))
             k0 = fft2c(x0)
             weight = KWeight(kspace_weight(*k0.shape[-2:], device=self.device))
-            x = ddugm_sample(k0, dc, scores["kspace"], scores["image"], weight, s, gen, progress)
+            tr = None if trace is None else (lambda rec: trace({**rec, "scale": scale, "weight": weight}))
+            x = ddugm_sample(k0, dc, scores["kspace"], scores["image"], weight, s, gen, progress, tr)
         if maps is not None:
             x = x * dc.support
         x = (x * scale).to(torch.complex64)

@@ -59,8 +59,13 @@ def langevin(x, score: Score, sigma, snr: float, generator, add_noise=True):
 
 def ddugm_sample(k0: torch.Tensor, dc: DataConsistency, score_k: Score, score_i: Score,
                  weight: KWeight, settings: SamplerSettings, generator: torch.Generator,
-                 callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
-    """Reconstruct images ``[frame, y, x]`` from a data-consistent start ``k0`` ``[frame, ky, kx]``."""
+                 callback: Optional[Callable[[int, int], None]] = None,
+                 trace: Optional[Callable[[dict], None]] = None) -> torch.Tensor:
+    """Reconstruct images ``[frame, y, x]`` from a data-consistent start ``k0`` ``[frame, ky, kx]``.
+
+    ``trace``, if given, is called once a step with the noise levels the two networks are
+    told and the inputs they get (weighted k-space, image), so that a caller who knows
+    the truth can measure whether the noise model holds (``ddugm evaluate --trace``)."""
     s = settings
     sde = VESDE(s.sigma_min, s.sigma_max)
     sigmas = sde.discrete_sigmas(s.steps, s.eps, device=k0.device)
@@ -75,7 +80,8 @@ def ddugm_sample(k0: torch.Tensor, dc: DataConsistency, score_k: Score, score_i:
         last = i == s.steps - 1  # the final step returns the noise-free mean
         sig_c = sigma_next if not last else sigma  # corrector level: what remains after the predictor
         # 1-2. k-space predictor on the weighted k-space; unweight, data consistency, reweight
-        kw = reverse_diffusion(weight(k), score_k, ks * sigma, ks * sigma_next, generator, not last)
+        kw_in = weight(k)
+        kw = reverse_diffusion(kw_in, score_k, ks * sigma, ks * sigma_next, generator, not last)
         k = dc.kspace(weight.unweight(kw, k))
         # 3-4. k-space Langevin corrector; unweight, data consistency
         if s.correctors:
@@ -84,7 +90,11 @@ def ddugm_sample(k0: torch.Tensor, dc: DataConsistency, score_k: Score, score_i:
         # 5. structured low-rank step over all frames; data consistency
         k_lr = dc.kspace(project(k))
         # 6-7. image predictor and corrector, each followed by data consistency
-        x = dc.image(reverse_diffusion(ifft2c(k_lr), score_i, sigma, sigma_next, generator, not last))
+        x_in = ifft2c(k_lr)
+        if trace is not None:
+            trace({"step": i, "sigma": float(sigma), "kspace_sigma": float(ks * sigma), "kspace_input": kw_in,
+                   "image_input": x_in})
+        x = dc.image(reverse_diffusion(x_in, score_i, sigma, sigma_next, generator, not last))
         if s.correctors:
             x = dc.image(langevin(x, score_i, sig_c, s.snr, generator, not last))
         # 8. fuse the two domains; both chains restart from the fused estimate

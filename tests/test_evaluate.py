@@ -161,3 +161,16 @@ def test_a_failing_case_loses_no_other(series_dir, fast_yaml, tmp_path, monkeypa
     assert "simulated device failure" in report and "empty" in report
     # the failed case is left out for every method: both rows are over the same 2 series
     assert "| 2 | zero-filled | 2 |" in report and "| 2 | L+S | 2 |" in report
+
+
+def test_trace_measures_the_noise_each_network_sees(series_dir, fast_yaml, tmp_path, capsys):
+    args = ["evaluate", "--data", str(series_dir), "--split", "all", "--max-series", "1", "--accels", "3",
+            "--coils", "2", "--config", str(fast_yaml), "--device", "cpu", "--trace", "--quiet", "--out", str(tmp_path)]
+    assert main(args + ["--maps", "true"]) == 0
+    rows = json.loads((tmp_path / "trace.json").read_text())["rows"]
+    assert [r["step"] for r in rows] == [0, 1]  # the fast config's 2 steps
+    assert rows[0]["sigma"] > rows[1]["sigma"] and all(r["image_rms"] > 0 and r["kspace_rms"] > 0 for r in rows)
+    # the image input after the warm start: its error is that of the classical estimate, far below sigma_max 0.3
+    assert rows[0]["image_rms"] < rows[0]["sigma"]
+    assert "| 3 | 0 |" in capsys.readouterr().out
+    assert main(args) == 2  # estimated maps: another phase convention than the truth
