@@ -135,7 +135,8 @@ def locally_low_rank(x: torch.Tensor, threshold: float, block: int, shift: tuple
 
 def llr_ttv(dc: DataConsistency, iters: int = 40, lambda_llr: float = 0.01, lambda_tv: float = 0.01,
             block: int = 8, rho: float = 0.5, cg_iters: int = 3, seed: int = 0,
-            callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+            callback: Optional[Callable[[int, int], None]] = None, x0: Optional[torch.Tensor] = None,
+            anchor: Optional[torch.Tensor] = None, gamma: float = 0.0) -> torch.Tensor:
     """Locally low-rank plus temporal total variation, by ADMM (the regularisers of BART's
     ``pics -R L`` and ``-R T``, together; our own implementation).
 
@@ -148,10 +149,18 @@ def llr_ttv(dc: DataConsistency, iters: int = 40, lambda_llr: float = 0.01, lamb
     singular value of a tile of unit-variance noise, so that one ``lambda_llr`` suits any
     frame count; ``lambda_tv`` is in the normalised image units the reconstructor works in.
     Tiles are shifted randomly each iteration (``seed``: deterministic).
+
+    With ``anchor`` and ``gamma`` > 0 the objective gets gamma / 2 ||x - anchor||^2 (the
+    plug-and-play step of the sampler: the anchor is a denoised estimate); ``x0`` is the start
+    (default: the zero-filled image).
     """
     t = dc.mask.shape[0]
     ahy = dc.adjoint()
-    x = zero_filled(dc)
+    if anchor is not None and gamma > 0:
+        ahy = ahy + gamma * anchor
+    else:
+        gamma = 0.0
+    x = zero_filled(dc) if x0 is None else x0
     z1, u1 = x.clone(), torch.zeros_like(x)
     z2 = temporal_diff(x) if t > 1 else x[:0]
     u2 = torch.zeros_like(z2)
@@ -160,7 +169,7 @@ def llr_ttv(dc: DataConsistency, iters: int = 40, lambda_llr: float = 0.01, lamb
     gen = torch.Generator().manual_seed(int(seed))
 
     def normal(v):
-        out = dc.normal(v) + rho * v
+        out = dc.normal(v) + (rho + gamma) * v
         return out + rho * temporal_diff_adjoint(temporal_diff(v)) if t > 1 else out
 
     for i in range(iters):

@@ -22,18 +22,21 @@ from .consistency import DataConsistency
 from .lowrank import default_rank
 from .networks import ScoreFunction, bf16_is_fast
 from .operators import KWeight, expand_mask, fft2c, ifft2c, kspace_weight
-from .sampler import SamplerSettings, ddugm_sample
+from .sampler import PnPSettings, SamplerSettings, ddugm_sample, pnp_sample
 
 METHODS = ("ddugm", "low_rank", "l_plus_s", "llr_ttv", "zero_filled")
 INITS = ("zero_filled", "low_rank", "l_plus_s", "llr_ttv")  # where the sampler starts
+SAMPLERS = ("ddugm", "pnp")
 
 #: Sampling schedules. "paper" is the published one; "default" is the fast preset,
 #: chosen by measurement (README, "Settings").
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"steps": 1000, "sigma_min": 0.01, "sigma_max": 4.0, "snr": 0.075, "kspace_sigma_scale": 1.0,
-              "init": "zero_filled", "lowrank_solver": "exact", "correctors": True},
+              "init": "zero_filled", "lowrank_solver": "exact", "correctors": True, "sampler": "ddugm"},
     "default": {"steps": 10, "sigma_min": 0.01, "sigma_max": 0.3, "snr": 0.075, "kspace_sigma_scale": 0.1,
-                "init": "l_plus_s", "lowrank_solver": "subspace", "correctors": False},
+                "init": "l_plus_s", "lowrank_solver": "subspace", "correctors": False, "sampler": "ddugm"},
+    "pnp": {"steps": 5, "sigma_min": 0.01, "sigma_max": 0.05, "snr": 0.075, "kspace_sigma_scale": 1.0,
+            "init": "llr_ttv", "lowrank_solver": "subspace", "correctors": False, "sampler": "pnp"},
 }
 
 
@@ -55,6 +58,9 @@ class ReconConfig:
     rank: Optional[int] = None          # default floor(1.5 * window^2) = 54
     lowrank_solver: Optional[str] = None  # exact (eigh each time) or subspace (warm-started power iteration)
     correctors: Optional[bool] = None   # Langevin corrector steps (off: half the network calls)
+    sampler: Optional[str] = None       # ddugm (the dual-domain predictor-corrector) or pnp (image prior + LLR/TV ADMM)
+    pnp_gamma: float = 0.1              # pnp: weight of the denoised anchor in each ADMM solve
+    pnp_inner: int = 5                  # pnp: ADMM iterations per noise level
     lowrank_iters: int = 50             # iterations of the low-rank-only method
     ls_iters: int = 50                  # L+S baseline (Otazo 2015): max iterations,
     ls_lambda_l: float = 0.01           #   SVT threshold relative to the largest singular value,
@@ -122,6 +128,10 @@ class ReconConfig:
             raise ValueError(f"need 0 < sigma_min <= sigma_max, got {s.sigma_min}, {s.sigma_max}")
         if s.snr <= 0 or s.kspace_sigma_scale <= 0:
             raise ValueError("snr and kspace_sigma_scale must be positive")
+        if self.resolved("sampler") not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.pnp_gamma < 0 or self.pnp_inner < 1:
+            raise ValueError("pnp_gamma must be >= 0 and pnp_inner >= 1")
         if self.resolved("init") not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not 0 <= self.fusion <= 1:
@@ -341,13 +351,23 @@ class Reconstructor:
             k0 = fft2c(x0)
             weight = KWeight(kspace_weight(*k0.shape[-2:], device=self.device))
             tr = None if trace is None else (lambda rec: trace({**rec, "scale": scale, "weight": weight}))
-            x = ddugm_sample(k0, dc, scores["kspace"], scores["image"], weight, s, gen, progress, tr)
+            if cfg.resolved("sampler") == "pnp":
+                x = pnp_sample(x0, dc, scores["image"], self.pnp_settings(), progress, tr)
+            else:
+                x = ddugm_sample(k0, dc, scores["kspace"], scores["image"], weight, s, gen, progress, tr)
         if maps is not None:
             x = x * dc.support
         x = (x * scale).to(torch.complex64)
         if as_numpy:
             return x.cpu().numpy()
         return x.to(out_device) if out_device is not None else x
+
+    def pnp_settings(self) -> PnPSettings:
+        cfg, s = self.config, self.config.sampler_settings()
+        return PnPSettings(steps=s.steps, sigma_max=s.sigma_max, sigma_min=s.sigma_min, gamma=cfg.pnp_gamma,
+                           inner=cfg.pnp_inner,
+                           llr={"lambda_llr": cfg.llr_lambda, "lambda_tv": cfg.ttv_lambda, "block": cfg.llr_block,
+                                "rho": cfg.llr_rho, "cg_iters": cfg.llr_cg_iters})
 
     def _classical(self, method: str, dc: DataConsistency, callback) -> torch.Tensor:
         cfg = self.config

@@ -225,3 +225,18 @@ def test_paper_preset_and_cg_paths_run(tiny_config, overrides):
     full = simulate_kspace(out, coil_maps(2, 24), np.ones((4, 24), bool))
     m = variable_density_mask(4, 24, 3, seed=1)[None, :, :, None]
     assert rel(full * m, k) < 0.2
+
+
+def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_config):
+    x = cine_phantom(4, 24, seed=3)
+    k = simulate_kspace(x, coil_maps(2, 24), variable_density_mask(4, 24, 3, seed=1))
+    cfg = ReconConfig.from_dict({**tiny_config.to_dict(), "preset": "pnp", "steps": None, "llr_iters": 4,
+                                 "pnp_inner": 2})
+    assert (cfg.resolved("sampler"), cfg.resolved("init"), cfg.sampler_settings().steps) == ("pnp", "llr_ttv", 5)
+    seen = []
+    out = Reconstructor(cfg).recon(k, callback=lambda i, n: seen.append((i, n)))
+    assert out.shape == (4, 24, 24) and np.isfinite(out).all()
+    assert seen[0] == (1, 9) and seen[-1] == (9, 9)
+    for bad, msg in [({"sampler": "dps"}, "sampler must be"), ({"pnp_gamma": -1.0}, "pnp_gamma")]:
+        with pytest.raises(ValueError, match=msg):
+            ReconConfig.from_dict({**tiny_config.to_dict(), **bad})
