@@ -25,7 +25,7 @@ def add_parser(sub):
     p = sub.add_parser("bench", help="time reconstructions of standard cine cases (per stage, NFEs, peak memory); "
                                      "writes JSON")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--preset", default="default", help="sampling preset: default or paper (default: %(default)s)")
+    p.add_argument("--preset", default="default", help="sampling preset: default, pnp, dual or paper (default: %(default)s)")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma separated from {', '.join(CASES)} (default: all)")
     p.add_argument("--method", default="ddugm", help="ddugm, low_rank, l_plus_s, llr_ttv or zero_filled (default: ddugm)")
     p.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")

@@ -23,10 +23,11 @@ import numpy as np
 from .metrics import hfen, psnr, ssim
 
 DEFAULT_DATA = "../shared/data/acdc_cine"
-#: what the report calls each method; "ddugm_paper" is DD-UGM with the paper preset.
+#: what the report calls each method; "ddugm_<preset>" is DD-UGM with that preset.
 METHOD_NAMES = {"zero_filled": "zero-filled", "low_rank": "low-rank only", "l_plus_s": "L+S",
                 "llr_ttv": "LLR + temporal TV",
-                "ddugm": "DD-UGM (default)", "ddugm_paper": "DD-UGM (paper)"}
+                "ddugm": "DD-UGM (default)", "ddugm_pnp": "DD-UGM (pnp)", "ddugm_dual": "DD-UGM (dual)",
+                "ddugm_paper": "DD-UGM (paper)"}
 ALL_METHODS = tuple(METHOD_NAMES)
 
 
@@ -196,6 +197,12 @@ def run(a) -> int:
                                        **{k: None for k in PRESETS["paper"]}})
     rec = Reconstructor(cfg_default)
     rec_paper = Reconstructor(cfg_paper, device=rec.device)  # loads its (identical) models only if used
+    engines = {"ddugm_paper": rec_paper}
+    for m in methods:  # other presets, each with its own schedule (models loaded on first use)
+        if m.startswith("ddugm_") and m not in engines:
+            cfg_m = ReconConfig.from_dict({**base.to_dict(), **over, "method": "ddugm", "preset": m[6:],
+                                           **{k: None for k in PRESETS[m[6:]]}})
+            engines[m] = Reconstructor(cfg_m, device=rec.device)
 
     series = select_series(a.data, a.split, a.slices, a.max_series, a.max_frames)
     if a.tune_l_plus_s:
@@ -241,7 +248,7 @@ def run(a) -> int:
             for m in methods:
                 if not runs(i, m):
                     continue
-                engine = rec_paper if m == "ddugm_paper" else rec
+                engine = engines.get(m, rec)
                 method = "ddugm" if m.startswith("ddugm") else m
                 if bar is not None:
                     bar.set_postfix_str(f"{name} R={r:g} {m}")

@@ -40,11 +40,11 @@ def test_bench_writes_json(tmp_path, tiny_weights, monkeypatch):
                    f"  kspace_weights: {tiny_weights['kspace']}\n")
     out = tmp_path / "b.json"
     assert main(["bench", "--device", "cpu", "--steps", "3", "--config", str(cfg), "--json", str(out),
-                 "--repeat", "2"]) == 0
+                 "--repeat", "2", "--preset", "dual"]) == 0
     res = json.loads(out.read_text())
     assert res["info"]["steps"] == 3 and [r["case"] for r in res["results"]] == ["paper", "cine8"]
     for r in res["results"]:
-        assert r["network_calls"] == 2 * 3  # default preset: k-space and image predictor per step, no correctors
+        assert r["network_calls"] == 2 * 3  # dual preset: k-space and image predictor per step, no correctors
         assert r["network_frames"] == 2 * 3 * r["frames"]
         assert set(r["stages_s"]) == {"network", "data consistency", "low-rank", "other"}
         assert abs(sum(r["stages_s"].values()) - r["instrumented_s"]) < 1e-6

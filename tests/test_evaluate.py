@@ -164,8 +164,10 @@ def test_a_failing_case_loses_no_other(series_dir, fast_yaml, tmp_path, monkeypa
 
 
 def test_trace_measures_the_noise_each_network_sees(series_dir, fast_yaml, tmp_path, capsys):
+    dual = tmp_path / "dual.yaml"
+    dual.write_text(fast_yaml.read_text() + "  preset: dual\n")
     args = ["evaluate", "--data", str(series_dir), "--split", "all", "--max-series", "1", "--accels", "3",
-            "--coils", "2", "--config", str(fast_yaml), "--device", "cpu", "--trace", "--quiet", "--out", str(tmp_path)]
+            "--coils", "2", "--config", str(dual), "--device", "cpu", "--trace", "--quiet", "--out", str(tmp_path)]
     assert main(args + ["--maps", "true"]) == 0
     rows = json.loads((tmp_path / "trace.json").read_text())["rows"]
     assert [r["step"] for r in rows] == [0, 1]  # the fast config's 2 steps
@@ -174,3 +176,8 @@ def test_trace_measures_the_noise_each_network_sees(series_dir, fast_yaml, tmp_p
     assert rows[0]["image_rms"] < rows[0]["sigma"]
     assert "| 3 | 0 |" in capsys.readouterr().out
     assert main(args) == 2  # estimated maps: another phase convention than the truth
+    # the pnp sampler: image inputs only (no k-space network)
+    args[args.index(str(dual))] = str(fast_yaml)
+    assert main(args + ["--maps", "true"]) == 0
+    rows = json.loads((tmp_path / "trace.json").read_text())["rows"]
+    assert len(rows) == 2 and all(r["kspace_rms"] is None and r["image_rms"] > 0 for r in rows)
