@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-METHOD_NAMES = {"zero_filled": "zero-filled", "low_rank": "low-rank only", "ddugm": "DD-UGM"}
+METHOD_NAMES = {"zero_filled": "zero-filled", "low_rank": "low-rank only", "llr_ttv": "LLR + temp. TV",
+                "ddugm": "DD-UGM"}
 
 
 def add_parser(sub):
@@ -26,7 +27,7 @@ def add_parser(sub):
                    help="variable-density random lines per frame, or the paper's shifted lattice")
     p.add_argument("--noise", type=float, default=0.002, help="k-space noise std, phantom units (default: %(default)s)")
     p.add_argument("--config", default=None, help="reconstruction settings YAML (ReconConfig)")
-    p.add_argument("--preset", default=None, help="sampling preset: default or paper")
+    p.add_argument("--preset", default=None, help="sampling preset: default (= pnp), pnp, dual or paper")
     p.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -60,7 +61,7 @@ def run(a) -> int:
           f"({a.mask} lines), device {rec.device}, preset {cfg.preset} ({cfg.sampler_settings().steps} steps)")
 
     results, seconds, images = {}, {}, {}
-    for method in ("zero_filled", "low_rank", "ddugm"):
+    for method in METHOD_NAMES:
         bar = _bar(METHOD_NAMES[method], a.quiet) if method != "zero_filled" else None
         t0 = time.perf_counter()
         img = rec.recon(kspace, seed=a.seed, method=method, callback=bar)
