@@ -17,7 +17,7 @@ c. ``train``: three trainings side by side on the one GPU (small networks are la
 d. ``compare``: one-step denoising PSNR at sigma 0.02 / 0.05 / 0.1 and validation DSM loss of
    every new and committed network; DD-UGM PSNR on 3 validation cines at R = 8 with the
    committed pair, the best new image prior with the new k-space prior, and each new prior
-   alone;
+   alone, with the default preset (pnp: image prior only) and the dual preset (both priors);
 e. ``compile``: ``bench --device cuda`` with ``compile: true`` (last: it may be long);
 f. OUT gets at most 8 files of at most 16 MiB: ``summary.json`` (every stage's status, times,
    results), ``log.txt``, ``losses.json`` and the new weights as float16 safetensors with
@@ -271,20 +271,26 @@ def stage_compare(run: Run, trained: dict) -> dict:
         pairs["new_image_only"] = (best_image, "kspace_committed")
     if "kspace" in candidates:
         pairs["new_kspace_only"] = ("image_committed", "kspace")
-    psnrs = {}
-    for pair, (im, ks) in pairs.items():
-        cfg = ReconConfig(image_weights=str(candidates[im][1]), kspace_weights=str(candidates[ks][1]),
-                          device=run.device, **({"steps": 2, "ls_iters": 3} if run.dry else {}))
-        rec = Reconstructor(cfg)
-        values = []
-        for i, (name, cine) in enumerate(cines):
-            case = simulate_case(name, make_truth(cine, seed=i), 8.0, 2 if run.dry else 8, 0.005, seed=i)
-            x = rec.recon(case.kspace, case.mask, None, seed=0)
-            values += frame_metrics(case.truth, x)["psnr"]
-        psnrs[pair] = round(float(np.mean(values)), 3)
-        run.note(f"compare: DD-UGM R=8 on {len(cines)} validation cines, {pair}: {psnrs[pair]} dB")
-        run.save()
+    psnrs, psnrs_dual = {}, {}
+    small = {"steps": 2, "ls_iters": 3, "llr_iters": 3, "pnp_inner": 1} if run.dry else {}
+    # the default preset (pnp) uses only the image prior; the dual preset measures the k-space prior too
+    for preset, table in (("default", psnrs), ("dual", psnrs_dual)):
+        for pair, (im, ks) in pairs.items():
+            if preset == "default" and pair == "new_kspace_only":
+                continue  # the same images as "committed": the default preset has no k-space network
+            cfg = ReconConfig(image_weights=str(candidates[im][1]), kspace_weights=str(candidates[ks][1]),
+                              device=run.device, preset=preset, **small)
+            rec = Reconstructor(cfg)
+            values = []
+            for i, (name, cine) in enumerate(cines):
+                case = simulate_case(name, make_truth(cine, seed=i), 8.0, 2 if run.dry else 8, 0.005, seed=i)
+                x = rec.recon(case.kspace, case.mask, None, seed=0)
+                values += frame_metrics(case.truth, x)["psnr"]
+            table[pair] = round(float(np.mean(values)), 3)
+            run.note(f"compare: DD-UGM ({preset} preset) R=8 on {len(cines)} validation cines, {pair}: {table[pair]} dB")
+            run.save()
     result["ddugm_psnr_r8"] = psnrs
+    result["ddugm_dual_psnr_r8"] = psnrs_dual
     result["cines"] = [n for n, _ in cines]
     return result
 
