@@ -45,7 +45,11 @@ def test_chain_is_a_valid_v2_configuration_with_our_node(path):
 
 def test_dockerfile_builds_on_the_gadgetron_runtime_and_installs_this_package():
     text = (ROOT / "docker" / "Dockerfile").read_text()
-    assert re.search(r"^FROM ghcr\.io/gadgetron/gadgetron/ubuntu22\.04_rt_cuda", text, re.M)
+    base = re.search(r"^ARG GADGETRON_IMAGE=(\S+)\nFROM \$\{GADGETRON_IMAGE\}$", text, re.M)
+    assert base, "the base image is an ARG used by the only FROM"
+    # a release tag (or a digest), never a moving tag
+    assert re.fullmatch(r"ghcr\.io/gadgetron/gadgetron/ubuntu22\.04_rt_cuda(:\d+\.\d+\.\d+|@sha256:[0-9a-f]{64})",
+                        base.group(1)), base.group(1)
     copied = re.findall(r"^COPY\s+(?:--\S+\s+)*(\S+)", text, re.M)
     for src in copied:
         assert (ROOT / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
