@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .consistency import DataConsistency
+from .consistency import DataConsistency, conjugate_gradient
 from .lowrank import LowRankProjector
 from .operators import HankelLift, fft2c, ifft2c
 from .profiling import stage
@@ -189,22 +189,3 @@ def llr_ttv(dc: DataConsistency, iters: int = 40, lambda_llr: float = 0.01, lamb
             callback(i + 1, iters)
     return x
 
-
-def conjugate_gradient(normal: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x: torch.Tensor,
-                       iters: int) -> torch.Tensor:
-    """``iters`` conjugate-gradient steps on normal(x) = b (Hermitian positive definite), from ``x``."""
-    r = b - normal(x)
-    p = r
-    rr = torch.vdot(r.flatten(), r.flatten()).real
-    tiny = 1e-30 + 1e-14 * torch.vdot(b.flatten(), b.flatten()).real
-    for _ in range(iters):
-        if not rr > tiny:
-            break
-        ap = normal(p)
-        alpha = rr / torch.vdot(p.flatten(), ap.flatten()).real.clamp(min=1e-30)
-        x = x + alpha * p
-        r = r - alpha * ap
-        rr_new = torch.vdot(r.flatten(), r.flatten()).real
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-    return x

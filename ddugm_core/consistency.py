@@ -129,18 +129,23 @@ class DataConsistency:
 
     def _cg(self, x0: torch.Tensor) -> torch.Tensor:
         b = self.Ahy + self.lam * x0 if self.lam else self.Ahy
-        x = x0
-        r = b - self._normal(x)
-        p = r
-        rr = torch.vdot(r.flatten(), r.flatten()).real
-        tiny = 1e-30 + 1e-12 * torch.vdot(b.flatten(), b.flatten()).real
-        for _ in range(self.cg_iters):
-            ap = self._normal(p)
-            pap = torch.vdot(p.flatten(), ap.flatten()).real
-            alpha = torch.where(pap > tiny, rr / pap.clamp(min=1e-30), torch.zeros_like(rr))
-            x = x + alpha * p
-            r = r - alpha * ap
-            rr_new = torch.vdot(r.flatten(), r.flatten()).real
-            p = r + (rr_new / rr.clamp(min=1e-30)) * p
-            rr = rr_new
-        return x
+        return conjugate_gradient(self._normal, b, x0, self.cg_iters)
+
+
+def conjugate_gradient(normal, b: torch.Tensor, x: torch.Tensor, iters: int) -> torch.Tensor:
+    """``iters`` conjugate-gradient steps on normal(x) = b (Hermitian positive semi-definite),
+    warm-started at ``x``. A direction with no curvature left gets step 0 (no host reads)."""
+    r = b - normal(x)
+    p = r
+    rr = torch.vdot(r.flatten(), r.flatten()).real
+    tiny = 1e-30 + 1e-12 * torch.vdot(b.flatten(), b.flatten()).real
+    for _ in range(iters):
+        ap = normal(p)
+        pap = torch.vdot(p.flatten(), ap.flatten()).real
+        alpha = torch.where(pap > tiny, rr / pap.clamp(min=1e-30), torch.zeros_like(rr))
+        x = x + alpha * p
+        r = r - alpha * ap
+        rr_new = torch.vdot(r.flatten(), r.flatten()).real
+        p = r + (rr_new / rr.clamp(min=1e-30)) * p
+        rr = rr_new
+    return x

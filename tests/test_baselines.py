@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from ddugm_core.baselines import (
-    conjugate_gradient,
     l_plus_s,
     llr_ttv,
     locally_low_rank,
@@ -15,7 +14,7 @@ from ddugm_core.baselines import (
     temporal_ft,
     temporal_ift,
 )
-from ddugm_core.consistency import DataConsistency
+from ddugm_core.consistency import DataConsistency, conjugate_gradient
 from ddugm_core.masks import variable_density_mask
 from ddugm_core.metrics import psnr
 from ddugm_core.operators import expand_mask
