@@ -1,7 +1,7 @@
 """Weights and training state as safetensors (loading never executes code).
 
 A model file holds the network tensors and, in its metadata, the network settings
-(``net_config``), the domain (``image`` or ``kspace``) and the training settings, so a
+(``net_config``), the domain (``image``, ``kspace`` or ``xt``) and the training settings, so a
 file alone is enough to rebuild the network.
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from .networks import NCSNpp, NetConfig
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-DEFAULT_WEIGHTS = {"image": WEIGHTS_DIR / "image.safetensors", "kspace": WEIGHTS_DIR / "kspace.safetensors"}
+DEFAULT_WEIGHTS = {"image": WEIGHTS_DIR / "image.safetensors", "kspace": WEIGHTS_DIR / "kspace.safetensors",
+                   "xt": WEIGHTS_DIR / "xt.safetensors"}
 
 
 def save_model(path, net: NCSNpp, domain: str, settings: dict | None = None, dtype=torch.float32) -> None:

@@ -17,13 +17,16 @@ def _train_parser(sub):
     from .training import TrainConfig
 
     d = TrainConfig()
-    p = sub.add_parser("train", help="train a score model (image or weighted k-space) on single 2D frames")
-    p.add_argument("--domain", choices=["image", "kspace"], required=True)
+    p = sub.add_parser("train", help="train a score model on 2D arrays: single frames (image or weighted "
+                                     "k-space) or x-t / y-t planes of cine (xt)")
+    p.add_argument("--domain", choices=["image", "kspace", "xt"], required=True)
     p.add_argument("--data", default=d.data, help="folder of ACDC .npz or .npy/.npz frame stacks (default: %(default)s)")
     p.add_argument("--out", default=None, help="output folder (default: runs/DOMAIN)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--size", type=int, default=d.size, help="training crop size in pixels (default: %(default)s)")
+    p.add_argument("--frames", type=int, default=d.frames,
+                   help="xt: cardiac phases per training plane (wraps around the cycle; default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--ema", type=float, default=d.ema)
     p.add_argument("--sigma-min", type=float, default=d.sigma_min)
@@ -50,8 +53,8 @@ def _train_parser(sub):
                    help="training noise levels: log-uniform on [sigma-min, sigma-max] or log-normal (EDM) clipped to it")
     p.add_argument("--sigma-mean", type=float, default=d.sigma_mean, help="lognormal: mean of ln sigma")
     p.add_argument("--sigma-std", type=float, default=d.sigma_std, help="lognormal: std of ln sigma")
-    p.add_argument("--val-data", default="", help="validation frames (folder, file or pack; default: every 10th "
-                                                  "file of --data)")
+    p.add_argument("--val-data", default="", help="validation frames (folder, file or pack; default: the "
+                                                  "validation patients of --data)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -103,7 +106,7 @@ def _run_train(a) -> int:
     net = NetConfig.paper() if a.paper_net else NetConfig(nf=a.nf, ch_mult=a.ch_mult, num_res_blocks=a.res_blocks,
                                                          attn_resolutions=a.attn, image_size=a.size)
     cfg = TrainConfig(domain=a.domain, data=a.data, out=a.out or f"runs/{a.domain}", steps=a.steps, batch=a.batch,
-                      size=a.size, lr=a.lr, ema=a.ema, sigma_min=a.sigma_min, sigma_max=a.sigma_max, seed=a.seed,
+                      size=a.size, frames=a.frames, lr=a.lr, ema=a.ema, sigma_min=a.sigma_min, sigma_max=a.sigma_max, seed=a.seed,
                       device=a.device, amp=not a.no_amp, init=a.init, resume=not a.no_resume,
                       save_every=a.save_every, log_every=a.log_every, threads=a.threads, net=net,
                       minutes=a.minutes, save_minutes=a.save_minutes, warmup=a.warmup, schedule=a.schedule,

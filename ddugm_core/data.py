@@ -196,6 +196,28 @@ def load_frames(files: list[Path]) -> torch.Tensor:
     return torch.cat(out).to(torch.complex64)
 
 
+def load_series(files: list[Path]) -> list[torch.Tensor]:
+    """Every series of ``files`` (one slice, all cardiac phases), normalised as
+    :func:`load_frames` does, as complex64 ``[T, H, W]`` tensors of their own sizes. A training
+    pack contributes its series as stored (every ``stride``-th phase: see :func:`write_pack`)."""
+    out = []
+    for path in files:
+        if is_pack(path):
+            frames = read_pack(path)
+            with np.load(path, allow_pickle=False) as z:
+                ids = torch.from_numpy(z["series"].astype(np.int64))
+            out += [frames[ids == i].to(torch.complex64) for i in torch.unique(ids).tolist()]
+            continue
+        for s in series_of(read_array(path)):
+            s = s.astype(np.complex64) if np.iscomplexobj(s) else s.astype(np.float32)
+            scale = robust_scale(s)
+            if np.isfinite(s).all() and scale > 0:
+                out.append(torch.from_numpy(s / scale).to(torch.complex64))
+    if not out:
+        raise ValueError("no usable series (all empty or non-finite)")
+    return out
+
+
 def center_fit(x: torch.Tensor, size) -> torch.Tensor:
     """Centre-crop or zero-pad the last two axes to ``size``."""
     ny, nx = size
@@ -220,6 +242,83 @@ def smooth_phase(n: int, size: int, generator: torch.Generator, device) -> torch
     return amp * field + ramp[:, 0] * g[:, None] + ramp[:, 1] * g[None, :]
 
 
+def smooth_phase_1d(n: int, size: int, generator: torch.Generator, device) -> torch.Tensor:
+    """Random smooth phase profiles ``[n, size]`` (a low-order field plus a linear ramp): the
+    phase along one line of a frame, constant over the cardiac cycle."""
+    coarse = torch.randn(n, 1, 4, generator=generator, device=device)
+    field = F.interpolate(coarse, size=size, mode="linear", align_corners=True)[:, 0]
+    amp = torch.rand(n, 1, generator=generator, device=device) * math.pi
+    ramp = torch.randn(n, 1, generator=generator, device=device) * 0.5
+    return amp * field + ramp * torch.linspace(-1, 1, size, device=device)
+
+
+class PlaneSampler:
+    """Draws augmented training batches of 2D spatio-temporal planes ``[n, frames, size]``: one
+    line of a cine (a row: x-t, or a column: y-t) through ``frames`` consecutive cardiac phases.
+
+    The cycle is periodic, so the time window wraps around (a series with fewer phases than
+    ``frames`` repeats its cycle, which is also how the sampler pads). Augmentation: every
+    second phase at random (a coarser temporal resolution), time reversal, random position
+    along the line on a zero-padded canvas, flip, intensity jitter, and a random smooth phase
+    that is constant over time for magnitude data. Lines are drawn from the central 70 % of
+    the field of view (where the heart is) three times in four, otherwise anywhere.
+    """
+
+    domain = "xt"
+
+    def __init__(self, series: list[torch.Tensor], frames: int, size: int, device="cpu"):
+        if not series:
+            raise ValueError("no series to draw planes from")
+        self.series = [s.to(device) for s in series]
+        self.is_complex = any(bool((s.imag != 0).any()) for s in self.series)
+        self.frames, self.size, self.device = frames, size, torch.device(device)
+        self.shape = (frames, size)
+
+    def __len__(self) -> int:
+        return sum(s.shape[0] for s in self.series)
+
+    def _plane(self, g: torch.Generator) -> torch.Tensor:
+        dev = self.device
+
+        def rint(n: int) -> int:
+            return int(torch.randint(max(n, 1), (1,), generator=g, device=dev))
+
+        s = self.series[rint(len(self.series))]
+        t_all, h, w = s.shape
+        axis = rint(2)  # 0: a row (x-t plane), 1: a column (y-t plane)
+        across = h if axis == 0 else w
+        central = rint(4) != 0
+        lo, span = (int(0.15 * across), max(1, int(0.7 * across))) if central else (0, across)
+        pos = lo + rint(span)
+        line = s[:, pos, :] if axis == 0 else s[:, :, pos]  # [T, L]
+        stride = 2 if (t_all >= 2 * 8 and rint(10) < 3) else 1
+        t0 = rint(t_all)
+        idx = (t0 + stride * torch.arange(self.frames, device=dev)) % t_all
+        plane = line[idx]
+        if rint(2):
+            plane = plane.flip(0)
+        length = plane.shape[1]
+        if length < self.size:
+            pad = self.size - length
+            left = rint(pad + 1)
+            plane = F.pad(plane, (left, pad - left))
+        else:
+            o = rint(length - self.size + 1)
+            plane = plane[:, o:o + self.size]
+        if rint(2):
+            plane = plane.flip(1)
+        return plane
+
+    def batch(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Complex training planes ``[n, frames, size]``."""
+        x = torch.stack([self._plane(generator) for _ in range(n)])
+        gain = torch.exp((torch.rand(n, 1, 1, generator=generator, device=self.device) - 0.5) * 0.45)
+        x = x * gain
+        if not self.is_complex:
+            x = x.real * torch.exp(1j * smooth_phase_1d(n, self.size, generator, self.device))[:, None, :]
+        return x.to(torch.complex64)
+
+
 class FrameSampler:
     """Draws augmented training batches of single frames in the image or weighted k-space domain.
 
@@ -236,6 +335,7 @@ class FrameSampler:
         self.is_complex = bool((frames.imag != 0).any())
         self.size, self.domain, self.device = size, domain, torch.device(device)
         self.weight = kspace_weight(size, size, device=device) if domain == "kspace" else None
+        self.shape = (size, size)
 
     def __len__(self) -> int:
         return self.frames.shape[0]

@@ -261,3 +261,26 @@ class ScoreFunction:
             out = self._forward(h, s)
         out = out.float()[:, :, py // 2: py // 2 + ny, px // 2: px // 2 + nx]
         return torch.complex(out[:, 0], out[:, 1])
+
+
+class PlaneScore:
+    """The score of a cine ``[T, y, x]`` under a prior of 2D spatio-temporal planes (trained
+    with ``ddugm train --domain xt``): the network scores every x-t plane (one per row, all
+    rows one batch) and every y-t plane (one per column), and the two are averaged.
+
+    The time axis is padded to a multiple of the network's divisor by continuing the cardiac
+    cycle (frame T is frame 0 again), as the planes were drawn in training; so any number of
+    frames and any matrix size work. ``score`` is a :class:`ScoreFunction` of the xt network."""
+
+    def __init__(self, score: ScoreFunction):
+        self.score = score
+        self.divisor = score.divisor
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        tp = -(-t // self.divisor) * self.divisor
+        xp = x[torch.arange(tp, device=x.device) % t]
+        rows = self.score(xp.permute(1, 0, 2).contiguous(), sigma).permute(1, 0, 2)   # x-t planes
+        cols = self.score(xp.permute(2, 0, 1).contiguous(), sigma).permute(1, 2, 0)   # y-t planes
+        return 0.5 * (rows + cols)[:t]

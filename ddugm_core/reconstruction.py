@@ -20,7 +20,7 @@ from .checkpoints import DEFAULT_WEIGHTS, load_model
 from .coils import compress_coils, estimate_coil_maps, time_averaged_kspace
 from .consistency import DataConsistency
 from .lowrank import default_rank
-from .networks import ScoreFunction, bf16_is_fast
+from .networks import PlaneScore, ScoreFunction, bf16_is_fast
 from .operators import KWeight, expand_mask, fft2c, ifft2c, kspace_weight
 from .sampler import PnPSettings, SamplerSettings, ddugm_sample, pnp_sample
 
@@ -33,11 +33,14 @@ SAMPLERS = ("ddugm", "pnp")
 #: (README, "Settings").
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"steps": 1000, "sigma_min": 0.01, "sigma_max": 4.0, "snr": 0.075, "kspace_sigma_scale": 1.0,
-              "init": "zero_filled", "lowrank_solver": "exact", "correctors": True, "sampler": "ddugm"},
+              "init": "zero_filled", "lowrank_solver": "exact", "correctors": True, "sampler": "ddugm",
+              "pnp_xt_weight": 0.0},
     "dual": {"steps": 10, "sigma_min": 0.01, "sigma_max": 0.3, "snr": 0.075, "kspace_sigma_scale": 0.1,
-             "init": "l_plus_s", "lowrank_solver": "subspace", "correctors": False, "sampler": "ddugm"},
+             "init": "l_plus_s", "lowrank_solver": "subspace", "correctors": False, "sampler": "ddugm",
+             "pnp_xt_weight": 0.0},
     "pnp": {"steps": 5, "sigma_min": 0.01, "sigma_max": 0.05, "snr": 0.075, "kspace_sigma_scale": 1.0,
-            "init": "llr_ttv", "lowrank_solver": "subspace", "correctors": False, "sampler": "pnp"},
+            "init": "llr_ttv", "lowrank_solver": "subspace", "correctors": False, "sampler": "pnp",
+            "pnp_xt_weight": 0.0},
 }
 PRESETS["default"] = PRESETS["pnp"]  # chosen by measurement on the validation split (README, "Settings")
 
@@ -63,6 +66,7 @@ class ReconConfig:
     sampler: Optional[str] = None       # ddugm (the dual-domain predictor-corrector) or pnp (image prior + LLR/TV ADMM)
     pnp_gamma: float = 0.1              # pnp: weight of the denoised anchor in each ADMM solve
     pnp_inner: int = 5                  # pnp: ADMM iterations per noise level
+    pnp_xt_weight: Optional[float] = None  # pnp: share of the spatio-temporal (x-t / y-t) prior in the anchor
     lowrank_iters: int = 50             # iterations of the low-rank-only method
     ls_iters: int = 50                  # L+S baseline (Otazo 2015): max iterations,
     ls_lambda_l: float = 0.01           #   SVT threshold relative to the largest singular value,
@@ -83,6 +87,7 @@ class ReconConfig:
     scale_percentile: float = 99.0
     image_weights: str = ""             # "" = the shipped weights
     kspace_weights: str = ""
+    xt_weights: str = ""                # the spatio-temporal plane prior ("" = the shipped one, if any)
     device: str = "auto"
     amp: bool = True                    # bf16 network calls where bf16 is fast (CUDA; CPUs with AVX512-BF16/AMX)
     compile: bool = False               # torch.compile the networks (CUDA: CUDA graphs); compiles per frame size
@@ -132,8 +137,8 @@ class ReconConfig:
             raise ValueError("snr and kspace_sigma_scale must be positive")
         if self.resolved("sampler") not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.pnp_gamma < 0 or self.pnp_inner < 1:
-            raise ValueError("pnp_gamma must be >= 0 and pnp_inner >= 1")
+        if self.pnp_gamma < 0 or self.pnp_inner < 1 or not 0 <= self.resolved("pnp_xt_weight") <= 1:
+            raise ValueError("pnp_gamma must be >= 0, pnp_inner >= 1 and pnp_xt_weight in [0, 1]")
         if self.resolved("init") not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not 0 <= self.fusion <= 1:
@@ -285,10 +290,21 @@ class Reconstructor:
         self._scores = None
         self.coil_energy_kept = 1.0  # of the last reconstruction (below 1 with virtual_coils)
 
+    def _model_domains(self) -> tuple:
+        """The score models this configuration uses: image and k-space always (they are the
+        method), the spatio-temporal plane prior where the pnp anchor blends it in."""
+        cfg = self.config
+        uses_xt = cfg.resolved("sampler") == "pnp" and cfg.resolved("pnp_xt_weight") > 0
+        return ("image", "kspace", "xt") if uses_xt else ("image", "kspace")
+
+    def _model_paths(self) -> dict:
+        cfg = self.config
+        return {d: Path(getattr(cfg, f"{d}_weights") or DEFAULT_WEIGHTS[d]) for d in self._model_domains()}
+
     def model_key(self) -> tuple:
         """What the loaded models depend on: reconstructors with equal keys can share them."""
         cfg = self.config
-        paths = tuple(str(Path(getattr(cfg, f"{d}_weights") or DEFAULT_WEIGHTS[d])) for d in ("image", "kspace"))
+        paths = tuple(str(p) for p in self._model_paths().values())
         return paths + (str(self.device), bool(cfg.amp and bf16_is_fast(self.device)), bool(cfg.compile))
 
     def use_models(self, scores: dict) -> None:
@@ -299,10 +315,17 @@ class Reconstructor:
         """Load the image and k-space score models (done once, on first use)."""
         if self._scores is None:
             cfg = self.config
-            paths = {d: Path(getattr(cfg, f"{d}_weights") or DEFAULT_WEIGHTS[d]) for d in ("image", "kspace")}
+            paths = self._model_paths()
+            if "xt" in paths and not paths["xt"].is_file():
+                raise ValueError(f"pnp_xt_weight is {cfg.resolved('pnp_xt_weight')} but there is no spatio-temporal "
+                                 f"prior at {paths['xt']}: train one (ddugm train --domain xt), name it with "
+                                 f"xt_weights, or set pnp_xt_weight: 0")
             amp = cfg.amp and bf16_is_fast(self.device)
-            self._scores = {d: ScoreFunction(load_model(p, self.device, expect_domain=d), amp=amp,
-                                          compile=cfg.compile) for d, p in paths.items()}
+            scores = {d: ScoreFunction(load_model(p, self.device, expect_domain=d), amp=amp, compile=cfg.compile)
+                      for d, p in paths.items()}
+            if "xt" in scores:
+                scores["xt"] = PlaneScore(scores["xt"])
+            self._scores = scores
         return self._scores
 
     def recon(self, kspace, mask=None, coil_maps=None, seed: int = 0, method: str | None = None,
@@ -354,7 +377,7 @@ class Reconstructor:
             weight = KWeight(kspace_weight(*k0.shape[-2:], device=self.device))
             tr = None if trace is None else (lambda rec: trace({**rec, "scale": scale, "weight": weight}))
             if cfg.resolved("sampler") == "pnp":
-                x = pnp_sample(x0, dc, scores["image"], self.pnp_settings(), progress, tr)
+                x = pnp_sample(x0, dc, scores["image"], self.pnp_settings(), progress, tr, scores.get("xt"))
             else:
                 x = ddugm_sample(k0, dc, scores["kspace"], scores["image"], weight, s, gen, progress, tr)
         if maps is not None:
@@ -367,7 +390,7 @@ class Reconstructor:
     def pnp_settings(self) -> PnPSettings:
         cfg, s = self.config, self.config.sampler_settings()
         return PnPSettings(steps=s.steps, sigma_max=s.sigma_max, sigma_min=s.sigma_min, gamma=cfg.pnp_gamma,
-                           inner=cfg.pnp_inner,
+                           inner=cfg.pnp_inner, xt_weight=float(cfg.resolved("pnp_xt_weight")),
                            llr={"lambda_llr": cfg.llr_lambda, "lambda_tv": cfg.ttv_lambda, "block": cfg.llr_block,
                                 "rho": cfg.llr_rho, "cg_iters": cfg.llr_cg_iters})
 

@@ -108,31 +108,43 @@ def ddugm_sample(k0: torch.Tensor, dc: DataConsistency, score_k: Score, score_i:
 class PnPSettings:
     """The plug-and-play sampler (``sampler: pnp``): per noise level one Tweedie denoising of
     every frame by the image prior, then ``inner`` ADMM iterations of LLR + temporal TV with
-    data consistency and gamma / 2 ||x - denoised||^2 (DiffPIR / DDS-style; no re-noising)."""
+    data consistency and gamma / 2 ||x - denoised||^2 (DiffPIR / DDS-style; no re-noising).
+    With ``xt_weight`` > 0 the anchor blends in the Tweedie denoising by the spatio-temporal
+    (x-t / y-t plane) prior: ``(1 - xt_weight) D_frame + xt_weight D_xt``."""
 
     steps: int = 5
     sigma_max: float = 0.05
     sigma_min: float = 0.01
     gamma: float = 0.1
     inner: int = 5
+    xt_weight: float = 0.0
     llr: dict | None = None  # keyword arguments of baselines.llr_ttv (thresholds, block, rho, cg_iters)
 
 
-def pnp_sample(x0: torch.Tensor, dc: DataConsistency, score_i: Score, settings: PnPSettings,
+def pnp_sample(x0: torch.Tensor, dc: DataConsistency, score_i: Optional[Score], settings: PnPSettings,
                callback: Optional[Callable[[int, int], None]] = None,
-               trace: Optional[Callable[[dict], None]] = None) -> torch.Tensor:
-    """Refine a classical estimate ``x0`` ``[frame, y, x]`` with the image prior: a geometric
+               trace: Optional[Callable[[dict], None]] = None, score_xt: Optional[Score] = None) -> torch.Tensor:
+    """Refine a classical estimate ``x0`` ``[frame, y, x]`` with the priors: a geometric
     schedule sigma_max -> sigma_min; at each level the denoised frames D(x) = x + sigma^2
-    score(x, sigma) (all frames one batch) anchor the next ADMM iterations, warm-started at x."""
+    score(x, sigma) (all frames one batch; the frame prior ``score_i``, the plane prior
+    ``score_xt`` or their blend) anchor the next ADMM iterations, warm-started at x."""
     from .baselines import llr_ttv
 
     s = settings
+    w = s.xt_weight
+    if not 0 <= w <= 1 or (w > 0 and score_xt is None) or (w < 1 and score_i is None):
+        raise ValueError(f"xt_weight {w} needs the frame prior (below 1) and the plane prior (above 0)")
     sigmas = VESDE(s.sigma_min, s.sigma_max).discrete_sigmas(s.steps, 0.0)
     x = x0
     for i, sigma in enumerate(sigmas.tolist()):
         if trace is not None:
             trace({"step": i, "sigma": sigma, "image_input": x})
-        denoised = x + sigma ** 2 * score_i(x, sigma)
+        score = 0
+        if w < 1:
+            score = (1 - w) * score_i(x, sigma)
+        if w > 0:
+            score = score + w * score_xt(x, sigma)
+        denoised = x + sigma ** 2 * score
         x = llr_ttv(dc, s.inner, **(s.llr or {}), seed=i + 1, x0=x, anchor=denoised, gamma=s.gamma)
         if callback is not None:
             callback(i + 1, s.steps)

@@ -1,4 +1,5 @@
-"""Denoising score matching on single 2D frames (image or weighted k-space domain).
+"""Denoising score matching on 2D arrays: single frames (image or weighted k-space domain) or
+spatio-temporal planes of a cine (``xt``: one row or column through consecutive phases).
 
 ``train(TrainConfig)`` is the whole loop: data, VE-SDE noise (log-uniform or log-normal
 noise levels), NCSN++ network, Adam (fused on CUDA, foreach elsewhere) with warm-up, cosine
@@ -27,9 +28,18 @@ import torch
 import torch.distributed as dist
 
 from .checkpoints import load_model, load_training_state, save_model, save_training_state
-from .data import FrameSampler, list_series_files, load_frames, split_files
+from .data import FrameSampler, PlaneSampler, list_series_files, load_frames, load_series, split_files
 from .networks import NCSNpp, NetConfig
 from .sde import VESDE
+
+DOMAINS = ("image", "kspace", "xt")
+
+
+def make_sampler(files, domain: str, size: int, frames: int, device):
+    """The batch source of a domain: single frames (image, kspace) or x-t / y-t planes (xt)."""
+    if domain == "xt":
+        return PlaneSampler(load_series(files), frames, size, device)
+    return FrameSampler(load_frames(files), size, domain, device)
 
 
 @dataclass
@@ -40,6 +50,7 @@ class TrainConfig:
     steps: int = 2000
     batch: int = 16
     size: int = 64
+    frames: int = 32        # xt: cardiac phases per training plane (the time axis wraps around the cycle)
     lr: float = 2e-4
     warmup: int = 100
     grad_clip: float = 1.0
@@ -66,13 +77,15 @@ class TrainConfig:
     net: NetConfig = field(default_factory=lambda: NetConfig(nf=16, attn_resolutions=(12,)))
 
     def validate(self) -> None:
-        if self.domain not in ("image", "kspace"):
-            raise ValueError(f"domain must be 'image' or 'kspace', got {self.domain!r}")
-        for name in ("steps", "batch", "size"):
+        if self.domain not in DOMAINS:
+            raise ValueError(f"domain must be one of {DOMAINS}, got {self.domain!r}")
+        for name in ("steps", "batch", "size", "frames"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.size % self.net.divisor:
             raise ValueError(f"size {self.size} must be a multiple of {self.net.divisor} for ch_mult {self.net.ch_mult}")
+        if self.domain == "xt" and self.frames % self.net.divisor:
+            raise ValueError(f"frames {self.frames} must be a multiple of {self.net.divisor} for ch_mult {self.net.ch_mult}")
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError("need 0 < sigma_min < sigma_max")
         if not 0 <= self.ema < 1:
@@ -118,16 +131,20 @@ def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
 
 
 @torch.no_grad()
-def denoise_psnr(net, frames: torch.Tensor, domain: str, sigmas=(0.02, 0.05, 0.1), n: int = 64, size: int = 0,
+def denoise_psnr(net, frames, domain: str, sigmas=(0.02, 0.05, 0.1), n: int = 64, size: int = 0,
                  seed: int = 0) -> dict:
     """One-step (Tweedie) denoising of validation frames, ``x_hat = y + sigma^2 s(y, sigma)``:
     PSNR (dB) of the noisy input and of the denoised frame against the clean one, per sigma,
-    peak = max |clean| of the batch. ``frames``: normalised complex ``[N, H, W]``; the k-space
-    model is measured in its own (weighted k-space) domain."""
+    peak = max |clean| of the batch. ``frames``: normalised complex ``[N, H, W]`` or a sampler
+    (:class:`FrameSampler`, :class:`PlaneSampler`); the k-space model is measured in its own
+    (weighted k-space) domain, the xt model on planes."""
     device = next(net.parameters()).device
-    size = size or min(frames.shape[-2:]) // net.config.divisor * net.config.divisor
     g = torch.Generator(device).manual_seed(seed)
-    sampler = FrameSampler(frames, size, domain, device)
+    if isinstance(frames, (FrameSampler, PlaneSampler)):
+        sampler = frames
+    else:
+        size = size or min(frames.shape[-2:]) // net.config.divisor * net.config.divisor
+        sampler = FrameSampler(frames, size, domain, device)
     x = sampler.batch(min(n, max(len(sampler), 1)), g)
     out = {}
     for sigma in sigmas:
@@ -181,8 +198,8 @@ def train(cfg: TrainConfig, progress: bool = True, on_log: Callable[[dict], None
         train_files, val_files = split_files(list_series_files(cfg.data), cfg.val_every_file)
         if cfg.val_data:
             train_files, val_files = list_series_files(cfg.data), list_series_files(cfg.val_data)
-        sampler = FrameSampler(load_frames(train_files), cfg.size, cfg.domain, device)
-        val_sampler = FrameSampler(load_frames(val_files), cfg.size, cfg.domain, device) if val_files else None
+        sampler = make_sampler(train_files, cfg.domain, cfg.size, cfg.frames, device)
+        val_sampler = make_sampler(val_files, cfg.domain, cfg.size, cfg.frames, device) if val_files else None
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         net = NCSNpp(cfg.net)
@@ -209,7 +226,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_log: Callable[[dict], None
         if val_sampler is not None:
             vg = torch.Generator(device).manual_seed(12345)
             val_sigmas = torch.exp(torch.linspace(math.log(cfg.sigma_min), math.log(cfg.sigma_max), 64, device=device))
-            val_batch = (val_sampler.batch(64, vg), val_sigmas, VESDE.noise((64, cfg.size, cfg.size), vg, device))
+            val_batch = (val_sampler.batch(64, vg), val_sigmas, VESDE.noise((64, *val_sampler.shape), vg, device))
 
         bar = None
         if progress and rank == 0:
@@ -274,7 +291,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_log: Callable[[dict], None
                 save_training_state(out, net, ema, opt, step, cfg.to_dict())
                 save_model(out / f"{cfg.domain}.safetensors", ema, cfg.domain, cfg.to_dict())
             if val_sampler is not None:
-                result["denoise"] = denoise_psnr(ema, val_sampler.frames, cfg.domain, size=cfg.size)
+                result["denoise"] = denoise_psnr(ema, val_sampler, cfg.domain, size=cfg.size)
                 (out / "denoise.json").write_text(json.dumps(result["denoise"], indent=2))
         return result
     finally:

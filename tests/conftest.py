@@ -19,10 +19,10 @@ def crandn(rng, *shape):
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
-    """A pair of tiny, untrained score models (fast), saved as real model files."""
+    """Tiny, untrained score models (fast) of each domain, saved as real model files."""
     d = tmp_path_factory.mktemp("weights")
     paths = {}
-    for i, domain in enumerate(("image", "kspace")):
+    for i, domain in enumerate(("image", "kspace", "xt")):
         torch.manual_seed(i)
         net = NCSNpp(NetConfig(nf=8, ch_mult=(1, 2), attn_resolutions=(), image_size=16))
         paths[domain] = d / f"{domain}.safetensors"

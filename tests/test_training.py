@@ -164,3 +164,46 @@ def test_gpu_run_script_dry_run(tmp_path):
     for name, domain in (("image", "image"), ("image_wide", "image"), ("kspace", "kspace")):
         load_model(out / f"{name}.safetensors", expect_domain=domain)
     assert not s["output_problems"]
+
+
+def test_plane_sampler_draws_wrapped_spatiotemporal_planes():
+    """x-t / y-t planes: the requested shape whatever the series' frame count (the time axis
+    wraps around the cycle), a synthetic phase constant over time for magnitude data, and
+    every plane one line of one series through consecutive phases."""
+    from ddugm_core.data import PlaneSampler
+
+    t, h, w = 5, 20, 18
+    ramp = torch.arange(t, dtype=torch.float32)[:, None, None] + 1  # frame index + 1, constant in space
+    series = [(ramp * torch.ones(t, h, w)).to(torch.complex64)]
+    s = PlaneSampler(series, 8, 16)
+    g = torch.Generator().manual_seed(0)
+    x = s.batch(40, g)
+    assert x.shape == (40, 8, 16) and x.dtype == torch.complex64 and s.shape == (8, 16)
+    mag = x.abs()
+    for p in mag:
+        col = p[:, (p > 0).all(0)][:, 0]  # one pixel inside the field of view, over the 8 frames
+        v = torch.round(col / col.min())  # the frame values 1..5 (the gain divided out)
+        assert torch.allclose(col / col.min(), v, atol=1e-4) and set(v.tolist()) == {1, 2, 3, 4, 5}
+        step = set(((v[1:] - v[:-1]) % t).tolist())
+        assert step in ({1.0}, {t - 1.0})  # consecutive phases (forwards or reversed), wrapping around
+    ph = torch.angle(x)
+    both = (mag[:, 0] > 0) & (mag[:, 3] > 0)
+    assert torch.allclose(ph[:, 0][both], ph[:, 3][both], atol=1e-5)  # phase constant over time
+    assert not torch.allclose(ph[0], ph[1])  # but differs between planes
+    again = PlaneSampler(series, 8, 16).batch(40, torch.Generator().manual_seed(0))
+    assert torch.equal(again, x)
+
+
+def test_train_xt_prior_and_load_it(frames_dir, tmp_path):
+    from ddugm_core.checkpoints import load_model
+
+    out = tmp_path / "xt"
+    assert main(["train", "--domain", "xt", "--frames", "8", "--data", str(frames_dir), "--out", str(out), *TINY]) == 0
+    net = load_model(out / "xt.safetensors", expect_domain="xt")
+    assert net.config.nf == 8
+    denoise = json.loads((out / "denoise.json").read_text())
+    assert set(denoise) == {"0.02", "0.05", "0.1"}
+    with pytest.raises(ValueError, match="expected 'image'"):
+        load_model(out / "xt.safetensors", expect_domain="image")
+    assert main(["train", "--domain", "xt", "--frames", "7", "--data", str(frames_dir), "--out", str(out), *TINY,
+                 "--no-resume"]) == 2  # 7 frames is not a multiple of the network's divisor (2)
