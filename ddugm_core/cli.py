@@ -61,9 +61,14 @@ def _train_parser(sub):
 def _pack_parser(sub):
     p = sub.add_parser("pack", help="write the training patients' frames into one small file for a machine "
                                     "without the data folder (and the validation patients into another)")
-    p.add_argument("out", help="output folder: train.npz (training patients) and val.npz (validation patients)")
+    p.add_argument("out", help="output folder: train.npz (training patients' frames), cycles.npz (training "
+                               "patients' whole cardiac cycles, for the xt prior) and val.npz (validation patients)")
     p.add_argument("--data", default="../shared/data/acdc_cine", help="folder of ACDC files or frame stacks")
-    p.add_argument("--max-mb", type=float, default=40.0, help="size limit of train.npz in MiB (default: %(default)s)")
+    p.add_argument("--max-mb", type=float, default=28.0, help="size limit of train.npz in MiB (default: %(default)s)")
+    p.add_argument("--cycles-mb", type=float, default=16.0,
+                   help="size limit of cycles.npz in MiB (0: none written; default: %(default)s)")
+    p.add_argument("--cycles-crop", type=int, default=64,
+                   help="cycles.npz keeps the central N x N pixels of every phase (default: %(default)s)")
     p.add_argument("--stride", type=int, default=0, help="keep every N-th cardiac phase (0: the smallest that fits)")
     p.add_argument("--val-series", type=int, default=3, help="validation cines kept whole for evaluation (default: 3)")
 
@@ -81,6 +86,8 @@ def _run_pack(a) -> int:
     out = Path(a.out)
     info = {"train": write_pack(train, out / "train.npz", a.max_mb, a.stride),
             "val": write_pack(val, out / "val.npz", 3.0, 0)}
+    if a.cycles_mb > 0:
+        info["cycles"] = write_pack(train, out / "cycles.npz", a.cycles_mb, whole_cycles=True, crop=a.cycles_crop)
     cines, names = [], []
     for f in val[:a.val_series]:  # mid slice, first 12 phases, float16: the GPU run's reconstruction check
         stack = series_of(read_array(f))

@@ -119,7 +119,8 @@ def read_pack(path: Path) -> torch.Tensor:
     return torch.from_numpy(frames)
 
 
-def write_pack(files: list[Path], out: Path, max_mb: float = 40.0, stride: int = 0, max_frames: int = 0) -> dict:
+def write_pack(files: list[Path], out: Path, max_mb: float = 40.0, stride: int = 0, max_frames: int = 0,
+               whole_cycles: bool = False, crop: int = 0) -> dict:
     """Frames of ``files`` (whole patients) in one compressed ``.npz`` of at most ``max_mb`` MiB
     for a machine without the data folder.
 
@@ -127,8 +128,10 @@ def write_pack(files: list[Path], out: Path, max_mb: float = 40.0, stride: int =
     average), then stored as uint8 with one scale per series (``x = frames * scale``): the
     quantisation step is max / 255 of the series. Every ``stride``-th cardiac phase is kept
     (neighbouring phases are nearly alike); with ``stride=0`` the smallest stride whose file
-    fits ``max_mb`` is chosen. Returns what was written (frames, stride, size, quantisation
-    error)."""
+    fits ``max_mb`` is chosen. With ``whole_cycles`` (for the spatio-temporal plane prior,
+    which needs every phase) every ``stride``-th series is kept instead, all its phases.
+    ``crop`` > 0 keeps the central ``crop`` x ``crop`` pixels (where the heart is). Returns
+    what was written (frames, stride, size, quantisation error)."""
     series = []
     for path in files:
         for s in series_of(read_array(path)):
@@ -138,13 +141,15 @@ def write_pack(files: list[Path], out: Path, max_mb: float = 40.0, stride: int =
                 series.append((path.stem, s / scale))
     if not series:
         raise ValueError("no usable series to pack")
-    size = series[0][1].shape[-2:]
+    size = (crop, crop) if crop else series[0][1].shape[-2:]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for k in ([stride] if stride else range(1, 65)):
         frames, scales, names, ids, err = [], [], [], [], []
         for i, (name, x) in enumerate(series):
-            x = center_fit(torch.from_numpy(x[::k]), size).numpy()
+            if whole_cycles and i % k:
+                continue
+            x = center_fit(torch.from_numpy(x if whole_cycles else x[::k]), size).numpy()
             peak = float(x.max()) if x.size else 0.0
             if peak <= 0:
                 continue
@@ -163,11 +168,13 @@ def write_pack(files: list[Path], out: Path, max_mb: float = 40.0, stride: int =
         mb = tmp.stat().st_size / 2**20
         if mb <= max_mb or stride:
             tmp.replace(out)
-            return {"file": str(out), "frames": int(len(frames)), "series": len(series), "patients": len(set(names)),
-                    "stride": k, "mib": round(mb, 2), "quantisation_rms": float(np.mean(err)),
+            return {"file": str(out), "frames": int(len(frames)), "series": len(set(ids)),
+                    "patients": len(set(names)), "stride": k, "whole_cycles": whole_cycles, "size": list(size),
+                    "mib": round(mb, 2), "quantisation_rms": float(np.mean(err)),
                     "quantisation_rms_max": float(np.max(err))}
         tmp.unlink()
-    raise ValueError(f"the frames do not fit {max_mb} MiB even keeping every 64th phase")
+    raise ValueError(f"the frames do not fit {max_mb} MiB even keeping every 64th "
+                     f"{'series' if whole_cycles else 'phase'}")
 
 
 def load_frames(files: list[Path]) -> torch.Tensor:

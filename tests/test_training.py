@@ -111,6 +111,29 @@ def test_pack_keeps_validation_patients_out_and_fits(frames_dir, tmp_path):
     assert frames.shape[0] == info["train"]["frames"] and float(frames.max()) > 0.5
 
 
+def test_cycles_pack_keeps_every_phase_for_the_plane_prior(frames_dir, tmp_path):
+    """cycles.npz: training patients only, whole cardiac cycles (every phase) of a central crop,
+    read back series by series; the xt prior trains from it."""
+    from ddugm_core.data import load_series
+
+    out = tmp_path / "pack"
+    assert main(["pack", str(out), "--data", str(frames_dir), "--max-mb", "1", "--cycles-crop", "16"]) == 0
+    info = json.loads((out / "pack.json").read_text())["cycles"]
+    assert info["whole_cycles"] and info["size"] == [16, 16] and info["stride"] == 1
+    series = load_series([out / "cycles.npz"])
+    train = {p.stem for p in split_files(sorted(frames_dir.iterdir()))[0]}
+    assert set(np.load(out / "cycles.npz")["patients"]) == train
+    assert len(series) == len(train) and all(s.shape in ((5, 16, 16), (4, 16, 16)) for s in series)
+    raw = np.load(frames_dir / "mag0.npy")
+    if "mag0" in train:  # the stored cycle is the normalised centre crop, to uint8 precision
+        s0 = series[sorted(train).index("mag0")].abs().numpy()
+        ref = raw[:, 2:18, 1:17] / np.percentile(raw.mean(0), 99)
+        assert np.abs(s0 - ref).max() < ref.max() / 255
+    xt = tmp_path / "xt"
+    assert main(["train", "--domain", "xt", "--frames", "8", "--data", str(out / "cycles.npz"), "--val-data",
+                 str(out / "val.npz"), "--out", str(xt), *TINY]) == 0
+
+
 def test_training_stops_on_wall_clock_time_and_saves(frames_dir, tmp_path):
     import time as _time
 
