@@ -62,7 +62,8 @@ def _pack_parser(sub):
     p = sub.add_parser("pack", help="write the training patients' frames into one small file for a machine "
                                     "without the data folder (and the validation patients into another)")
     p.add_argument("out", help="output folder: train.npz (training patients' frames), cycles.npz (training "
-                               "patients' whole cardiac cycles, for the xt prior) and val.npz (validation patients)")
+                               "patients' whole cardiac cycles, for the xt prior), val.npz and val_cycles.npz "
+                               "(validation patients)")
     p.add_argument("--data", default="../shared/data/acdc_cine", help="folder of ACDC files or frame stacks")
     p.add_argument("--max-mb", type=float, default=28.0, help="size limit of train.npz in MiB (default: %(default)s)")
     p.add_argument("--cycles-mb", type=float, default=16.0,
@@ -88,6 +89,7 @@ def _run_pack(a) -> int:
             "val": write_pack(val, out / "val.npz", 3.0, 0)}
     if a.cycles_mb > 0:
         info["cycles"] = write_pack(train, out / "cycles.npz", a.cycles_mb, whole_cycles=True, crop=a.cycles_crop)
+        info["val_cycles"] = write_pack(val, out / "val_cycles.npz", 2.0, whole_cycles=True, crop=a.cycles_crop)
     cines, names = [], []
     for f in val[:a.val_series]:  # mid slice, first 12 phases, float16: the GPU run's reconstruction check
         stack = series_of(read_array(f))

@@ -11,13 +11,16 @@ out of time is recorded as such and the next one runs):
 a. ``env``: GPU name, torch and CUDA versions; ``pytest -m gpu`` on the test files that do
    not need gadgetron;
 b. ``bench``: ``bench --device cuda`` on the three standard cases (eager);
-c. ``train``: three trainings side by side on the one GPU (small networks are launch-bound,
+c. ``train``: the trainings side by side on the one GPU (small networks are launch-bound,
    so they share it well) for the time left: the image prior continued from the committed
-   weights, a wider image prior (nf 48) from scratch, the k-space prior continued;
+   weights, a wider image prior (nf 48) from scratch, the k-space prior continued, and the
+   spatio-temporal plane prior (``xt``; continued where one is committed) where the pack has
+   ``cycles.npz``;
 d. ``compare``: one-step denoising PSNR at sigma 0.02 / 0.05 / 0.1 and validation DSM loss of
    every new and committed network; DD-UGM PSNR on 3 validation cines at R = 8 with the
    committed pair, the best new image prior with the new k-space prior, and each new prior
    alone, with the default preset (pnp: image prior only) and the dual preset (both priors);
+   with a new plane prior also the default preset blending it in (``new_xt``);
 e. ``compile``: ``bench --device cuda`` with ``compile: true`` (last: it may be long);
 f. OUT gets at most 8 files of at most 16 MiB: ``summary.json`` (every stage's status, times,
    results), ``log.txt``, ``losses.json`` and the new weights as float16 safetensors with
@@ -150,8 +153,29 @@ def stage_bench(run: Run, compile_: bool, budget: float) -> dict:
     return result
 
 
+def domain_of(name: str) -> str:
+    """The domain of a training run or candidate, from its name (kspace..., xt..., else image)."""
+    return "kspace" if name.startswith("kspace") else "xt" if name.startswith("xt") else "image"
+
+
+def _xt_job(run: Run) -> dict:
+    """The plane prior's training, where the pack has whole cardiac cycles (``cycles.npz``)."""
+    cycles, val = run.pack / "cycles.npz", run.pack / "val_cycles.npz"
+    if not cycles.is_file():
+        return {}
+    data = ["--data", cycles, *(["--val-data", val] if val.is_file() else [])]
+    if run.dry:
+        return {"xt": ("xt", [*data, "--nf", "8", "--ch-mult", "1,2", "--attn", "", "--size", "16", "--frames", "8",
+                              "--batch", "4", "--threads", "1", "--sigma-min", "0.003", "--sigma-max", "0.5"])}
+    init = ["--init", WEIGHTS / "xt.safetensors", "--warmup", "50"] if (WEIGHTS / "xt.safetensors").is_file() \
+        else ["--warmup", "200"]
+    return {"xt": ("xt", [*data, "--nf", "16", "--ch-mult", "1,2,2,2", "--attn", "16", "--size", "64", "--frames",
+                          "32", "--batch", "64", "--lr", "3e-4", "--sigma-min", "0.003", "--sigma-max", "0.5",
+                          *init])}
+
+
 def _train_jobs(run: Run) -> dict:
-    """name -> (domain, arguments): continue the committed nets, and a wider image net."""
+    """name -> (domain, arguments): continue the committed nets, a wider image net, the plane prior."""
     data = ["--data", run.pack / "train.npz", "--val-data", run.pack / "val.npz"]
     if run.dry:
         tiny = ["--nf", "8", "--ch-mult", "1,2", "--attn", "", "--size", "16", "--batch", "4", "--threads", "1"]
@@ -159,9 +183,10 @@ def _train_jobs(run: Run) -> dict:
                 "image_wide": ("image", [*data, *tiny[:1], "12", *tiny[2:], "--sigma-dist", "lognormal",
                                          "--sigma-mean", "-3.0"]),
                 "kspace": ("kspace", [*data, *tiny, "--sigma-min", "0.0005", "--sigma-dist", "lognormal",
-                                      "--sigma-mean", "-4.6"])}
+                                      "--sigma-mean", "-4.6"]),
+                **_xt_job(run)}
     image_net = ["--nf", "16", "--ch-mult", "1,2,2,2", "--attn", "16", "--size", "64"]
-    return {
+    return {**_xt_job(run),
         # the committed image prior, continued; noise levels weighted towards those the default preset uses
         "image": ("image", [*data, *image_net, "--init", WEIGHTS / "image.safetensors", "--batch", "64", "--lr",
                             "2e-4", "--warmup", "50", "--sigma-dist", "lognormal", "--sigma-mean", "-3.0"]),
@@ -229,9 +254,9 @@ def stage_compare(run: Run, trained: dict) -> dict:
     import torch
 
     from .checkpoints import load_model
-    from .data import FrameSampler
+    from .data import FrameSampler, PlaneSampler, load_series
     from .evaluate import frame_metrics, make_truth, simulate_case
-    from .reconstruction import ReconConfig, Reconstructor
+    from .reconstruction import PRESETS, ReconConfig, Reconstructor
     from .sde import VESDE
     from .training import denoise_psnr, dsm_loss
 
@@ -239,16 +264,24 @@ def stage_compare(run: Run, trained: dict) -> dict:
     frames = _val_frames(run)
     candidates = {"image_committed": ("image", WEIGHTS / "image.safetensors"),
                   "kspace_committed": ("kspace", WEIGHTS / "kspace.safetensors")}
+    if (WEIGHTS / "xt.safetensors").is_file():
+        candidates["xt_committed"] = ("xt", WEIGHTS / "xt.safetensors")
     for name, r in (trained.get("runs") or {}).items():
         if r.get("weights"):
-            candidates[name] = ("kspace" if name.startswith("kspace") else "image", Path(r["weights"]))
+            candidates[name] = (domain_of(name), Path(r["weights"]))
+    cycles = run.pack / "val_cycles.npz"
     result = {"denoise": {}, "val_dsm_loss": {}}
     g = torch.Generator(device).manual_seed(1)
     for name, (domain, path) in candidates.items():
+        if domain == "xt" and not cycles.is_file():
+            continue
         net = load_model(path, device, expect_domain=domain)
         size = 16 if run.dry else (64 if domain == "image" else 96)
-        result["denoise"][name] = denoise_psnr(net, frames, domain, size=size)
-        sampler = FrameSampler(frames, size, domain, device)
+        if domain == "xt":
+            sampler = PlaneSampler(load_series([cycles]), 8 if run.dry else 32, 16 if run.dry else 64, device)
+        else:
+            sampler = FrameSampler(frames, size, domain, device)
+        result["denoise"][name] = denoise_psnr(net, sampler, domain)
         x = sampler.batch(64, g)
         sig = torch.exp(torch.linspace(np.log(0.005), np.log(5.0), 64, device=device))
         with torch.no_grad():
@@ -271,24 +304,35 @@ def stage_compare(run: Run, trained: dict) -> dict:
         pairs["new_image_only"] = (best_image, "kspace_committed")
     if "kspace" in candidates:
         pairs["new_kspace_only"] = ("image_committed", "kspace")
+    xt_pairs = {}  # the default preset with a plane prior blended into its anchor
+    if "xt" in candidates:
+        xt_pairs["new_xt"] = (best_image or "image_committed", "xt")
+    if "xt_committed" in candidates:
+        xt_pairs["committed_xt"] = ("image_committed", "xt_committed")
     psnrs, psnrs_dual = {}, {}
     small = {"steps": 2, "ls_iters": 3, "llr_iters": 3, "pnp_inner": 1} if run.dry else {}
     # the default preset (pnp) uses only the image prior; the dual preset measures the k-space prior too
-    for preset, table in (("default", psnrs), ("dual", psnrs_dual)):
-        for pair, (im, ks) in pairs.items():
-            if preset == "default" and pair == "new_kspace_only":
-                continue  # the same images as "committed": the default preset has no k-space network
-            cfg = ReconConfig(image_weights=str(candidates[im][1]), kspace_weights=str(candidates[ks][1]),
-                              device=run.device, preset=preset, **small)
-            rec = Reconstructor(cfg)
-            values = []
-            for i, (name, cine) in enumerate(cines):
-                case = simulate_case(name, make_truth(cine, seed=i), 8.0, 2 if run.dry else 8, 0.005, seed=i)
-                x = rec.recon(case.kspace, case.mask, None, seed=0)
-                values += frame_metrics(case.truth, x)["psnr"]
-            table[pair] = round(float(np.mean(values)), 3)
-            run.note(f"compare: DD-UGM ({preset} preset) R=8 on {len(cines)} validation cines, {pair}: {table[pair]} dB")
-            run.save()
+    runs = [(p, pair, im, ks) for p in ("default", "dual") for pair, (im, ks) in pairs.items()
+            if not (p == "default" and pair == "new_kspace_only")]  # the default preset has no k-space network
+    runs += [("default", pair, im, xt) for pair, (im, xt) in xt_pairs.items()]
+    for preset, pair, im, second in runs:
+        table = psnrs if preset == "default" else psnrs_dual
+        extra = {}
+        if domain_of(second) == "xt":
+            blend = float(PRESETS["default"]["pnp_xt_weight"]) or 0.5
+            extra = {"xt_weights": str(candidates[second][1]), "pnp_xt_weight": blend}
+            second = "kspace_committed"
+        cfg = ReconConfig(image_weights=str(candidates[im][1]), kspace_weights=str(candidates[second][1]),
+                          device=run.device, preset=preset, **small, **extra)
+        rec = Reconstructor(cfg)
+        values = []
+        for i, (name, cine) in enumerate(cines):
+            case = simulate_case(name, make_truth(cine, seed=i), 8.0, 2 if run.dry else 8, 0.005, seed=i)
+            x = rec.recon(case.kspace, case.mask, None, seed=0)
+            values += frame_metrics(case.truth, x)["psnr"]
+        table[pair] = round(float(np.mean(values)), 3)
+        run.note(f"compare: DD-UGM ({preset} preset) R=8 on {len(cines)} validation cines, {pair}: {table[pair]} dB")
+        run.save()
     result["ddugm_psnr_r8"] = psnrs
     result["ddugm_dual_psnr_r8"] = psnrs_dual
     result["cines"] = [n for n, _ in cines]
@@ -307,7 +351,7 @@ def stage_outputs(run: Run) -> dict:
         w = r.get("weights")
         if not w:
             continue
-        domain = "kspace" if name.startswith("kspace") else "image"
+        domain = domain_of(name)
         meta = read_metadata(w)
         net = load_model(w, "cpu", expect_domain=domain)
         dst = run.out / f"{name}.safetensors"

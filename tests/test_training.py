@@ -181,10 +181,12 @@ def test_gpu_run_script_dry_run(tmp_path):
     assert s["stages"]["env"]["pytest_gpu"]["status"] == "ok" and s["stages"]["bench"]["status"] == "ok"
     assert all(r["exit"] == 0 and r["step"] > 0 for r in s["stages"]["train"]["runs"].values())
     psnr = s["stages"]["compare"]["ddugm_psnr_r8"]
-    assert set(psnr) == {"committed", "new", "new_image_only"}
+    assert set(psnr) == {"committed", "new", "new_image_only", "new_xt"}  # new_xt: the plane prior blended in
     assert set(s["stages"]["compare"]["ddugm_dual_psnr_r8"]) == {"committed", "new", "new_image_only", "new_kspace_only"}
     assert all(np.isfinite(v) for v in psnr.values())
-    for name, domain in (("image", "image"), ("image_wide", "image"), ("kspace", "kspace")):
+    assert set(s["stages"]["train"]["runs"]) == {"image", "image_wide", "kspace", "xt"}
+    assert set(s["stages"]["compare"]["denoise"]) >= {"image", "image_wide", "kspace", "xt"}
+    for name, domain in (("image", "image"), ("image_wide", "image"), ("kspace", "kspace"), ("xt", "xt")):
         load_model(out / f"{name}.safetensors", expect_domain=domain)
     assert not s["output_problems"]
 
