@@ -10,7 +10,7 @@ and invalid values raise ValueError naming them.
 Two kinds of source. The *operator* (the YAML files the server or Gadgetron is started with,
 the command line) is trusted. A *client* (a chain's properties, an MRD client's config text)
 is not: settings that name server files (``config``, ``debug_dir``, ``image_weights``,
-``kspace_weights``) are refused unless they lie inside a folder the operator allows
+``kspace_weights``, ``xt_weights``) are refused unless they lie inside a folder the operator allows
 (``server: allowed_dirs``), resolved without following symbolic links; errors about a
 client-named file never repeat its content. The YAML's ``server:`` section (:class:`Limits`)
 holds the operator's limits, which every stream is checked against before anything is
@@ -35,7 +35,8 @@ log = logging.getLogger("ddugm.settings")
 
 OUTPUTS = ("magnitude", "complex", "int16")
 #: settings that name files or folders on the server: operator-only unless inside allowed_dirs
-PATH_KEYS = ("config", "debug_dir", "image_weights", "kspace_weights")
+#: (every ``*_weights`` key of ReconConfig, so that a new prior's weights file can never slip past)
+PATH_KEYS = ("config", "debug_dir") + tuple(f.name for f in fields(ReconConfig) if f.name.endswith("_weights"))
 MAX_YAML_BYTES = 1 << 20
 SENDS = ("auto", "images", "image_array")
 

@@ -157,6 +157,9 @@ def test_client_paths_only_inside_allowed_dirs_without_symlinks(tmp_path):
     (allowed / "escape.yaml").write_text(f"recon:\n  image_weights: {outside / 'w.safetensors'}\n")
     with pytest.raises(ValueError, match="not inside a folder"):
         load_settings({"config": "escape.yaml"}, limits=lim)
+    for key in ("image_weights", "kspace_weights", "xt_weights"):  # every file a reconstruction loads
+        with pytest.raises(ValueError, match="not inside a folder"):
+            load_settings({key: str(outside / "w.safetensors")}, limits=lim)
     (allowed / "broken.yaml").write_text("recon: [SECRET-LINE\n")
     with pytest.raises(ValueError, match="not valid YAML") as e:
         load_settings({"config": "broken.yaml"}, limits=lim)
