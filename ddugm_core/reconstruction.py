@@ -40,7 +40,7 @@ PRESETS: dict[str, dict[str, Any]] = {
              "pnp_xt_weight": 0.0},
     "pnp": {"steps": 5, "sigma_min": 0.01, "sigma_max": 0.05, "snr": 0.075, "kspace_sigma_scale": 1.0,
             "init": "llr_ttv", "lowrank_solver": "subspace", "correctors": False, "sampler": "pnp",
-            "pnp_xt_weight": 0.0},
+            "pnp_xt_weight": 0.5},
 }
 PRESETS["default"] = PRESETS["pnp"]  # chosen by measurement on the validation split (README, "Settings")
 

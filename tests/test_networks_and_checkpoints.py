@@ -46,7 +46,7 @@ def test_non_model_file_rejected(tmp_path):
         load_model(p)
 
 
-@pytest.mark.parametrize("domain", ["image", "kspace"])
+@pytest.mark.parametrize("domain", ["image", "kspace", "xt"])
 def test_shipped_weights(domain):
     path = DEFAULT_WEIGHTS[domain]
     assert path.stat().st_size < 25 * 2**20
