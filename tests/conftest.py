@@ -35,4 +35,5 @@ def tiny_config(tiny_weights):
     from ddugm_core import ReconConfig
 
     return ReconConfig(image_weights=str(tiny_weights["image"]), kspace_weights=str(tiny_weights["kspace"]),
+                       xt_weights=str(tiny_weights["xt"]),
                        steps=3, lowrank_iters=3, device="cpu")

@@ -37,7 +37,7 @@ def test_bench_writes_json(tmp_path, tiny_weights, monkeypatch):
     monkeypatch.setattr(bench, "ACCEL", 2)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"recon:\n  lowrank_iters: 2\n  image_weights: {tiny_weights['image']}\n"
-                   f"  kspace_weights: {tiny_weights['kspace']}\n")
+                   f"  kspace_weights: {tiny_weights['kspace']}\n  xt_weights: {tiny_weights['xt']}\n")
     out = tmp_path / "b.json"
     assert main(["bench", "--device", "cpu", "--steps", "3", "--config", str(cfg), "--json", str(out),
                  "--repeat", "2", "--preset", "dual"]) == 0
@@ -56,7 +56,8 @@ def test_bench_repeat_zero_times_the_instrumented_run(tmp_path, tiny_weights, mo
 
     monkeypatch.setattr(bench, "CASES", {"paper": (3, (16, 16), 1)})
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"recon:\n  image_weights: {tiny_weights['image']}\n  kspace_weights: {tiny_weights['kspace']}\n")
+    cfg.write_text(f"recon:\n  image_weights: {tiny_weights['image']}\n  kspace_weights: {tiny_weights['kspace']}\n"
+                   f"  xt_weights: {tiny_weights['xt']}\n")
     out = tmp_path / "b.json"
     assert main(["bench", "--device", "cpu", "--method", "low_rank", "--config", str(cfg), "--json", str(out),
                  "--repeat", "0", "--no-warmup"]) == 0
@@ -80,7 +81,8 @@ def test_bench_on_cuda(tmp_path, tiny_weights, monkeypatch):
     monkeypatch.setattr(bench, "CASES", {"cine8": (4, (32, 32), 3)})
     monkeypatch.setattr(bench, "ACCEL", 2)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"recon:\n  image_weights: {tiny_weights['image']}\n  kspace_weights: {tiny_weights['kspace']}\n")
+    cfg.write_text(f"recon:\n  image_weights: {tiny_weights['image']}\n  kspace_weights: {tiny_weights['kspace']}\n"
+                   f"  xt_weights: {tiny_weights['xt']}\n")
     out = tmp_path / "b.json"
     assert main(["bench", "--device", "cuda", "--steps", "3", "--config", str(cfg), "--json", str(out)]) == 0
     r = json.loads(out.read_text())["results"][0]

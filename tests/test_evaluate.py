@@ -27,7 +27,7 @@ def series_dir(tmp_path):
 def fast_yaml(tmp_path, tiny_weights):
     p = tmp_path / "fast.yaml"
     p.write_text(f"recon:\n  steps: 2\n  lowrank_iters: 3\n  ls_iters: 5\n  image_weights: {tiny_weights['image']}\n"
-                 f"  kspace_weights: {tiny_weights['kspace']}\n")
+                 f"  kspace_weights: {tiny_weights['kspace']}\n  xt_weights: {tiny_weights['xt']}\n")
     return p
 
 

@@ -237,6 +237,7 @@ def test_ddugm_with_score_models_and_complex_output(sim, tiny_weights):
     hdr, acqs = read_file(path)
     cfg, gs = load_settings(operator={"image_weights": str(tiny_weights["image"]),
                                       "kspace_weights": str(tiny_weights["kspace"]),
+                                      "xt_weights": str(tiny_weights["xt"]),
                                       "steps": "2", "lowrank_iters": "3", "device": "cpu", "output": "complex"})
     s = ReconSession(hdr, cfg, gs)
     out = []

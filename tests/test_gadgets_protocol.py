@@ -66,7 +66,8 @@ def test_acquisitions_in_images_out_with_score_models(gadgetron, cine, tiny_weig
     _, xml, acqs = cine
     # the chain names the weights: allowed only because the operator allows their folder
     g = gadgetron(operator_env(tmp_path, f"server:\n  allowed_dirs: ['{tiny_weights['image'].parent}']\n"))
-    g.send_config({"image_weights": tiny_weights["image"], "kspace_weights": tiny_weights["kspace"], "steps": 2,
+    g.send_config({"image_weights": tiny_weights["image"], "kspace_weights": tiny_weights["kspace"],
+                   "xt_weights": tiny_weights["xt"], "steps": 2,
                    "lowrank_iters": 3, "llr_iters": 5, "pnp_inner": 2, "device": "cpu", "series_index": 7})
     g.send_header(xml)
     for a in acqs:

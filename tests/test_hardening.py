@@ -267,7 +267,7 @@ def test_reconstructor_cache_is_bounded_and_models_are_shared(tiny_weights):
     recs = []
     for i in range(8):
         cfg = ReconConfig(image_weights=str(tiny_weights["image"]), kspace_weights=str(tiny_weights["kspace"]),
-                          fusion=0.1 * i, device="cpu")
+                          xt_weights=str(tiny_weights["xt"]), fusion=0.1 * i, device="cpu")
         rec = engine.reconstructor(cfg)
         engine.load_models(rec)
         recs.append(rec)
