@@ -20,7 +20,8 @@ d. ``compare``: one-step denoising PSNR at sigma 0.02 / 0.05 / 0.1 and validatio
    every new and committed network; DD-UGM PSNR on 3 validation cines at R = 8 with the
    committed pair, the best new image prior with the new k-space prior, and each new prior
    alone, with the default preset (pnp: image prior only) and the dual preset (both priors);
-   with a new plane prior also the default preset blending it in (``new_xt``);
+   with a new plane prior also the default preset with it in place of the committed one
+   (``new_xt``, the committed image prior);
 e. ``compile``: ``bench --device cuda`` with ``compile: true`` (last: it may be long);
 f. OUT gets at most 8 files of at most 16 MiB: ``summary.json`` (every stage's status, times,
    results), ``log.txt``, ``losses.json`` and the new weights as float16 safetensors with
@@ -304,11 +305,9 @@ def stage_compare(run: Run, trained: dict) -> dict:
         pairs["new_image_only"] = (best_image, "kspace_committed")
     if "kspace" in candidates:
         pairs["new_kspace_only"] = ("image_committed", "kspace")
-    xt_pairs = {}  # the default preset with a plane prior blended into its anchor
-    if "xt" in candidates:
-        xt_pairs["new_xt"] = (best_image or "image_committed", "xt")
-    if "xt_committed" in candidates:
-        xt_pairs["committed_xt"] = ("image_committed", "xt_committed")
+    # the default preset blends the committed plane prior in wherever it is committed ("committed",
+    # "new", "new_image_only"); "new_xt" changes only the plane prior: the committed image prior + the new one
+    xt_pairs = {"new_xt": ("image_committed", "xt")} if "xt" in candidates else {}
     psnrs, psnrs_dual = {}, {}
     small = {"steps": 2, "ls_iters": 3, "llr_iters": 3, "pnp_inner": 1} if run.dry else {}
     # the default preset (pnp) uses only the image prior; the dual preset measures the k-space prior too
