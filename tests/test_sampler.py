@@ -92,14 +92,12 @@ def test_correctors_setting_sets_network_calls_per_step():
         assert calls == {"k": 4 * per_step, "i": 4 * per_step}
 
 
-def test_pnp_sampler_moves_towards_what_the_prior_denoises_to():
-    """An oracle prior (its Tweedie denoiser returns the truth) must pull the estimate towards
-    the truth; a prior that returns a wrong image must pull it away. Both keep the data."""
-    from ddugm_core.baselines import llr_ttv
+def _pnp_problem():
+    """A small multi-coil cine problem for the pnp sampler: truth, data consistency, LLR + TV
+    settings."""
     from ddugm_core.masks import variable_density_mask
     from ddugm_core.operators import expand_mask
     from ddugm_core.phantom import cine_phantom, coil_maps, simulate_kspace
-    from ddugm_core.sampler import PnPSettings, pnp_sample
 
     truth = torch.from_numpy(cine_phantom(8, 32, seed=1))
     maps = coil_maps(3, 32, seed=2)
@@ -107,6 +105,16 @@ def test_pnp_sampler_moves_towards_what_the_prior_denoises_to():
     y = torch.from_numpy(simulate_kspace(truth.numpy(), maps, mask, noise=0.005, seed=1))
     dc = DataConsistency(y, expand_mask(torch.from_numpy(mask), (32, 32)).float(), torch.from_numpy(maps))
     llr = {"lambda_llr": 0.001, "lambda_tv": 0.01, "block": 8, "rho": 0.2, "cg_iters": 3}
+    return truth, dc, llr
+
+
+def test_pnp_sampler_moves_towards_what_the_prior_denoises_to():
+    """An oracle prior (its Tweedie denoiser returns the truth) must pull the estimate towards
+    the truth; a prior that returns a wrong image must pull it away. Both keep the data."""
+    from ddugm_core.baselines import llr_ttv
+    from ddugm_core.sampler import PnPSettings, pnp_sample
+
+    truth, dc, llr = _pnp_problem()
     x0 = llr_ttv(dc, 20, **llr)
     err = lambda x: float(torch.linalg.vector_norm(x - truth))  # noqa: E731
     oracle = lambda x, s: (truth - x) / s**2  # noqa: E731
@@ -151,17 +159,9 @@ def test_pnp_blends_the_plane_prior_into_the_anchor():
     """xt_weight 1 uses only the plane prior (an oracle pulls to the truth, with no frame
     prior at all); 0.5 blends an oracle with a wrong prior: in between; a missing prior for a
     weight that needs it is an error naming the setting."""
-    from ddugm_core.masks import variable_density_mask
-    from ddugm_core.operators import expand_mask
-    from ddugm_core.phantom import cine_phantom, coil_maps, simulate_kspace
     from ddugm_core.sampler import PnPSettings, pnp_sample
 
-    truth = torch.from_numpy(cine_phantom(8, 32, seed=1))
-    maps = coil_maps(3, 32, seed=2)
-    mask = variable_density_mask(8, 32, 6, seed=4)
-    y = torch.from_numpy(simulate_kspace(truth.numpy(), maps, mask, noise=0.005, seed=1))
-    dc = DataConsistency(y, expand_mask(torch.from_numpy(mask), (32, 32)).float(), torch.from_numpy(maps))
-    llr = {"lambda_llr": 0.001, "lambda_tv": 0.01, "block": 8, "rho": 0.2, "cg_iters": 3}
+    truth, dc, llr = _pnp_problem()
     x0 = dc.image(torch.zeros_like(truth))
     err = lambda x: float(torch.linalg.vector_norm(x - truth))  # noqa: E731
     oracle = lambda x, s: (truth - x) / s**2  # noqa: E731
