@@ -7,6 +7,7 @@ file alone is enough to rebuild the network.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ def save_model(path, net: NCSNpp, domain: str, settings: dict | None = None, dty
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o644)  # safetensors creates 0600 files; weights are meant to be read by a server's user
     tmp.replace(path)  # atomic: a run killed while saving leaves the previous file whole
 
 

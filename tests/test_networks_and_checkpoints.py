@@ -88,3 +88,10 @@ def test_group_counts_unchanged_for_power_of_two_widths():
 
     for ch in (8, 16, 32, 64, 128, 256, 512, 96, 192):
         assert _groups(ch) == min(32, max(1, ch // 4))
+
+
+def test_saved_models_are_readable_by_other_users(tmp_path):
+    """A model file trained by one account must load in a server run by another (0644)."""
+    path = tmp_path / "m.safetensors"
+    save_model(path, NCSNpp(NetConfig(nf=8, ch_mult=(1, 2), attn_resolutions=(), image_size=16)), "image")
+    assert path.stat().st_mode & 0o777 == 0o644
