@@ -180,27 +180,12 @@ def write_pack(files: list[Path], out: Path, max_mb: float = 40.0, stride: int =
 def load_frames(files: list[Path]) -> torch.Tensor:
     """All frames of ``files``, normalised per series, as complex64 ``[N, H, W]``.
 
-    Frames of different sizes are centre-padded/cropped to the first file's size. A training
+    Frames of different sizes are centre-padded/cropped to the first series' size. A training
     pack (:func:`write_pack`) contributes its frames as stored (already normalised).
     """
-    out, size = [], None
-    for path in files:
-        if is_pack(path):
-            t = read_pack(path)
-            size = size or t.shape[-2:]
-            out.append(center_fit(t, size))
-            continue
-        for s in series_of(read_array(path)):
-            s = s.astype(np.complex64) if np.iscomplexobj(s) else s.astype(np.float32)
-            scale = robust_scale(s)
-            if not np.isfinite(s).all() or scale <= 0:
-                continue
-            t = torch.from_numpy(s / scale)
-            size = size or t.shape[-2:]
-            out.append(center_fit(t, size))
-    if not out:
-        raise ValueError("no usable frames (all series empty or non-finite)")
-    return torch.cat(out).to(torch.complex64)
+    series = load_series(files)
+    size = series[0].shape[-2:]
+    return torch.cat([center_fit(t, size) for t in series])
 
 
 def load_series(files: list[Path]) -> list[torch.Tensor]:
