@@ -99,14 +99,20 @@ def l_plus_s(dc: DataConsistency, iters: int = 50, lambda_l: float = 0.01, lambd
 
 
 # ---------------------------------------------------------------------- LLR + temporal TV
-def temporal_diff(x: torch.Tensor) -> torch.Tensor:
-    """Forward differences along the frame axis, ``[T, y, x] -> [T - 1, y, x]`` (not cyclic:
-    a real-time series need not be periodic)."""
+def temporal_diff(x: torch.Tensor, cyclic: bool = False) -> torch.Tensor:
+    """Forward differences along the frame axis: ``[T, y, x] -> [T - 1, y, x]``, or, with
+    ``cyclic`` (a cine that covers one whole cardiac cycle: its last frame neighbours its
+    first), ``[T, y, x]`` including x_0 - x_{T-1}. Not cyclic by default: a real-time series
+    need not be periodic."""
+    if cyclic:
+        return torch.roll(x, -1, dims=0) - x
     return x[1:] - x[:-1]
 
 
-def temporal_diff_adjoint(d: torch.Tensor) -> torch.Tensor:
-    """Adjoint of :func:`temporal_diff`, ``[T - 1, y, x] -> [T, y, x]``."""
+def temporal_diff_adjoint(d: torch.Tensor, cyclic: bool = False) -> torch.Tensor:
+    """Adjoint of :func:`temporal_diff` (same ``cyclic``), back to ``[T, y, x]``."""
+    if cyclic:
+        return torch.roll(d, 1, dims=0) - d
     zero = torch.zeros_like(d[:1])
     return torch.cat([zero, d]) - torch.cat([d, zero])
 
@@ -136,7 +142,8 @@ def locally_low_rank(x: torch.Tensor, threshold: float, block: int, shift: tuple
 def llr_ttv(dc: DataConsistency, iters: int = 40, lambda_llr: float = 0.01, lambda_tv: float = 0.01,
             block: int = 8, rho: float = 0.5, cg_iters: int = 3, seed: int = 0,
             callback: Optional[Callable[[int, int], None]] = None, x0: Optional[torch.Tensor] = None,
-            anchor: Optional[torch.Tensor] = None, gamma: float = 0.0) -> torch.Tensor:
+            anchor: Optional[torch.Tensor] = None, gamma: float = 0.0,
+            state: Optional[dict] = None, cyclic: bool = False) -> torch.Tensor:
     """Locally low-rank plus temporal total variation, by ADMM (the regularisers of BART's
     ``pics -R L`` and ``-R T``, together; our own implementation).
 
@@ -148,11 +155,18 @@ def llr_ttv(dc: DataConsistency, iters: int = 40, lambda_llr: float = 0.01, lamb
     of a tile is ``lambda_llr`` times (block + sqrt(frames)), the size of the largest
     singular value of a tile of unit-variance noise, so that one ``lambda_llr`` suits any
     frame count; ``lambda_tv`` is in the normalised image units the reconstructor works in.
-    Tiles are shifted randomly each iteration (``seed``: deterministic).
+    Tiles are shifted randomly each iteration (``seed``: deterministic). With ``cyclic`` the
+    temporal TV also ties the last frame to the first (:func:`temporal_diff`).
 
     With ``anchor`` and ``gamma`` > 0 the objective gets gamma / 2 ||x - anchor||^2 (the
     plug-and-play step of the sampler: the anchor is a denoised estimate); ``x0`` is the start
     (default: the zero-filled image).
+
+    ``state``, a dict, carries the ADMM iterates between calls: where it holds them (``x``,
+    ``z1``, ``u1``, ``z2``, ``u2``, from an earlier call on the same problem) they are the
+    start, instead of ``x0`` with zero dual variables; on return it holds the final ones. A
+    restart with zero duals forgets the regularisers' pull and costs accuracy (the sampler
+    calls this once per noise level).
     """
     t = dc.mask.shape[0]
     ahy = dc.adjoint()
@@ -160,32 +174,37 @@ def llr_ttv(dc: DataConsistency, iters: int = 40, lambda_llr: float = 0.01, lamb
         ahy = ahy + gamma * anchor
     else:
         gamma = 0.0
-    x = zero_filled(dc) if x0 is None else x0
-    z1, u1 = x.clone(), torch.zeros_like(x)
-    z2 = temporal_diff(x) if t > 1 else x[:0]
-    u2 = torch.zeros_like(z2)
+    if state and "x" in state:
+        x, z1, u1, z2, u2 = (state[k] for k in ("x", "z1", "u1", "z2", "u2"))
+    else:
+        x = zero_filled(dc) if x0 is None else x0
+        z1, u1 = x.clone(), torch.zeros_like(x)
+        z2 = temporal_diff(x, cyclic) if t > 1 else x[:0]
+        u2 = torch.zeros_like(z2)
     block = max(1, min(block, *x.shape[-2:]))
     thr = lambda_llr * (block + t ** 0.5) / rho
     gen = torch.Generator().manual_seed(int(seed))
 
     def normal(v):
         out = dc.normal(v) + (rho + gamma) * v
-        return out + rho * temporal_diff_adjoint(temporal_diff(v)) if t > 1 else out
+        return out + rho * temporal_diff_adjoint(temporal_diff(v, cyclic), cyclic) if t > 1 else out
 
     for i in range(iters):
         rhs = ahy + rho * (z1 - u1)
         if t > 1:
-            rhs = rhs + rho * temporal_diff_adjoint(z2 - u2)
+            rhs = rhs + rho * temporal_diff_adjoint(z2 - u2, cyclic)
         x = conjugate_gradient(normal, rhs, x, cg_iters)
         shift = tuple(int(v) for v in torch.randint(0, block, (2,), generator=gen))
         with stage("low-rank"):
             z1 = locally_low_rank(x + u1, thr, block, shift) if lambda_llr > 0 else x + u1
         u1 = u1 + x - z1
         if t > 1:
-            dx = temporal_diff(x)
+            dx = temporal_diff(x, cyclic)
             z2 = soft_threshold(dx + u2, lambda_tv / rho)
             u2 = u2 + dx - z2
         if callback is not None:
             callback(i + 1, iters)
+    if state is not None:
+        state.update(x=x, z1=z1, u1=u1, z2=z2, u2=u2)
     return x
 

@@ -67,6 +67,9 @@ class ReconConfig:
     pnp_gamma: float = 0.1              # pnp: weight of the denoised anchor in each ADMM solve
     pnp_inner: int = 5                  # pnp: ADMM iterations per noise level
     pnp_xt_weight: Optional[float] = None  # pnp: share of the spatio-temporal (x-t / y-t) prior in the anchor
+    pnp_eta: float = 0.0                # pnp: re-noising, the networks see x + eta * sigma * z
+    pnp_ensemble: int = 1               # pnp: spatial flips averaged per denoising (1, 2 or 4)
+    pnp_keep_duals: bool = False        # pnp: carry the ADMM iterates from the start and between levels
     lowrank_iters: int = 50             # iterations of the low-rank-only method
     ls_iters: int = 50                  # L+S baseline (Otazo 2015): max iterations,
     ls_lambda_l: float = 0.01           #   SVT threshold relative to the largest singular value,
@@ -76,6 +79,7 @@ class ReconConfig:
     llr_block: int = 8                  #   tile size of the locally low-rank penalty,
     llr_lambda: float = 0.001           #   its singular-value threshold (per unit noise singular value),
     ttv_lambda: float = 0.01            #   temporal TV weight (normalised image units),
+    ttv_cyclic: bool = False            #   temporal TV ties the last frame to the first (a whole-cycle cine),
     llr_rho: float = 0.2                #   ADMM penalty,
     llr_cg_iters: int = 3               #   conjugate-gradient steps per x-update
     dc_mode: str = "replace"            # multi-coil data consistency: replace (coil k-space) or cg
@@ -139,6 +143,8 @@ class ReconConfig:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.pnp_gamma < 0 or self.pnp_inner < 1 or not 0 <= self.resolved("pnp_xt_weight") <= 1:
             raise ValueError("pnp_gamma must be >= 0, pnp_inner >= 1 and pnp_xt_weight in [0, 1]")
+        if self.pnp_eta < 0 or self.pnp_ensemble not in (1, 2, 4):
+            raise ValueError(f"pnp_eta must be >= 0 and pnp_ensemble 1, 2 or 4, got {self.pnp_eta}, {self.pnp_ensemble}")
         if self.resolved("init") not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not 0 <= self.fusion <= 1:
@@ -367,17 +373,18 @@ class Reconstructor:
             # one progress count over the warm start and the sampler
             progress = None if callback is None else (lambda i, n: callback(offset + i, offset + n))
             warm_cb = None if callback is None else (lambda i, n: callback(i, n + s.steps))
+            admm = {} if init == "llr_ttv" else None  # the start's ADMM iterates, for pnp_keep_duals
             if init == "low_rank":  # a classical estimate, then refine
                 x0 = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window, warm_cb, s.lowrank_solver)
             elif init in ("l_plus_s", "llr_ttv"):
-                x0 = self._classical(init, dc, warm_cb)
+                x0 = self._classical(init, dc, warm_cb, admm)
             else:
                 x0 = dc.image(baselines.zero_filled(dc))
             k0 = fft2c(x0)
             weight = KWeight(kspace_weight(*k0.shape[-2:], device=self.device))
             tr = None if trace is None else (lambda rec: trace({**rec, "scale": scale, "weight": weight}))
             if cfg.resolved("sampler") == "pnp":
-                x = pnp_sample(x0, dc, scores["image"], self.pnp_settings(), progress, tr, scores.get("xt"))
+                x = pnp_sample(x0, dc, scores["image"], self.pnp_settings(), progress, tr, scores.get("xt"), gen, admm)
             else:
                 x = ddugm_sample(k0, dc, scores["kspace"], scores["image"], weight, s, gen, progress, tr)
         if maps is not None:
@@ -391,15 +398,17 @@ class Reconstructor:
         cfg, s = self.config, self.config.sampler_settings()
         return PnPSettings(steps=s.steps, sigma_max=s.sigma_max, sigma_min=s.sigma_min, gamma=cfg.pnp_gamma,
                            inner=cfg.pnp_inner, xt_weight=float(cfg.resolved("pnp_xt_weight")),
+                           eta=cfg.pnp_eta, ensemble=cfg.pnp_ensemble, keep_duals=bool(cfg.pnp_keep_duals),
                            llr={"lambda_llr": cfg.llr_lambda, "lambda_tv": cfg.ttv_lambda, "block": cfg.llr_block,
+                                "cyclic": bool(cfg.ttv_cyclic),
                                 "rho": cfg.llr_rho, "cg_iters": cfg.llr_cg_iters})
 
-    def _classical(self, method: str, dc: DataConsistency, callback) -> torch.Tensor:
+    def _classical(self, method: str, dc: DataConsistency, callback, state: Optional[dict] = None) -> torch.Tensor:
         cfg = self.config
         if method == "l_plus_s":
             return baselines.l_plus_s(dc, cfg.ls_iters, cfg.ls_lambda_l, cfg.ls_lambda_s, cfg.ls_tol, callback)
         return baselines.llr_ttv(dc, cfg.llr_iters, cfg.llr_lambda, cfg.ttv_lambda, cfg.llr_block, cfg.llr_rho,
-                                 cfg.llr_cg_iters, callback=callback)
+                                 cfg.llr_cg_iters, callback=callback, state=state, cyclic=bool(cfg.ttv_cyclic))
 
     def _scale(self, k, m, maps) -> torch.Tensor:
         """Robust percentile of the time-averaged coil-combined image (no reference used)."""

@@ -118,34 +118,67 @@ class PnPSettings:
     gamma: float = 0.1
     inner: int = 5
     xt_weight: float = 0.0
+    eta: float = 0.0       # re-noising: the networks see x + eta * sigma * z (fresh z each level)
+    ensemble: int = 1      # flips averaged per denoising: 1 (none), 2 (x), 4 (x, y, both)
+    keep_duals: bool = False  # carry the ADMM iterates (duals) from level to level instead of restarting
     llr: dict | None = None  # keyword arguments of baselines.llr_ttv (thresholds, block, rho, cg_iters)
+
+
+def _flip_dims(n: int) -> list[tuple[int, ...]]:
+    if n not in (1, 2, 4):
+        raise ValueError(f"ensemble must be 1, 2 or 4, got {n}")
+    return [(), (-1,), (-2,), (-2, -1)][:n]
+
+
+def pnp_denoise(x: torch.Tensor, sigma: float, score_i: Optional[Score], score_xt: Optional[Score],
+                xt_weight: float, ensemble: int = 1) -> torch.Tensor:
+    """Tweedie denoising D(x) = x + sigma^2 score(x, sigma) of all frames ``[frame, y, x]``:
+    the frame prior, the plane prior or their blend, averaged over ``ensemble`` spatial flips
+    (the priors are trained with flips, so each flip is an equally valid denoiser)."""
+    w = xt_weight
+    out = 0
+    dims = _flip_dims(ensemble)
+    for d in dims:
+        xf = x.flip(d) if d else x
+        score = 0
+        if w < 1:
+            score = (1 - w) * score_i(xf, sigma)
+        if w > 0:
+            score = score + w * score_xt(xf, sigma)
+        out = out + (score.flip(d) if d else score)
+    return x + sigma ** 2 * out / len(dims)
 
 
 def pnp_sample(x0: torch.Tensor, dc: DataConsistency, score_i: Optional[Score], settings: PnPSettings,
                callback: Optional[Callable[[int, int], None]] = None,
-               trace: Optional[Callable[[dict], None]] = None, score_xt: Optional[Score] = None) -> torch.Tensor:
+               trace: Optional[Callable[[dict], None]] = None, score_xt: Optional[Score] = None,
+               generator: Optional[torch.Generator] = None, state: Optional[dict] = None) -> torch.Tensor:
     """Refine a classical estimate ``x0`` ``[frame, y, x]`` with the priors: a geometric
-    schedule sigma_max -> sigma_min; at each level the denoised frames D(x) = x + sigma^2
-    score(x, sigma) (all frames one batch; the frame prior ``score_i``, the plane prior
-    ``score_xt`` or their blend) anchor the next ADMM iterations, warm-started at x."""
+    schedule sigma_max -> sigma_min; at each level the denoised frames D(x) (all frames one
+    batch; :func:`pnp_denoise`) anchor the next ADMM iterations, warm-started at x. With
+    ``eta`` > 0 the networks see x plus fresh Gaussian noise of std eta * sigma (DDS-style
+    re-noising; needs ``generator``). With ``keep_duals`` the ADMM iterates carry from level to
+    level, starting from ``state`` (the dict :func:`baselines.llr_ttv` filled while computing
+    ``x0``) where given."""
     from .baselines import llr_ttv
 
     s = settings
     w = s.xt_weight
     if not 0 <= w <= 1 or (w > 0 and score_xt is None) or (w < 1 and score_i is None):
         raise ValueError(f"xt_weight {w} needs the frame prior (below 1) and the plane prior (above 0)")
+    if s.eta < 0 or (s.eta > 0 and generator is None):
+        raise ValueError(f"eta must be >= 0 (and > 0 needs a generator), got {s.eta}")
+    _flip_dims(s.ensemble)
     sigmas = VESDE(s.sigma_min, s.sigma_max).discrete_sigmas(s.steps, 0.0)
     x = x0
+    state = (state if state is not None else {}) if s.keep_duals else None
     for i, sigma in enumerate(sigmas.tolist()):
+        x_in = x + (s.eta * sigma) * _randn(x, generator) if s.eta > 0 else x
         if trace is not None:
-            trace({"step": i, "sigma": sigma, "image_input": x})
-        score = 0
-        if w < 1:
-            score = (1 - w) * score_i(x, sigma)
-        if w > 0:
-            score = score + w * score_xt(x, sigma)
-        denoised = x + sigma ** 2 * score
-        x = llr_ttv(dc, s.inner, **(s.llr or {}), seed=i + 1, x0=x, anchor=denoised, gamma=s.gamma)
+            trace({"step": i, "sigma": sigma, "image_input": x_in})
+        denoised = pnp_denoise(x_in, sigma, score_i, score_xt, w, s.ensemble)
+        x = llr_ttv(dc, s.inner, **(s.llr or {}), seed=i + 1, x0=x, anchor=denoised, gamma=s.gamma,
+                    state=state)
         if callback is not None:
             callback(i + 1, s.steps)
     return x

@@ -77,12 +77,17 @@ def test_l_plus_s_progress_reaches_the_end():
 
 
 # ---------------------------------------------------------------------- LLR + temporal TV
-def test_temporal_difference_adjoint():
+@pytest.mark.parametrize("cyclic", [False, True])
+def test_temporal_difference_adjoint(cyclic):
     g = torch.Generator().manual_seed(4)
-    x, d = _crandn(g, 5, 3, 4), _crandn(g, 4, 3, 4)
-    lhs = torch.vdot(temporal_diff(x).flatten(), d.flatten())
-    rhs = torch.vdot(x.flatten(), temporal_diff_adjoint(d).flatten())
+    x, d = _crandn(g, 5, 3, 4), _crandn(g, 5 if cyclic else 4, 3, 4)
+    lhs = torch.vdot(temporal_diff(x, cyclic).flatten(), d.flatten())
+    rhs = torch.vdot(x.flatten(), temporal_diff_adjoint(d, cyclic).flatten())
     assert torch.allclose(lhs, rhs, atol=1e-4)
+    # cyclic: the last frame's difference is to the first; a constant series has none
+    if cyclic:
+        assert torch.allclose(temporal_diff(x, True)[-1], x[0] - x[-1])
+        assert float(temporal_diff(x[:1].expand(5, 3, 4), True).abs().max()) == 0
 
 
 @pytest.mark.parametrize("shape,block,shift", [((6, 16, 16), 8, (0, 0)), ((5, 13, 10), 4, (3, 1))])
@@ -129,3 +134,21 @@ def test_llr_ttv_beats_zero_filled_and_l_plus_s_on_the_phantom(coils):
     if coils == 1:
         m = expand_mask(torch.from_numpy(mask), (32, 32))
         assert torch.allclose(kout[m], k[0][m], atol=1e-3)
+
+
+def test_llr_ttv_state_continues_the_admm_where_it_stopped():
+    """With a state dict, 10 + 10 iterations are the 20 of one call (without the locally
+    low-rank term, whose random tile shifts depend on the seed); a restart from x alone,
+    with zero dual variables, is not."""
+    x = cine_phantom(8, 32, seed=2)
+    mask = variable_density_mask(8, 32, 6, seed=3)
+    k = torch.from_numpy(simulate_kspace(x, None, mask, noise=0.005, seed=1))
+    dc = DataConsistency(k, expand_mask(torch.from_numpy(mask), (32, 32)).float(), None)
+    kw = dict(lambda_llr=0.0, lambda_tv=0.05, rho=0.2)
+    whole = llr_ttv(dc, 20, **kw)
+    state = {}
+    half = llr_ttv(dc, 10, **kw, state=state)
+    assert set(state) == {"x", "z1", "u1", "z2", "u2"} and torch.equal(state["x"], half)
+    assert torch.allclose(llr_ttv(dc, 10, **kw, state=state), whole, atol=1e-5)
+    restarted = llr_ttv(dc, 10, **kw, x0=half)
+    assert not torch.allclose(restarted, whole, atol=1e-3)

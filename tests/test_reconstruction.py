@@ -250,7 +250,8 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
     out = Reconstructor(cfg).recon(k, callback=lambda i, n: seen.append((i, n)))
     assert out.shape == (4, 24, 24) and np.isfinite(out).all()
     assert seen[0] == (1, 9) and seen[-1] == (9, 9)
-    for bad, msg in [({"sampler": "dps"}, "sampler must be"), ({"pnp_gamma": -1.0}, "pnp_gamma")]:
+    for bad, msg in [({"sampler": "dps"}, "sampler must be"), ({"pnp_gamma": -1.0}, "pnp_gamma"),
+                     ({"pnp_eta": -0.1}, "pnp_eta"), ({"pnp_ensemble": 3}, "pnp_ensemble")]:
         with pytest.raises(ValueError, match=msg):
             ReconConfig.from_dict({**tiny_config.to_dict(), **bad})
 

@@ -175,3 +175,53 @@ def test_pnp_blends_the_plane_prior_into_the_anchor():
     for w, si, sx in [(0.5, oracle, None), (0.5, None, oracle), (1.5, oracle, oracle)]:
         with pytest.raises(ValueError, match="xt_weight"):
             run(w, si, sx)
+
+
+def test_pnp_flip_ensemble_averages_flipped_denoisings():
+    """pnp_denoise with ensemble n averages the denoising of n flips of the input, each flipped
+    back: a flip-equivariant prior gives the same result; one that is not (it pulls to a
+    fixed image, so the flipped passes pull to its flips) gives the mean of those images."""
+    from ddugm_core.sampler import pnp_denoise
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.complex(torch.randn(3, 6, 5, generator=g), torch.randn(3, 6, 5, generator=g))
+    target = torch.complex(torch.randn(3, 6, 5, generator=g), torch.randn(3, 6, 5, generator=g))
+    smooth = lambda v, s: (0.5 * v - v) / s**2  # noqa: E731  (denoises to v / 2: equivariant)
+    fixed = lambda v, s: (target - v) / s**2  # noqa: E731
+    for n in (2, 4):
+        assert torch.allclose(pnp_denoise(x, 0.1, smooth, None, 0.0, n), 0.5 * x, atol=1e-5)
+    flips = [target, target.flip(-1), target.flip(-2), target.flip(-2, -1)]
+    assert torch.allclose(pnp_denoise(x, 0.1, fixed, None, 0.0, 1), target, atol=1e-5)
+    assert torch.allclose(pnp_denoise(x, 0.1, fixed, None, 0.0, 2), sum(flips[:2]) / 2, atol=1e-5)
+    assert torch.allclose(pnp_denoise(x, 0.1, None, fixed, 1.0, 4), sum(flips) / 4, atol=1e-5)
+    with pytest.raises(ValueError, match="ensemble"):
+        pnp_denoise(x, 0.1, fixed, None, 0.0, 3)
+
+
+def test_pnp_renoising_shows_the_networks_noise_of_eta_sigma():
+    """With eta > 0 the networks see x plus fresh noise of std eta * sigma per real component
+    (measured through the trace), reproducibly for a seed; eta 0 shows them x itself; eta > 0
+    without a generator is an error naming eta."""
+    from ddugm_core.sampler import PnPSettings, pnp_sample
+
+    truth, dc, llr = _pnp_problem()
+    x0 = dc.image(torch.zeros_like(truth))
+    prior = lambda x, s: -x * 0  # noqa: E731  (denoising is the identity)
+
+    def inputs(eta, seed=0):
+        seen, out = [], []
+        settings = PnPSettings(steps=2, sigma_max=0.2, sigma_min=0.1, gamma=1.0, inner=1, eta=eta, llr=llr)
+        gen = torch.Generator().manual_seed(seed)
+        pnp_sample(x0, dc, lambda x, s: (out.append(x), prior(x, s))[1], settings,
+                   trace=seen.append, generator=gen)
+        return seen, out
+
+    seen, out = inputs(0.0)
+    assert torch.equal(seen[0]["image_input"], x0) and torch.equal(out[0], x0)
+    seen, out = inputs(0.5)
+    noise = out[0] - x0
+    std = float(torch.cat([noise.real.flatten(), noise.imag.flatten()]).std())
+    assert abs(std - 0.5 * 0.2) < 0.01
+    assert torch.equal(inputs(0.5)[1][1], out[1]) and not torch.equal(inputs(0.5, seed=1)[1][1], out[1])
+    with pytest.raises(ValueError, match="eta"):
+        pnp_sample(x0, dc, prior, PnPSettings(eta=0.5, llr=llr))
