@@ -69,7 +69,8 @@ class ReconConfig:
     pnp_xt_weight: Optional[float] = None  # pnp: share of the spatio-temporal (x-t / y-t) prior in the anchor
     pnp_eta: float = 0.0                # pnp: re-noising, the networks see x + eta * sigma * z
     pnp_ensemble: int = 1               # pnp: spatial flips averaged per denoising (1, 2 or 4)
-    pnp_keep_duals: bool = False        # pnp: carry the ADMM iterates from the start and between levels
+    pnp_keep_duals: bool = True         # pnp: carry the ADMM iterates from the start and between levels
+    pnp_reg_scale: float = 0.25         # pnp: LLR and temporal-TV weights in the sampler's ADMM, x those of the start
     lowrank_iters: int = 50             # iterations of the low-rank-only method
     ls_iters: int = 50                  # L+S baseline (Otazo 2015): max iterations,
     ls_lambda_l: float = 0.01           #   SVT threshold relative to the largest singular value,
@@ -143,8 +144,9 @@ class ReconConfig:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.pnp_gamma < 0 or self.pnp_inner < 1 or not 0 <= self.resolved("pnp_xt_weight") <= 1:
             raise ValueError("pnp_gamma must be >= 0, pnp_inner >= 1 and pnp_xt_weight in [0, 1]")
-        if self.pnp_eta < 0 or self.pnp_ensemble not in (1, 2, 4):
-            raise ValueError(f"pnp_eta must be >= 0 and pnp_ensemble 1, 2 or 4, got {self.pnp_eta}, {self.pnp_ensemble}")
+        if self.pnp_eta < 0 or self.pnp_ensemble not in (1, 2, 4) or self.pnp_reg_scale < 0:
+            raise ValueError(f"pnp_eta and pnp_reg_scale must be >= 0 and pnp_ensemble 1, 2 or 4, got "
+                             f"{self.pnp_eta}, {self.pnp_reg_scale}, {self.pnp_ensemble}")
         if self.resolved("init") not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not 0 <= self.fusion <= 1:
@@ -399,7 +401,8 @@ class Reconstructor:
         return PnPSettings(steps=s.steps, sigma_max=s.sigma_max, sigma_min=s.sigma_min, gamma=cfg.pnp_gamma,
                            inner=cfg.pnp_inner, xt_weight=float(cfg.resolved("pnp_xt_weight")),
                            eta=cfg.pnp_eta, ensemble=cfg.pnp_ensemble, keep_duals=bool(cfg.pnp_keep_duals),
-                           llr={"lambda_llr": cfg.llr_lambda, "lambda_tv": cfg.ttv_lambda, "block": cfg.llr_block,
+                           llr={"lambda_llr": cfg.llr_lambda * cfg.pnp_reg_scale,
+                                "lambda_tv": cfg.ttv_lambda * cfg.pnp_reg_scale, "block": cfg.llr_block,
                                 "cyclic": bool(cfg.ttv_cyclic),
                                 "rho": cfg.llr_rho, "cg_iters": cfg.llr_cg_iters})
 

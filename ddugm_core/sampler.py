@@ -108,7 +108,9 @@ def ddugm_sample(k0: torch.Tensor, dc: DataConsistency, score_k: Score, score_i:
 class PnPSettings:
     """The plug-and-play sampler (``sampler: pnp``): per noise level one Tweedie denoising of
     every frame by the image prior, then ``inner`` ADMM iterations of LLR + temporal TV with
-    data consistency and gamma / 2 ||x - denoised||^2 (DiffPIR / DDS-style; no re-noising).
+    data consistency and gamma / 2 ||x - denoised||^2 (DiffPIR / DDS-style; re-noising with
+    ``eta`` is optional and measured worse). ``llr`` holds the ADMM's weights, which the
+    reconstructor sets to ``pnp_reg_scale`` times those of the start.
     With ``xt_weight`` > 0 the anchor blends in the Tweedie denoising by the spatio-temporal
     (x-t / y-t plane) prior: ``(1 - xt_weight) D_frame + xt_weight D_xt``."""
 

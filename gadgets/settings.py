@@ -76,7 +76,7 @@ class Limits:
     max_message_mb: int = 1024  # one data message (acquisition, image, ReconData, ImageArray, waveform)
     max_text_kb: int = 4096  # configuration, header and text messages
     max_steps: int = 1000  # sampler steps a stream may ask for (the paper preset needs 1000)
-    max_iterations: int = 1000  # lowrank_iters, ls_iters, dc_iters
+    max_iterations: int = 1000  # every *_iters setting and pnp_inner
     max_window: int = 12  # Hankel window (memory grows with its fourth power)
     allow_compile: bool = False  # may a client turn on torch.compile (minutes of compiling, per frame size)
     max_connections: int = 16  # open connections of ddugm serve; more are refused with an error
@@ -114,7 +114,7 @@ class Limits:
         s = cfg.sampler_settings()
         if s.steps > self.max_steps:
             raise ValueError(f"steps = {s.steps} exceeds the server's limit max_steps = {self.max_steps}")
-        for name in ("lowrank_iters", "ls_iters", "dc_iters"):
+        for name in ITERATION_KEYS:
             if getattr(cfg, name) > self.max_iterations:
                 raise ValueError(f"{name} = {getattr(cfg, name)} exceeds the server's limit "
                                  f"max_iterations = {self.max_iterations}")
@@ -123,6 +123,9 @@ class Limits:
 
 
 LIMIT_KEYS = {f.name: f for f in fields(Limits)}
+#: the loop counts a stream may set, each capped by max_iterations (every ``*_iters`` setting,
+#: so that a new one cannot slip past the limit, and the pnp sampler's inner iterations)
+ITERATION_KEYS = tuple(f.name for f in fields(ReconConfig) if f.name.endswith("_iters") or f.name == "pnp_inner")
 GADGET_KEYS = {f.name: f for f in fields(GadgetSettings)}
 RECON_KEYS = {f.name: f for f in fields(ReconConfig)}
 

@@ -257,7 +257,8 @@ def test_work_limits_steps_iterations_compile(server, small):
     _, xml, acqs = small
     for props, message in (({"steps": 100000}, "max_steps"), ({"preset": "paper", "steps": 1001}, "max_steps"),
                            ({"lowrank_iters": 5000}, "max_iterations"), ({"compile": "true"}, "allow_compile"),
-                           ({"window": 40}, "max_window")):
+                           ({"window": 40}, "max_window"), ({"llr_iters": 5000}, "llr_iters"),
+                           ({"pnp_inner": 5000}, "pnp_inner"), ({"llr_cg_iters": 5000}, "max_iterations")):
         r = _ask(port, _props(**props), xml, acqs[:3])
         assert r.errors and message in r.errors[0], (props, r.errors)
 

@@ -207,8 +207,18 @@ def test_config_yaml_roundtrip_and_validation(tmp_path):
 def test_shipped_config_file_loads():
     from pathlib import Path
 
-    cfg = ReconConfig.from_yaml(Path(__file__).resolve().parents[1] / "config" / "recon.yaml")
+    import dataclasses
+
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "config" / "recon.yaml"
+    cfg = ReconConfig.from_yaml(path)
     assert cfg.method == "ddugm"
+    # every setting is documented there, at its default (or null: the preset's)
+    listed = yaml.safe_load(path.read_text())["recon"]
+    for f in dataclasses.fields(ReconConfig):
+        assert f.name in listed, f"config/recon.yaml does not document {f.name}"
+        assert listed[f.name] in (None, getattr(ReconConfig(), f.name)) or f.name.endswith("_weights"), f.name
 
 
 @pytest.mark.gpu
@@ -240,7 +250,7 @@ def test_paper_preset_and_cg_paths_run(tiny_config, overrides):
     assert rel(full * m, k) < 0.2
 
 
-def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_config):
+def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_config, monkeypatch):
     x = cine_phantom(4, 24, seed=3)
     k = simulate_kspace(x, coil_maps(2, 24), variable_density_mask(4, 24, 3, seed=1))
     cfg = ReconConfig.from_dict({**tiny_config.to_dict(), "preset": "pnp", "steps": None, "llr_iters": 4,
@@ -250,8 +260,23 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
     out = Reconstructor(cfg).recon(k, callback=lambda i, n: seen.append((i, n)))
     assert out.shape == (4, 24, 24) and np.isfinite(out).all()
     assert seen[0] == (1, 9) and seen[-1] == (9, 9)
+    # inside the sampler the LLR / TV weights are pnp_reg_scale x the start's, and the start's
+    # ADMM iterates carry into the sampler (pnp_keep_duals): the sampler's first ADMM call
+    # gets the dict the start filled
+    st = Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "pnp_reg_scale": 0.5})).pnp_settings()
+    assert st.llr["lambda_tv"] == 0.5 * cfg.ttv_lambda and st.llr["lambda_llr"] == 0.5 * cfg.llr_lambda
+    assert st.keep_duals and not st.llr["cyclic"]
+    import ddugm_core.baselines as bl
+    calls, real = [], bl.llr_ttv
+    monkeypatch.setattr(bl, "llr_ttv", lambda *a, **kw: (calls.append(dict(kw.get("state") or {})), real(*a, **kw))[1])
+    for keep in (True, False):
+        calls.clear()
+        Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "pnp_keep_duals": keep})).recon(k)
+        assert len(calls) == 6 and calls[0] == {}
+        assert (set(calls[1]) == {"x", "z1", "u1", "z2", "u2"}) == keep
     for bad, msg in [({"sampler": "dps"}, "sampler must be"), ({"pnp_gamma": -1.0}, "pnp_gamma"),
-                     ({"pnp_eta": -0.1}, "pnp_eta"), ({"pnp_ensemble": 3}, "pnp_ensemble")]:
+                     ({"pnp_eta": -0.1}, "pnp_eta"), ({"pnp_ensemble": 3}, "pnp_ensemble"),
+                     ({"pnp_reg_scale": -1.0}, "pnp_reg_scale")]:
         with pytest.raises(ValueError, match=msg):
             ReconConfig.from_dict({**tiny_config.to_dict(), **bad})
 
