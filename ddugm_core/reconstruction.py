@@ -70,7 +70,7 @@ class ReconConfig:
     pnp_eta: float = 0.0                # pnp: re-noising, the networks see x + eta * sigma * z
     pnp_ensemble: int = 1               # pnp: spatial flips averaged per denoising (1, 2 or 4)
     pnp_keep_duals: bool = True         # pnp: carry the ADMM iterates from the start and between levels
-    pnp_reg_scale: float = 0.25         # pnp: LLR and temporal-TV weights in the sampler's ADMM, x those of the start
+    pnp_reg_scale: float = 0.4          # pnp: LLR and temporal-TV weights in the sampler's ADMM, x those of the start
     lowrank_iters: int = 50             # iterations of the low-rank-only method
     ls_iters: int = 50                  # L+S baseline (Otazo 2015): max iterations,
     ls_lambda_l: float = 0.01           #   SVT threshold relative to the largest singular value,

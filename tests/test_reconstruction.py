@@ -205,9 +205,8 @@ def test_config_yaml_roundtrip_and_validation(tmp_path):
 
 
 def test_shipped_config_file_loads():
-    from pathlib import Path
-
     import dataclasses
+    from pathlib import Path
 
     import yaml
 
