@@ -122,7 +122,7 @@ class PnPSettings:
     xt_weight: float = 0.0
     eta: float = 0.0       # re-noising: the networks see x + eta * sigma * z (fresh z each level)
     ensemble: int = 1      # flips averaged per denoising: 1 (none), 2 (x), 4 (x, y, both)
-    keep_duals: bool = False  # carry the ADMM iterates (duals) from level to level instead of restarting
+    keep_duals: bool = True   # carry the ADMM iterates (duals) from level to level instead of restarting
     llr: dict | None = None  # keyword arguments of baselines.llr_ttv (thresholds, block, rho, cg_iters)
 
 
