@@ -238,8 +238,8 @@ def train(cfg: TrainConfig, progress: bool = True, on_log: Callable[[dict], None
         ema_params, net_params = list(ema.parameters()), list(net.parameters())
         deadline = t0 + cfg.minutes * 60 if cfg.minutes else None
         while step < cfg.steps:
-            if deadline is not None and _out_of_time(deadline, distributed, device):
-                break
+            if deadline is not None and step > first_step and _out_of_time(deadline, distributed, device):
+                break  # (at least one step: a run on a loaded machine still leaves usable weights)
             x = sampler.batch(cfg.batch, gen)
             sigma = sample_sigmas(cfg, cfg.batch, gen, device)
             noise = VESDE.noise(x.shape, gen, device)

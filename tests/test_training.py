@@ -171,8 +171,8 @@ def test_gpu_run_script_dry_run(tmp_path):
         np.save(data / f"p{i}.npy", np.abs(cine_phantom(6, 40, seed=i)).astype(np.float32))
     assert main(["pack", str(tmp_path / "pack"), "--data", str(data)]) == 0
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "ddugm_core.gpu_run", str(out), "--minutes", "6", "--pack",
-                        str(tmp_path / "pack"), "--dry-run"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "ddugm_core.gpu_run", str(out), "--minutes", "12", "--pack",
+                        str(tmp_path / "pack"), "--dry-run"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     files = list(out.iterdir())
     assert len(files) <= 8 and all(f.stat().st_size <= 16 << 20 for f in files)
