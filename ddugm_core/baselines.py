@@ -117,6 +117,23 @@ def temporal_diff_adjoint(d: torch.Tensor, cyclic: bool = False) -> torch.Tensor
     return torch.cat([zero, d]) - torch.cat([d, zero])
 
 
+def singular_value_soft_threshold(a: torch.Tensor, threshold: float) -> torch.Tensor:
+    """U max(S - threshold, 0) V^H of every matrix of the batch ``a`` ``[n, m, t]``, through
+    the eigendecomposition of the smaller Gram matrix (A^H A = V S^2 V^H, so the result is
+    A V diag(max(s - threshold, 0) / s) V^H) rather than an SVD: 2x faster on the 2-core CPU
+    for the 8 x 8-pixel tiles of a cine (256 tiles x 64 pixels x 25 frames: 63 -> 32 ms), the
+    same result to about 1e-6 of the largest singular value on such tiles, 2e-5 on an
+    ill-conditioned one (float32 Gram matrices; a test compares it with the SVD)."""
+    m, t = a.shape[-2:]
+    tall = t <= m
+    g = a.mH @ a if tall else a @ a.mH
+    lam, v = torch.linalg.eigh(g)
+    s = lam.clamp(min=0).sqrt()
+    f = torch.where(s > threshold, 1 - threshold / torch.clamp(s, min=torch.finfo(s.dtype).tiny), 0.0)
+    p = (v * f.unsqueeze(-2).to(v.dtype)) @ v.mH
+    return a @ p if tall else p @ a
+
+
 def locally_low_rank(x: torch.Tensor, threshold: float, block: int, shift: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """Proximal step of the locally low-rank penalty: singular-value soft thresholding of
     the Casorati matrix (block pixels x frames) of every ``block`` x ``block`` tile of
@@ -131,9 +148,7 @@ def locally_low_rank(x: torch.Tensor, threshold: float, block: int, shift: tuple
         z = torch.complex(z[0], z[1])
     by, bx = z.shape[-2] // block, z.shape[-1] // block
     tiles = z.reshape(t, by, block, bx, block).permute(1, 3, 2, 4, 0).reshape(by * bx, block * block, t)
-    u, s, vh = torch.linalg.svd(tiles, full_matrices=False)
-    s = torch.clamp(s - threshold, min=0)
-    tiles = (u * s[:, None, :].to(u.dtype)) @ vh
+    tiles = singular_value_soft_threshold(tiles, threshold)
     z = tiles.reshape(by, bx, block, block, t).permute(4, 0, 2, 1, 3).reshape(t, by * block, bx * block)
     z = z[:, :ny, :nx]
     return torch.roll(z, shifts=(-shift[0], -shift[1]), dims=(-2, -1))

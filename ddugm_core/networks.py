@@ -221,6 +221,10 @@ def bf16_is_fast(device: torch.device) -> bool:
     return False
 
 
+#: CPU batch size of :class:`ScoreFunction`, in pixels (bf16 activations of at most ~32 MB).
+CPU_CHUNK_PIXELS = 1 << 18
+
+
 class ScoreFunction:
     """Adapter: complex frames ``[B, y, x]`` and a noise level -> complex score ``[B, y, x]``.
 
@@ -234,14 +238,22 @@ class ScoreFunction:
     With ``compile`` the network runs through ``torch.compile`` (fixed shapes; on CUDA in
     "reduce-overhead" mode, which replays CUDA graphs: the small networks here are bound by
     kernel launches there). The first call of each new frame size compiles (tens of seconds).
+
+    On a CPU the frames go through the network in batches of about ``chunk_pixels`` pixels
+    (``None``: all at once, as always on CUDA). A whole cine's x-t planes at once make
+    activations of hundreds of MB, which glibc maps fresh from the kernel on every call;
+    in batches of 2^18 pixels they stay in reused memory and in cache (the cine8 bench
+    case, 2-core CPU: network stage 25.5 -> 19.3 s, the same results).
     """
 
-    def __init__(self, net: NCSNpp, amp: bool = False, compile: bool = False):
+    def __init__(self, net: NCSNpp, amp: bool = False, compile: bool = False,
+                 chunk_pixels: int | None = CPU_CHUNK_PIXELS):
         self.net = net.eval().to(memory_format=torch.channels_last)
         self.amp = amp
         self.divisor = net.config.divisor
         self._forward = self.net
         self._graphs = False
+        self.chunk_pixels = chunk_pixels
         if compile:
             self._graphs = next(net.parameters()).device.type == "cuda"
             self._forward = torch.compile(self.net, mode="reduce-overhead" if self._graphs else None, dynamic=False)
@@ -250,16 +262,20 @@ class ScoreFunction:
     def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         b, ny, nx = x.shape
         py, px = (-ny) % self.divisor, (-nx) % self.divisor
-        h = torch.view_as_real(x).permute(0, 3, 1, 2)
-        if py or px:
-            h = F.pad(h, (px // 2, px - px // 2, py // 2, py - py // 2))
+        chunk = b
+        if self.chunk_pixels and x.device.type == "cpu":  # CPU: batches of about chunk_pixels pixels (class notes)
+            chunk = max(1, self.chunk_pixels // ((ny + py) * (nx + px)))
         s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(b)
-        with stage("network", b), torch.autocast(x.device.type, dtype=torch.bfloat16,
-                                                 enabled=self.amp):
-            if self._graphs:  # the last call's output was already copied out: its graph memory may be reused
-                torch.compiler.cudagraph_mark_step_begin()
-            out = self._forward(h, s)
-        out = out.float()[:, :, py // 2: py // 2 + ny, px // 2: px // 2 + nx]
+        outs = []
+        with stage("network", b), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            for part, sp in zip(x.split(chunk), s.split(chunk)):
+                h = torch.view_as_real(part).permute(0, 3, 1, 2)
+                if py or px:
+                    h = F.pad(h, (px // 2, px - px // 2, py // 2, py - py // 2))
+                if self._graphs:  # the last call's output was already copied out: its graph memory may be reused
+                    torch.compiler.cudagraph_mark_step_begin()
+                outs.append(self._forward(h, sp).float()[:, :, py // 2: py // 2 + ny, px // 2: px // 2 + nx])
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return torch.complex(out[:, 0], out[:, 1])
 
 

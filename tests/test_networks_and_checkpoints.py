@@ -19,6 +19,39 @@ def test_score_function_pads_any_size():
     assert s.shape == x.shape and s.dtype == torch.complex64
 
 
+@pytest.mark.parametrize("sigma", [0.5, [0.1, 0.2, 0.3, 0.4, 0.5]])
+def test_score_function_cpu_batches_give_the_whole_batch_result(sigma):
+    """On a CPU the frames go through the network in batches of about chunk_pixels pixels
+    (padded size): the same score as one call, one network call for the stage timer."""
+    from ddugm_core.profiling import StageTimer
+
+    net = NCSNpp(NetConfig(nf=8, ch_mult=(1, 2, 2), attn_resolutions=(8,), image_size=16))
+    x = torch.randn(5, 13, 14, dtype=torch.complex64)
+    sig = torch.tensor(sigma)
+    whole = ScoreFunction(net, chunk_pixels=None)(x, sig)
+    with StageTimer() as timer:
+        parts = ScoreFunction(net, chunk_pixels=2 * 16 * 16)(x, sig)  # batches of 2, 2, 1
+    assert torch.allclose(parts, whole, atol=1e-5)
+    assert timer.calls["network"] == 1 and timer.items["network"] == 5
+
+
+def test_keep_freed_memory_is_set_once_and_can_be_declined(monkeypatch):
+    import sys
+
+    from ddugm_core import reconstruction as r
+
+    monkeypatch.setattr(r, "_MALLOC_TUNED", None)
+    monkeypatch.setenv("DDUGM_KEEP_MEMORY", "0")
+    assert r.keep_freed_memory() is False
+    monkeypatch.delenv("DDUGM_KEEP_MEMORY")
+    assert r.keep_freed_memory() is False  # decided once per process
+    monkeypatch.setattr(r, "_MALLOC_TUNED", None)
+    for k in [k for k in __import__("os").environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(k)
+    glibc = sys.platform.startswith("linux") and __import__("platform").libc_ver()[0] == "glibc"
+    assert r.keep_freed_memory() is glibc
+
+
 def test_paper_configuration_is_constructible():
     cfg = NetConfig.paper()
     assert (cfg.nf, cfg.ch_mult, cfg.image_size) == (128, (1, 1, 2, 2, 2, 2, 2), 192)
