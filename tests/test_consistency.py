@@ -52,9 +52,15 @@ def test_other_masks_use_the_2d_path():
     assert torch.allclose(dc.image(x), _by_definition(y, mask, maps, x), atol=1e-4)
 
 
-@pytest.mark.parametrize("ny,line_mask", [(16, True), (15, True), (16, False)])
-def test_normal_operator_is_a_h_a(ny, line_mask):
-    c, t, nx = 3, 4, 10
+@pytest.mark.parametrize("ny,line_mask,group", [(16, True, None), (15, True, None), (16, False, None),
+                                                 (16, True, 1), (16, True, 2)])
+def test_normal_operator_is_a_h_a(ny, line_mask, group, monkeypatch):
+    """group: coils per group of the CPU Gram operator (None: the default, all 5 at once)."""
+    import ddugm_core.consistency as consistency
+
+    c, t, nx = 5, 4, 10
+    if group:
+        monkeypatch.setattr(consistency, "CPU_COIL_GROUP", group * t * ny * nx)  # 5 coils: more than 2 groups
     maps, y, x = rc(c, ny, nx), rc(c, t, ny, nx), rc(t, ny, nx)
     if line_mask:
         mask = (torch.rand(t, ny, 1, generator=g) < 0.4).float().expand(t, ny, nx)
