@@ -24,7 +24,6 @@ import torch
 from .operators import FFT2, Mask, Sense, fft1c, fft2c, ifft1c, ifft2c
 from .profiling import stage
 
-
 #: On a CPU the Gram operator works on groups of coils of at most this many elements where
 #: all coils together exceed twice as many: with all coils at once the cine16 bench case
 #: (16 coils, 30 x 256 x 208) made 200 MB temporaries that glibc maps fresh from the kernel
