@@ -279,6 +279,9 @@ class ScoreFunction:
         return torch.complex(out[:, 0], out[:, 1])
 
 
+PLANES = ("both", "xt", "yt")
+
+
 class PlaneScore:
     """The score of a cine ``[T, y, x]`` under a prior of 2D spatio-temporal planes (trained
     with ``ddugm train --domain xt``): the network scores every x-t plane (one per row, all
@@ -293,10 +296,17 @@ class PlaneScore:
         self.divisor = score.divisor
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor, planes: str = "both") -> torch.Tensor:
+        """``planes``: ``both`` (the average), or only the ``xt`` or the ``yt`` planes."""
+        if planes not in PLANES:
+            raise ValueError(f"planes must be one of {PLANES}, got {planes!r}")
         t = x.shape[0]
         tp = -(-t // self.divisor) * self.divisor
         xp = x[torch.arange(tp, device=x.device) % t]
+        if planes == "xt":
+            return self.score(xp.permute(1, 0, 2).contiguous(), sigma).permute(1, 0, 2)[:t]
+        if planes == "yt":
+            return self.score(xp.permute(2, 0, 1).contiguous(), sigma).permute(1, 2, 0)[:t]
         rows = self.score(xp.permute(1, 0, 2).contiguous(), sigma).permute(1, 0, 2)   # x-t planes
         cols = self.score(xp.permute(2, 0, 1).contiguous(), sigma).permute(1, 2, 0)   # y-t planes
         return 0.5 * (rows + cols)[:t]

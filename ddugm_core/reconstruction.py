@@ -74,6 +74,7 @@ class ReconConfig:
     pnp_eta: float = 0.0                # pnp: re-noising, the networks see x + eta * sigma * z
     pnp_ensemble: int = 1               # pnp: spatial flips averaged per denoising (1, 2 or 4)
     pnp_keep_duals: bool = True         # pnp: carry the ADMM iterates from the start and between levels
+    pnp_xt_planes: str = "alternate"    # pnp: plane prior on x-t planes at even levels, y-t at odd ones, or "both" each level
     pnp_reg_scale: float = 0.4          # pnp: LLR and temporal-TV weights in the sampler's ADMM, x those of the start
     lowrank_iters: int = 50             # iterations of the low-rank-only method
     ls_iters: int = 50                  # L+S baseline (Otazo 2015): max iterations,
@@ -151,6 +152,8 @@ class ReconConfig:
         if self.pnp_eta < 0 or self.pnp_ensemble not in (1, 2, 4) or self.pnp_reg_scale < 0:
             raise ValueError(f"pnp_eta and pnp_reg_scale must be >= 0 and pnp_ensemble 1, 2 or 4, got "
                              f"{self.pnp_eta}, {self.pnp_reg_scale}, {self.pnp_ensemble}")
+        if self.pnp_xt_planes not in ("both", "alternate"):
+            raise ValueError(f"pnp_xt_planes must be both or alternate, got {self.pnp_xt_planes!r}")
         if self.resolved("init") not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not 0 <= self.fusion <= 1:
@@ -435,6 +438,7 @@ class Reconstructor:
         return PnPSettings(steps=s.steps, sigma_max=s.sigma_max, sigma_min=s.sigma_min, gamma=cfg.pnp_gamma,
                            inner=cfg.pnp_inner, xt_weight=float(cfg.resolved("pnp_xt_weight")),
                            eta=cfg.pnp_eta, ensemble=cfg.pnp_ensemble, keep_duals=bool(cfg.pnp_keep_duals),
+                           xt_planes=cfg.pnp_xt_planes,
                            llr={"lambda_llr": cfg.llr_lambda * cfg.pnp_reg_scale,
                                 "lambda_tv": cfg.ttv_lambda * cfg.pnp_reg_scale, "block": cfg.llr_block,
                                 "cyclic": bool(cfg.ttv_cyclic),

@@ -112,7 +112,8 @@ class PnPSettings:
     ``eta`` is optional and measured worse). ``llr`` holds the ADMM's weights, which the
     reconstructor sets to ``pnp_reg_scale`` times those of the start.
     With ``xt_weight`` > 0 the anchor blends in the Tweedie denoising by the spatio-temporal
-    (x-t / y-t plane) prior: ``(1 - xt_weight) D_frame + xt_weight D_xt``."""
+    (x-t / y-t plane) prior: ``(1 - xt_weight) D_frame + xt_weight D_xt``; with ``xt_planes``
+    ``alternate`` it scores the x-t planes at even levels and the y-t planes at odd ones."""
 
     steps: int = 5
     sigma_max: float = 0.05
@@ -123,6 +124,7 @@ class PnPSettings:
     eta: float = 0.0       # re-noising: the networks see x + eta * sigma * z (fresh z each level)
     ensemble: int = 1      # flips averaged per denoising: 1 (none), 2 (x), 4 (x, y, both)
     keep_duals: bool = True   # carry the ADMM iterates (duals) from level to level instead of restarting
+    xt_planes: str = "alternate"  # plane prior: one orientation a level (x-t at even levels, y-t at odd), or "both" each level
     llr: dict | None = None  # keyword arguments of baselines.llr_ttv (thresholds, block, rho, cg_iters)
 
 
@@ -133,10 +135,11 @@ def _flip_dims(n: int) -> list[tuple[int, ...]]:
 
 
 def pnp_denoise(x: torch.Tensor, sigma: float, score_i: Optional[Score], score_xt: Optional[Score],
-                xt_weight: float, ensemble: int = 1) -> torch.Tensor:
+                xt_weight: float, ensemble: int = 1, planes: str = "both") -> torch.Tensor:
     """Tweedie denoising D(x) = x + sigma^2 score(x, sigma) of all frames ``[frame, y, x]``:
     the frame prior, the plane prior or their blend, averaged over ``ensemble`` spatial flips
-    (the priors are trained with flips, so each flip is an equally valid denoiser)."""
+    (the priors are trained with flips, so each flip is an equally valid denoiser). ``planes``
+    goes to the plane prior (:class:`~ddugm_core.networks.PlaneScore`) where not ``both``."""
     w = xt_weight
     out = 0
     dims = _flip_dims(ensemble)
@@ -146,7 +149,7 @@ def pnp_denoise(x: torch.Tensor, sigma: float, score_i: Optional[Score], score_x
         if w < 1:
             score = (1 - w) * score_i(xf, sigma)
         if w > 0:
-            score = score + w * score_xt(xf, sigma)
+            score = score + w * (score_xt(xf, sigma) if planes == "both" else score_xt(xf, sigma, planes))
         out = out + (score.flip(d) if d else score)
     return x + sigma ** 2 * out / len(dims)
 
@@ -159,7 +162,9 @@ def pnp_sample(x0: torch.Tensor, dc: DataConsistency, score_i: Optional[Score], 
     schedule sigma_max -> sigma_min; at each level the denoised frames D(x) (all frames one
     batch; :func:`pnp_denoise`) anchor the next ADMM iterations, warm-started at x. With
     ``eta`` > 0 the networks see x plus fresh Gaussian noise of std eta * sigma (DDS-style
-    re-noising; needs ``generator``). With ``keep_duals`` the ADMM iterates carry from level to
+    re-noising; needs ``generator``). With ``xt_planes`` ``alternate`` (the default) ``score_xt``
+    is called as ``score_xt(x, sigma, "xt" | "yt")`` (:class:`~ddugm_core.networks.PlaneScore`
+    takes that third argument). With ``keep_duals`` the ADMM iterates carry from level to
     level, starting from ``state`` (the dict :func:`baselines.llr_ttv` filled while computing
     ``x0``) where given."""
     from .baselines import llr_ttv
@@ -171,6 +176,8 @@ def pnp_sample(x0: torch.Tensor, dc: DataConsistency, score_i: Optional[Score], 
     if s.eta < 0 or (s.eta > 0 and generator is None):
         raise ValueError(f"eta must be >= 0 (and > 0 needs a generator), got {s.eta}")
     _flip_dims(s.ensemble)
+    if s.xt_planes not in ("both", "alternate"):
+        raise ValueError(f"xt_planes must be both or alternate, got {s.xt_planes!r}")
     sigmas = VESDE(s.sigma_min, s.sigma_max).discrete_sigmas(s.steps, 0.0)
     x = x0
     state = (state if state is not None else {}) if s.keep_duals else None
@@ -178,7 +185,8 @@ def pnp_sample(x0: torch.Tensor, dc: DataConsistency, score_i: Optional[Score], 
         x_in = x + (s.eta * sigma) * _randn(x, generator) if s.eta > 0 else x
         if trace is not None:
             trace({"step": i, "sigma": sigma, "image_input": x_in})
-        denoised = pnp_denoise(x_in, sigma, score_i, score_xt, w, s.ensemble)
+        planes = "both" if s.xt_planes == "both" else ("xt", "yt")[i % 2]
+        denoised = pnp_denoise(x_in, sigma, score_i, score_xt, w, s.ensemble, planes)
         x = llr_ttv(dc, s.inner, **(s.llr or {}), seed=i + 1, x0=x, anchor=denoised, gamma=s.gamma,
                     state=state)
         if callback is not None:

@@ -164,8 +164,8 @@ def test_pnp_blends_the_plane_prior_into_the_anchor():
     truth, dc, llr = _pnp_problem()
     x0 = dc.image(torch.zeros_like(truth))
     err = lambda x: float(torch.linalg.vector_norm(x - truth))  # noqa: E731
-    oracle = lambda x, s: (truth - x) / s**2  # noqa: E731
-    wrong = lambda x, s: (torch.roll(truth, 3, dims=-1) - x) / s**2  # noqa: E731
+    oracle = lambda x, s, planes="both": (truth - x) / s**2  # noqa: E731  (a plane prior takes planes)
+    wrong = lambda x, s, planes="both": (torch.roll(truth, 3, dims=-1) - x) / s**2  # noqa: E731
     run = lambda w, si, sx: pnp_sample(x0, dc, si, PnPSettings(steps=3, gamma=1.0, inner=4, llr=llr,  # noqa: E731
                                                                  xt_weight=w), score_xt=sx)
     only_xt = run(1.0, None, oracle)
@@ -175,6 +175,43 @@ def test_pnp_blends_the_plane_prior_into_the_anchor():
     for w, si, sx in [(0.5, oracle, None), (0.5, None, oracle), (1.5, oracle, oracle)]:
         with pytest.raises(ValueError, match="xt_weight"):
             run(w, si, sx)
+
+
+def test_pnp_alternate_planes_asks_one_orientation_a_level():
+    """xt_planes alternate: the plane prior is asked for x-t planes at even levels and y-t
+    planes at odd ones (both: the plain call); an unknown value is an error naming it."""
+    from ddugm_core.sampler import PnPSettings, pnp_sample
+
+    truth, dc, llr = _pnp_problem()
+    x0 = dc.image(torch.zeros_like(truth))
+    asked = []
+
+    def plane_prior(x, s, planes="both"):
+        asked.append(planes)
+        return (truth - x) / s**2
+
+    for mode, want in [("alternate", ["xt", "yt", "xt", "yt"]), ("both", ["both"] * 4)]:
+        asked.clear()
+        pnp_sample(x0, dc, None, PnPSettings(steps=4, inner=1, llr=llr, xt_weight=1.0, xt_planes=mode),
+                   score_xt=plane_prior)
+        assert asked == want
+    with pytest.raises(ValueError, match="xt_planes"):
+        pnp_sample(x0, dc, None, PnPSettings(steps=2, llr=llr, xt_weight=1.0, xt_planes="zt"), score_xt=plane_prior)
+
+
+def test_plane_score_one_orientation_is_half_of_both():
+    """PlaneScore: the average of both orientations is the mean of the x-t-only and y-t-only
+    scores, any frame count (5 frames, padded by the cycle)."""
+    from ddugm_core.networks import NCSNpp, NetConfig, PlaneScore, ScoreFunction
+
+    torch.manual_seed(0)
+    ps = PlaneScore(ScoreFunction(NCSNpp(NetConfig(nf=8, ch_mult=(1, 2), attn_resolutions=(), image_size=8))))
+    x = torch.randn(5, 6, 7, dtype=torch.complex64)
+    xt, yt = ps(x, 0.2, "xt"), ps(x, 0.2, "yt")
+    assert xt.shape == x.shape and not torch.allclose(xt, yt)
+    assert torch.allclose(ps(x, 0.2), 0.5 * (xt + yt), atol=1e-5)
+    with pytest.raises(ValueError, match="planes"):
+        ps(x, 0.2, "zt")
 
 
 def test_pnp_flip_ensemble_averages_flipped_denoisings():
