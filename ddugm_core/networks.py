@@ -303,10 +303,9 @@ class PlaneScore:
         t = x.shape[0]
         tp = -(-t // self.divisor) * self.divisor
         xp = x[torch.arange(tp, device=x.device) % t]
-        if planes == "xt":
-            return self.score(xp.permute(1, 0, 2).contiguous(), sigma).permute(1, 0, 2)[:t]
-        if planes == "yt":
-            return self.score(xp.permute(2, 0, 1).contiguous(), sigma).permute(1, 2, 0)[:t]
-        rows = self.score(xp.permute(1, 0, 2).contiguous(), sigma).permute(1, 0, 2)   # x-t planes
-        cols = self.score(xp.permute(2, 0, 1).contiguous(), sigma).permute(1, 2, 0)   # y-t planes
-        return 0.5 * (rows + cols)[:t]
+        out = []
+        if planes != "yt":
+            out.append(self.score(xp.permute(1, 0, 2).contiguous(), sigma).permute(1, 0, 2))   # x-t planes
+        if planes != "xt":
+            out.append(self.score(xp.permute(2, 0, 1).contiguous(), sigma).permute(1, 2, 0))   # y-t planes
+        return (out[0] if len(out) == 1 else 0.5 * (out[0] + out[1]))[:t]

@@ -26,7 +26,7 @@ from .consistency import DataConsistency
 from .lowrank import default_rank
 from .networks import PlaneScore, ScoreFunction, bf16_is_fast
 from .operators import KWeight, expand_mask, fft2c, ifft2c, kspace_weight
-from .sampler import PnPSettings, SamplerSettings, ddugm_sample, pnp_sample
+from .sampler import XT_PLANES, PnPSettings, SamplerSettings, ddugm_sample, pnp_sample
 
 METHODS = ("ddugm", "low_rank", "l_plus_s", "llr_ttv", "zero_filled")
 INITS = ("zero_filled", "low_rank", "l_plus_s", "llr_ttv")  # where the sampler starts
@@ -152,8 +152,8 @@ class ReconConfig:
         if self.pnp_eta < 0 or self.pnp_ensemble not in (1, 2, 4) or self.pnp_reg_scale < 0:
             raise ValueError(f"pnp_eta and pnp_reg_scale must be >= 0 and pnp_ensemble 1, 2 or 4, got "
                              f"{self.pnp_eta}, {self.pnp_reg_scale}, {self.pnp_ensemble}")
-        if self.pnp_xt_planes not in ("both", "alternate"):
-            raise ValueError(f"pnp_xt_planes must be both or alternate, got {self.pnp_xt_planes!r}")
+        if self.pnp_xt_planes not in XT_PLANES:
+            raise ValueError(f"pnp_xt_planes must be one of {XT_PLANES}, got {self.pnp_xt_planes!r}")
         if self.resolved("init") not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not 0 <= self.fusion <= 1:

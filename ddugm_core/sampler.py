@@ -104,6 +104,9 @@ def ddugm_sample(k0: torch.Tensor, dc: DataConsistency, score_k: Score, score_i:
     return ifft2c(k)
 
 
+XT_PLANES = ("both", "alternate")  # PnPSettings.xt_planes (ReconConfig.pnp_xt_planes)
+
+
 @dataclass(frozen=True)
 class PnPSettings:
     """The plug-and-play sampler (``sampler: pnp``): per noise level one Tweedie denoising of
@@ -176,8 +179,8 @@ def pnp_sample(x0: torch.Tensor, dc: DataConsistency, score_i: Optional[Score], 
     if s.eta < 0 or (s.eta > 0 and generator is None):
         raise ValueError(f"eta must be >= 0 (and > 0 needs a generator), got {s.eta}")
     _flip_dims(s.ensemble)
-    if s.xt_planes not in ("both", "alternate"):
-        raise ValueError(f"xt_planes must be both or alternate, got {s.xt_planes!r}")
+    if s.xt_planes not in XT_PLANES:
+        raise ValueError(f"xt_planes must be one of {XT_PLANES}, got {s.xt_planes!r}")
     sigmas = VESDE(s.sigma_min, s.sigma_max).discrete_sigmas(s.steps, 0.0)
     x = x0
     state = (state if state is not None else {}) if s.keep_duals else None
