@@ -189,8 +189,15 @@ def llr_ttv(dc: DataConsistency, iters: int = 40, lambda_llr: float = 0.01, lamb
         ahy = ahy + gamma * anchor
     else:
         gamma = 0.0
+    # normal(x) of the current x, kept from one x-update to the next (and between calls, for the
+    # same operator: rho, gamma, cyclic): one Gram-operator call less per iteration
+    operator = (dc, float(rho), float(gamma), bool(cyclic))
+    cg_state: dict = {}
     if state and "x" in state:
         x, z1, u1, z2, u2 = (state[k] for k in ("x", "z1", "u1", "z2", "u2"))
+        same = state.get("operator")
+        if same is not None and same[0] is dc and same[1:] == operator[1:]:
+            cg_state["nx"] = state.get("nx")
     else:
         x = zero_filled(dc) if x0 is None else x0
         z1, u1 = x.clone(), torch.zeros_like(x)
@@ -208,7 +215,7 @@ def llr_ttv(dc: DataConsistency, iters: int = 40, lambda_llr: float = 0.01, lamb
         rhs = ahy + rho * (z1 - u1)
         if t > 1:
             rhs = rhs + rho * temporal_diff_adjoint(z2 - u2, cyclic)
-        x = conjugate_gradient(normal, rhs, x, cg_iters)
+        x = conjugate_gradient(normal, rhs, x, cg_iters, cg_state)
         shift = tuple(int(v) for v in torch.randint(0, block, (2,), generator=gen))
         with stage("low-rank"):
             z1 = locally_low_rank(x + u1, thr, block, shift) if lambda_llr > 0 else x + u1
@@ -220,6 +227,6 @@ def llr_ttv(dc: DataConsistency, iters: int = 40, lambda_llr: float = 0.01, lamb
         if callback is not None:
             callback(i + 1, iters)
     if state is not None:
-        state.update(x=x, z1=z1, u1=u1, z2=z2, u2=u2)
+        state.update(x=x, z1=z1, u1=u1, z2=z2, u2=u2, nx=cg_state.get("nx"), operator=operator)
     return x
 

@@ -67,16 +67,21 @@ class DataConsistency:
 
         For even ny the centring shifts of the FFT along y are folded into the maps and the
         data: centred FFT = s c_k FFT(c_m x) with c = (-1)^index and s = (-1)^(ny/2), so
-        with maps c_m S and data s c_k y every call needs plain FFTs only, no shifts.
+        with maps c_m S and data s c_k y every call needs plain FFTs only, no shifts. Maps and
+        data are stored transposed, y last, so that these FFTs run along contiguous rows: an
+        FFT along the second-last axis was 1.8x slower on the 2-core CPU (8 coils x 25 x 128 x
+        128: 10.8 against 6.1 ms); transposing the coil-combined image costs far less.
         """
         lines = self.mask[..., :1]
         y_hybrid = ifft1c(self.y, dim=-1)
         ny = self.mask.shape[-2]
         if ny % 2:
-            return {"lines": lines, "y": y_hybrid, "maps": None}
+            return {"lines": lines, "y": y_hybrid}
         c = 1.0 - 2.0 * (torch.arange(ny, device=self.y.device) % 2).to(self.mask.dtype)[:, None]  # (-1)^index
         sign = -1.0 if (ny // 2) % 2 else 1.0
-        return {"lines": lines, "y": sign * c * y_hybrid, "maps": self.S.maps * c}
+        maps = (self.S.maps * c).transpose(-1, -2).contiguous()
+        return {"lines_t": lines.transpose(-1, -2), "y_t": (sign * c * y_hybrid).transpose(-1, -2).contiguous(),
+                "maps_t": maps, "maps_t_conj": maps.conj().resolve_conj()}
 
     # -- the two entry points used by the sampler
     def kspace(self, k: torch.Tensor) -> torch.Tensor:
@@ -99,9 +104,11 @@ class DataConsistency:
             return ifft2c(torch.where(self.mask > 0, self.y, fft2c(x)))
         if self.mode == "replace":
             h = self._hybrid
-            if h is not None and h["maps"] is not None:  # line mask, even ny: plain 1D FFTs along y
-                coil = torch.where(h["lines"] > 0, h["y"], torch.fft.fft(h["maps"] * x[None], dim=-2, norm="ortho"))
-                return (h["maps"].conj() * torch.fft.ifft(coil, dim=-2, norm="ortho")).sum(0) * self._inv_diag
+            if h is not None and "maps_t" in h:  # line mask, even ny: plain 1D FFTs along y (last)
+                xt = x.transpose(-1, -2).contiguous()
+                coil = torch.where(h["lines_t"] > 0, h["y_t"], torch.fft.fft(h["maps_t"] * xt[None], dim=-1, norm="ortho"))
+                out = (h["maps_t_conj"] * torch.fft.ifft(coil, dim=-1, norm="ortho")).sum(0)
+                return out.transpose(-1, -2).contiguous() * self._inv_diag
             if h is not None:  # line mask, odd ny: centred 1D FFTs along y
                 coil = torch.where(h["lines"] > 0, h["y"], fft1c(self.S(x), dim=-2))
                 return self.S.adjoint(ifft1c(coil, dim=-2)) * self._inv_diag
@@ -120,17 +127,17 @@ class DataConsistency:
         if self.A is None:
             return ifft2c(self.mask * fft2c(x))
         h = self._hybrid
-        if h is not None and h["maps"] is not None:  # line mask, even ny: F^H M F = c IFFT_y(M FFT_y(c .))
-            maps = h["maps"]
-            group = maps.shape[0]
+        if h is not None and "maps_t" in h:  # line mask, even ny: F^H M F = c IFFT_y(M FFT_y(c .))
+            group = h["maps_t"].shape[0]
             if x.device.type == "cpu" and group * x.numel() > 2 * CPU_COIL_GROUP:  # see CPU_COIL_GROUP
                 group = max(1, CPU_COIL_GROUP // x.numel())
+            xt = x.transpose(-1, -2).contiguous()
             out = None
-            for m in maps.split(group):
-                coil = torch.fft.fft(m * x[None], dim=-2, norm="ortho") * h["lines"]
-                part = (m.conj() * torch.fft.ifft(coil, dim=-2, norm="ortho")).sum(0)
+            for m, mc in zip(h["maps_t"].split(group), h["maps_t_conj"].split(group)):
+                coil = torch.fft.fft(m * xt[None], dim=-1, norm="ortho") * h["lines_t"]
+                part = (mc * torch.fft.ifft(coil, dim=-1, norm="ortho")).sum(0)
                 out = part if out is None else out.add_(part)
-            return out
+            return out.transpose(-1, -2).contiguous()
         if h is not None:  # line mask, odd ny
             return self.S.adjoint(ifft1c(fft1c(self.S(x), dim=-2) * h["lines"], dim=-2))
         return self.A.H(self.A(x))
@@ -148,10 +155,21 @@ class DataConsistency:
         return conjugate_gradient(self._normal, b, x0, self.cg_iters)
 
 
-def conjugate_gradient(normal, b: torch.Tensor, x: torch.Tensor, iters: int) -> torch.Tensor:
+def conjugate_gradient(normal, b: torch.Tensor, x: torch.Tensor, iters: int,
+                       state: dict | None = None) -> torch.Tensor:
     """``iters`` conjugate-gradient steps on normal(x) = b (Hermitian positive semi-definite),
-    warm-started at ``x``. A direction with no curvature left gets step 0 (no host reads)."""
-    r = b - normal(x)
+    warm-started at ``x``. A direction with no curvature left gets step 0 (no host reads).
+
+    ``state``, a dict, saves one application of ``normal`` per call where the same operator is
+    solved again and again from the previous solution (the x-updates of an ADMM): on return it
+    holds ``nx`` = normal(x) of the returned x (kept by the same recurrence as the residual),
+    and where it holds one on entry, that is taken as normal(x) of the start ``x``. The caller
+    must pass the state only back with that x and the same operator."""
+    if state is not None and state.get("nx") is not None:
+        nx = state["nx"]
+    else:
+        nx = normal(x)
+    r = b - nx
     p = r
     rr = torch.vdot(r.flatten(), r.flatten()).real
     tiny = 1e-30 + 1e-12 * torch.vdot(b.flatten(), b.flatten()).real
@@ -161,7 +179,11 @@ def conjugate_gradient(normal, b: torch.Tensor, x: torch.Tensor, iters: int) -> 
         alpha = torch.where(pap > tiny, rr / pap.clamp(min=1e-30), torch.zeros_like(rr))
         x = x + alpha * p
         r = r - alpha * ap
+        if state is not None:
+            nx = nx + alpha * ap
         rr_new = torch.vdot(r.flatten(), r.flatten()).real
         p = r + (rr_new / rr.clamp(min=1e-30)) * p
         rr = rr_new
+    if state is not None:
+        state["nx"] = nx
     return x

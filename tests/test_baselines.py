@@ -134,6 +134,47 @@ def test_conjugate_gradient_solves_a_hermitian_system():
     assert torch.allclose(h @ x, b, atol=1e-3)
 
 
+def test_conjugate_gradient_state_keeps_the_normal_of_its_solution():
+    """With a state, each call returns normal(x) of its solution and the next call, warm-started
+    there, uses it instead of applying the operator: one call less, the same iterates."""
+    g = torch.Generator().manual_seed(7)
+    a = _crandn(g, 8, 8)
+    h = a @ a.mH + 2 * torch.eye(8, dtype=a.dtype)
+    calls = []
+
+    def normal(v):
+        calls.append(1)
+        return h @ v
+
+    x_plain = x_kept = torch.zeros(8, dtype=a.dtype)
+    state = {}
+    for _ in range(6):  # an ADMM-like sequence of right-hand sides, each warm-started
+        b = _crandn(g, 8)
+        x_plain = conjugate_gradient(lambda v: h @ v, b, x_plain, 2)
+        x_kept = conjugate_gradient(normal, b, x_kept, 2, state)
+        assert torch.allclose(state["nx"], h @ x_kept, atol=1e-4)
+    assert torch.allclose(x_kept, x_plain, atol=1e-4)
+    assert len(calls) == 1 + 6 * 2  # the start once, then only the search directions
+
+
+def test_llr_ttv_keeps_the_normal_only_for_the_same_operator():
+    """The sampler carries the ADMM state into calls with a different pull (gamma): the kept
+    normal(x) must then be recomputed, and with the same operator it must be right."""
+    x = cine_phantom(6, 32, seed=4)
+    mask = variable_density_mask(6, 32, 6, seed=5)
+    k = torch.from_numpy(simulate_kspace(x, None, mask, noise=0.005, seed=2))
+    dc = DataConsistency(k, expand_mask(torch.from_numpy(mask), (32, 32)).float(), None)
+    kw = dict(lambda_llr=0.0, lambda_tv=0.05, rho=0.2)
+    anchor = torch.from_numpy(x).to(torch.complex64)
+    for gamma in (0.0, 0.3):
+        state = {}
+        llr_ttv(dc, 4, **kw, state=state)
+        fresh = {k: v for k, v in state.items() if k != "nx"}  # the same iterates, no kept normal(x)
+        a = llr_ttv(dc, 3, **kw, anchor=anchor, gamma=gamma, state=state)
+        b = llr_ttv(dc, 3, **kw, anchor=anchor, gamma=gamma, state=fresh)
+        assert torch.allclose(a, b, atol=1e-5), (gamma, float((a - b).abs().max()))
+
+
 @pytest.mark.parametrize("coils", [1, 4])
 def test_llr_ttv_beats_zero_filled_and_l_plus_s_on_the_phantom(coils):
     from ddugm_core.phantom import coil_maps
@@ -167,7 +208,7 @@ def test_llr_ttv_state_continues_the_admm_where_it_stopped():
     whole = llr_ttv(dc, 20, **kw)
     state = {}
     half = llr_ttv(dc, 10, **kw, state=state)
-    assert set(state) == {"x", "z1", "u1", "z2", "u2"} and torch.equal(state["x"], half)
+    assert {"x", "z1", "u1", "z2", "u2", "nx"} <= set(state) and torch.equal(state["x"], half)
     assert torch.allclose(llr_ttv(dc, 10, **kw, state=state), whole, atol=1e-5)
     restarted = llr_ttv(dc, 10, **kw, x0=half)
     assert not torch.allclose(restarted, whole, atol=1e-3)

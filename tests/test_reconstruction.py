@@ -272,7 +272,7 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
         calls.clear()
         Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "pnp_keep_duals": keep})).recon(k)
         assert len(calls) == 6 and calls[0] == {}
-        assert (set(calls[1]) == {"x", "z1", "u1", "z2", "u2"}) == keep
+        assert ({"x", "z1", "u1", "z2", "u2"} <= set(calls[1])) == keep
     for bad, msg in [({"sampler": "dps"}, "sampler must be"), ({"pnp_gamma": -1.0}, "pnp_gamma"),
                      ({"pnp_eta": -0.1}, "pnp_eta"), ({"pnp_ensemble": 3}, "pnp_ensemble"),
                      ({"pnp_reg_scale": -1.0}, "pnp_reg_scale"), ({"pnp_xt_planes": "xy"}, "pnp_xt_planes")]:
