@@ -107,7 +107,7 @@ class DataConsistency:
             if h is not None and "maps_t" in h:  # line mask, even ny: plain 1D FFTs along y (last)
                 xt = x.transpose(-1, -2).contiguous()
                 coil = torch.where(h["lines_t"] > 0, h["y_t"], torch.fft.fft(h["maps_t"] * xt[None], dim=-1, norm="ortho"))
-                out = (h["maps_t_conj"] * torch.fft.ifft(coil, dim=-1, norm="ortho")).sum(0)
+                out = torch.fft.ifft(coil, dim=-1, norm="ortho").mul_(h["maps_t_conj"]).sum(0)
                 return out.transpose(-1, -2).contiguous() * self._inv_diag
             if h is not None:  # line mask, odd ny: centred 1D FFTs along y
                 coil = torch.where(h["lines"] > 0, h["y"], fft1c(self.S(x), dim=-2))
@@ -134,8 +134,8 @@ class DataConsistency:
             xt = x.transpose(-1, -2).contiguous()
             out = None
             for m, mc in zip(h["maps_t"].split(group), h["maps_t_conj"].split(group)):
-                coil = torch.fft.fft(m * xt[None], dim=-1, norm="ortho") * h["lines_t"]
-                part = (mc * torch.fft.ifft(coil, dim=-1, norm="ortho")).sum(0)
+                coil = torch.fft.fft(m * xt[None], dim=-1, norm="ortho").mul_(h["lines_t"])  # in place: fresh
+                part = torch.fft.ifft(coil, dim=-1, norm="ortho").mul_(mc).sum(0)
                 out = part if out is None else out.add_(part)
             return out.transpose(-1, -2).contiguous()
         if h is not None:  # line mask, odd ny
