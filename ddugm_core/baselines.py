@@ -195,8 +195,7 @@ def llr_ttv(dc: DataConsistency, iters: int = 40, lambda_llr: float = 0.01, lamb
     cg_state: dict = {}
     if state and "x" in state:
         x, z1, u1, z2, u2 = (state[k] for k in ("x", "z1", "u1", "z2", "u2"))
-        same = state.get("operator")
-        if same is not None and same[0] is dc and same[1:] == operator[1:]:
+        if state.get("operator") == operator:  # dc compares by identity
             cg_state["nx"] = state.get("nx")
     else:
         x = zero_filled(dc) if x0 is None else x0
