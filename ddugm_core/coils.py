@@ -47,7 +47,8 @@ def estimate_coil_maps(kspace: torch.Tensor, mask: torch.Tensor, calib: int = 0,
     dominant eigenvector of the coil covariance over a ``kernel`` x ``kernel``
     neighbourhood (``kernel`` 0: about a fifth of the larger matrix side, at most 21 pixels: larger kernels
     fit the smooth simulated coils better but real coils worse),
-    by batched power iteration. The phase is referred to the first coil.
+    by batched power iteration. The phase is referred to the coils' first principal component
+    (a virtual body coil), so it does not depend on the coil order or on coil compression.
 
     Which data: the Hann-windowed band of ky lines (at most ``calib``; 0: as wide as the
     data allow) around the centre in which at least ``min_fill`` of the lines are sampled by
@@ -76,7 +77,13 @@ def estimate_coil_maps(kspace: torch.Tensor, mask: torch.Tensor, calib: int = 0,
         v = cov @ v
         v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp(min=1e-30)
     power = torch.linalg.vector_norm(cov @ v, dim=-2)[..., 0]  # dominant eigenvalue
-    v = v[..., 0] * torch.exp(-1j * torch.angle(v[..., :1, 0]))  # phase relative to coil 0
+    # phase relative to a virtual body coil (the coils' first principal component over the
+    # image), which covers the whole field of view smoothly: referred to one physical coil,
+    # the image would take on that coil's phase, wrapping where the coil sees little
+    body = torch.linalg.eigh(low.reshape(c, -1) @ low.reshape(c, -1).mH)[1][:, -1]  # [coil]
+    body = body * torch.exp(-1j * torch.angle(body[body.abs().argmax()]))  # eigh's phase is arbitrary
+    v = v[..., 0]
+    v = v * torch.exp(-1j * torch.angle(v @ body.conj()))[..., None]
     support = power.sqrt() > threshold * power.max().sqrt()
     return torch.where(support, v.permute(2, 0, 1), torch.zeros_like(low))
 
@@ -106,22 +113,34 @@ def _hann(n: int, width: int, device) -> torch.Tensor:
 
 
 def compress_coils(kspace: torch.Tensor, mask: torch.Tensor, virtual: int,
-                   maps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+                   maps: torch.Tensor | None = None, energy: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """SVD coil compression to ``virtual`` coils (the principal components of the coil
     signals over all acquired samples; Huang et al., MRI 2008).
 
     ``kspace`` ``[coil, frame, ky, kx]`` (noise-whitened, as the gadgets deliver it), mask
-    ``[frame, ky, kx]``. Returns the compressed k-space ``[virtual, ...]``, the maps taken
-    through the same matrix (or None) and the fraction of the signal energy kept. Each
-    data-consistency step then costs ``virtual / coil`` of before. With ``virtual`` 0 or
-    at least the number of coils the input comes back unchanged (fraction 1).
+    ``[frame, ky, kx]``. With ``energy`` in (0, 1) the number of virtual coils is the fewest
+    whose components keep that fraction of the energy of all acquired samples (at most
+    ``virtual`` where that is above 0), so one setting suits every coil array. Returns the
+    compressed k-space ``[virtual, ...]``, the maps taken through the same matrix (or None)
+    and the fraction of the energy kept. Each data-consistency step then costs ``virtual /
+    coil`` of before. With ``virtual`` 0 and ``energy`` 0 or 1, or a count that is at least
+    the number of coils, the input comes back unchanged (fraction 1).
     """
     coils = kspace.shape[0]
-    if virtual <= 0 or virtual >= coils:
+    if not 0 <= energy <= 1:
+        raise ValueError(f"energy must be in [0, 1], got {energy}")
+    if coils < 2 or (virtual <= 0 and not 0 < energy < 1) or virtual >= coils:
         return kspace, maps, 1.0
     samples = kspace[:, mask > 0]                      # [coil, acquired samples]
     evals, evecs = torch.linalg.eigh(samples @ samples.mH)  # ascending
+    total = evals.sum().clamp(min=1e-30)
+    if 0 < energy < 1:  # fewest components whose share reaches energy (one host read, once per scan)
+        share = evals.flip(0).cumsum(0) / total
+        n = int((share < energy).sum()) + 1
+        virtual = min(n, virtual) if virtual > 0 else n
+        if virtual >= coils:
+            return kspace, maps, 1.0
     a = evecs[:, -virtual:].flip(-1).mH                 # [virtual, coil], strongest first
-    kept = float(evals[-virtual:].sum() / evals.sum().clamp(min=1e-30))
+    kept = float(evals[-virtual:].sum() / total)
     squeeze = lambda x: torch.tensordot(a, x, dims=([1], [0]))  # noqa: E731
     return squeeze(kspace), (squeeze(maps) if maps is not None else None), kept

@@ -26,7 +26,7 @@ from .consistency import DataConsistency
 from .lowrank import default_rank
 from .networks import PlaneScore, ScoreFunction, bf16_is_fast
 from .operators import KWeight, expand_mask, fft2c, ifft2c, kspace_weight
-from .sampler import XT_PLANES, PnPSettings, SamplerSettings, ddugm_sample, pnp_sample
+from .sampler import PHASES, XT_PLANES, PnPSettings, SamplerSettings, ddugm_sample, pnp_sample
 
 METHODS = ("ddugm", "low_rank", "l_plus_s", "llr_ttv", "zero_filled")
 INITS = ("zero_filled", "low_rank", "l_plus_s", "llr_ttv")  # where the sampler starts
@@ -73,6 +73,7 @@ class ReconConfig:
     pnp_xt_weight: Optional[float] = None  # pnp: share of the spatio-temporal (x-t / y-t) prior in the anchor
     pnp_eta: float = 0.0                # pnp: re-noising, the networks see x + eta * sigma * z
     pnp_ensemble: int = 1               # pnp: spatial flips averaged per denoising (1, 2 or 4)
+    pnp_phase: str = "mean"             # pnp: the cine turned so its sum is real before each denoising ("none": as it is)
     pnp_keep_duals: bool = True         # pnp: carry the ADMM iterates from the start and between levels
     pnp_xt_planes: str = "alternate"    # pnp: plane prior on x-t planes at even levels, y-t at odd ones, or "both" each level
     pnp_reg_scale: float = 0.4          # pnp: LLR and temporal-TV weights in the sampler's ADMM, x those of the start
@@ -92,6 +93,7 @@ class ReconConfig:
     dc_iters: int = 5                   # conjugate-gradient steps when dc_mode is cg
     dc_lambda: float = 0.0
     virtual_coils: int = 0              # SVD coil compression to this many coils (0: use all coils)
+    virtual_coils_energy: float = 0.999  # and to the fewest coils keeping this fraction of the energy (0: off)
     coil_calib: int = 0                 # max calibration lines for coil maps (0: as many as sampled)
     coil_threshold: float = 0.02        # coil-map support: pixels below this fraction of the max signal are zeroed (0: none)
     scale_percentile: float = 99.0
@@ -154,6 +156,8 @@ class ReconConfig:
                              f"{self.pnp_eta}, {self.pnp_reg_scale}, {self.pnp_ensemble}")
         if self.pnp_xt_planes not in XT_PLANES:
             raise ValueError(f"pnp_xt_planes must be one of {XT_PLANES}, got {self.pnp_xt_planes!r}")
+        if self.pnp_phase not in PHASES:
+            raise ValueError(f"pnp_phase must be one of {PHASES}, got {self.pnp_phase!r}")
         if self.resolved("init") not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not 0 <= self.fusion <= 1:
@@ -172,6 +176,9 @@ class ReconConfig:
                              "llr_lambda and ttv_lambda >= 0")
         if self.virtual_coils < 0:
             raise ValueError(f"virtual_coils must be >= 0 (0: no compression), got {self.virtual_coils}")
+        if not 0 <= self.virtual_coils_energy < 1:
+            raise ValueError(f"virtual_coils_energy must be in [0, 1) (0: off; e.g. 0.99 keeps 99 % of the "
+                             f"signal energy), got {self.virtual_coils_energy}")
         if self.lowrank_iters < 1 or self.dc_iters < 1 or self.dc_lambda < 0:
             raise ValueError("lowrank_iters and dc_iters must be >= 1, dc_lambda >= 0")
         if not 0 < self.scale_percentile <= 100 or not 0 <= self.coil_threshold < 1 or 0 < self.coil_calib < 3:
@@ -334,6 +341,7 @@ class Reconstructor:
             keep_freed_memory()
         self._scores = None
         self.coil_energy_kept = 1.0  # of the last reconstruction (below 1 with virtual_coils)
+        self.coils_used = (0, 0)     # of the last reconstruction: (coils in the data, coils reconstructed)
 
     def _model_domains(self) -> tuple:
         """The score models this configuration uses: image and k-space always (they are the
@@ -391,8 +399,10 @@ class Reconstructor:
         as_numpy = isinstance(kspace, np.ndarray)
         out_device = None if as_numpy else getattr(kspace, "device", None)
         k, m, maps = prepare_inputs(kspace, mask, coil_maps, self.device)
-        k, maps, self.coil_energy_kept = compress_coils(k, m, cfg.virtual_coils, maps)
-        if maps is None and k.shape[0] > 1:
+        coils = k.shape[0]
+        k, maps, self.coil_energy_kept = compress_coils(k, m, cfg.virtual_coils, maps, cfg.virtual_coils_energy)
+        self.coils_used = (coils, k.shape[0])
+        if maps is None and coils > 1:  # also for data compressed to one virtual coil
             maps = estimate_coil_maps(k, m, cfg.coil_calib, cfg.coil_threshold)
 
         scale = self._scale(k, m, maps)
@@ -438,7 +448,7 @@ class Reconstructor:
         return PnPSettings(steps=s.steps, sigma_max=s.sigma_max, sigma_min=s.sigma_min, gamma=cfg.pnp_gamma,
                            inner=cfg.pnp_inner, xt_weight=float(cfg.resolved("pnp_xt_weight")),
                            eta=cfg.pnp_eta, ensemble=cfg.pnp_ensemble, keep_duals=bool(cfg.pnp_keep_duals),
-                           xt_planes=cfg.pnp_xt_planes,
+                           xt_planes=cfg.pnp_xt_planes, phase=cfg.pnp_phase,
                            llr={"lambda_llr": cfg.llr_lambda * cfg.pnp_reg_scale,
                                 "lambda_tv": cfg.ttv_lambda * cfg.pnp_reg_scale, "block": cfg.llr_block,
                                 "cyclic": bool(cfg.ttv_cyclic),

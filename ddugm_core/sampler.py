@@ -105,6 +105,7 @@ def ddugm_sample(k0: torch.Tensor, dc: DataConsistency, score_k: Score, score_i:
 
 
 XT_PLANES = ("both", "alternate")  # PnPSettings.xt_planes (ReconConfig.pnp_xt_planes)
+PHASES = ("none", "mean")  # PnPSettings.phase (ReconConfig.pnp_phase)
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ class PnPSettings:
     ensemble: int = 1      # flips averaged per denoising: 1 (none), 2 (x), 4 (x, y, both)
     keep_duals: bool = True   # carry the ADMM iterates (duals) from level to level instead of restarting
     xt_planes: str = "alternate"  # plane prior: one orientation a level (x-t at even levels, y-t at odd), or "both" each level
+    phase: str = "none"    # "mean": the priors see the cine turned so that its sum is real and positive
     llr: dict | None = None  # keyword arguments of baselines.llr_ttv (thresholds, block, rho, cg_iters)
 
 
@@ -181,6 +183,8 @@ def pnp_sample(x0: torch.Tensor, dc: DataConsistency, score_i: Optional[Score], 
     _flip_dims(s.ensemble)
     if s.xt_planes not in XT_PLANES:
         raise ValueError(f"xt_planes must be one of {XT_PLANES}, got {s.xt_planes!r}")
+    if s.phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {s.phase!r}")
     sigmas = VESDE(s.sigma_min, s.sigma_max).discrete_sigmas(s.steps, 0.0)
     x = x0
     state = (state if state is not None else {}) if s.keep_duals else None
@@ -189,7 +193,11 @@ def pnp_sample(x0: torch.Tensor, dc: DataConsistency, score_i: Optional[Score], 
         if trace is not None:
             trace({"step": i, "sigma": sigma, "image_input": x_in})
         planes = "both" if s.xt_planes == "both" else ("xt", "yt")[i % 2]
-        denoised = pnp_denoise(x_in, sigma, score_i, score_xt, w, s.ensemble, planes)
+        if s.phase == "mean":  # a global phase the priors saw most in training (no host read)
+            turn = torch.sgn(x_in.sum())
+            denoised = pnp_denoise(x_in * turn.conj(), sigma, score_i, score_xt, w, s.ensemble, planes) * turn
+        else:
+            denoised = pnp_denoise(x_in, sigma, score_i, score_xt, w, s.ensemble, planes)
         x = llr_ttv(dc, s.inner, **(s.llr or {}), seed=i + 1, x0=x, anchor=denoised, gamma=s.gamma,
                     state=state)
         if callback is not None:

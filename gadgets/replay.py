@@ -157,7 +157,7 @@ def add_parser(sub):
     p.add_argument("--config", default=None, help="YAML settings (default: config/recon.yaml)")
     p.add_argument("--png", default=None, help="also write one PNG per slice into this folder")
     p.add_argument("--method", default=None, help="ddugm | low_rank | l_plus_s | llr_ttv | zero_filled")
-    p.add_argument("--preset", default=None, help="default | paper")
+    p.add_argument("--preset", default=None, help="default | pnp | dual | paper")
     p.add_argument("--steps", default=None, help="sampler iterations")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--output-type", default=None, help="magnitude | complex")

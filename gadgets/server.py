@@ -377,7 +377,7 @@ def add_parser(sub):
     p.add_argument("--config", default=None, help="the operator's YAML settings, with its server: limits "
                                                   "(default: $DDUGM_CONFIG, else config/recon.yaml)")
     p.add_argument("--device", default=None, help="override the device (auto, cpu, cuda, cuda:N)")
-    p.add_argument("--preset", default=None, help="override the preset (default, paper)")
+    p.add_argument("--preset", default=None, help="override the preset (default, pnp, dual, paper)")
     p.add_argument("--idle-timeout", type=float, default=None, help="seconds a silent client is kept mid-stream "
                                                                     "(server setting idle_timeout, default 3600)")
     p.add_argument("--max-connections", type=int, default=None, help="open connections; more are refused "

@@ -136,9 +136,9 @@ class Engine:
             try:
                 self.load_models(rec)
                 x = rec.recon(cine.kspace, cine.mask, maps, seed=gs.seed, callback=check)
-                if 0 < cfg.virtual_coils < cine.kspace.shape[0]:
+                if rec.coils_used[1] < rec.coils_used[0]:
                     log.info("slice %s: %d coils compressed to %d virtual coils, %.2f %% of the signal energy kept",
-                             cine.key, cine.kspace.shape[0], cfg.virtual_coils, 100 * rec.coil_energy_kept)
+                             cine.key, *rec.coils_used, 100 * rec.coil_energy_kept)
                 return x, cfg.method, rec.device, None
             except Cancelled:
                 raise

@@ -1,6 +1,7 @@
 """Offline replay and simulation from the command line, on our own simulated cine, on real
 Siemens raw data (../shared, skipped when absent) and on Shepp-Logan files written by
 Debian's ismrmrd-tools (skipped when the tool is absent)."""
+import re
 import shutil
 import subprocess
 import sys
@@ -99,17 +100,28 @@ def test_real_siemens_raw_file(tmp_path):
 
 @pytest.mark.skipif(not SIEMENS.is_file(), reason="../shared/data/siemens_grappa_r3.h5 not present")
 def test_real_siemens_raw_file_with_coil_compression(tmp_path, caplog):
-    """14 receive channels compressed to 8 virtual coils: nearly the same image, and the log says
-    how much of the signal energy was kept."""
+    """14 receive channels compressed to 8 virtual coils, to those that keep 95 % of the signal
+    energy, and by default to those that keep 99.9 %: nearly the same image each time, and the
+    log says how many coils were kept and how much of the energy."""
     images = {}
-    for vc in (0, 8):
-        out = tmp_path / f"vc{vc}.h5"
+    for name, over in (("all", {"virtual_coils_energy": 0}), ("vc8", {"virtual_coils": 8, "virtual_coils_energy": 0}),
+                       ("e95", {"virtual_coils_energy": 0.95}), ("default", {})):
+        out = tmp_path / f"{name}.h5"
+        caplog.clear()
         with caplog.at_level("INFO", logger="ddugm.gadget"):
-            summary = replay(str(SIEMENS), str(out), overrides={"device": "cpu", "virtual_coils": vc}, quiet=True)
+            summary = replay(str(SIEMENS), str(out), overrides={"device": "cpu", **over}, quiet=True)
         assert summary["images"] == 1 and not summary["errors"]
-        images[vc] = np.abs(read_images(out)[0].data[0, 0]).astype(np.float64)
-    assert np.corrcoef(images[0].ravel(), images[8].ravel())[0, 1] > 0.99
-    assert "14 coils compressed to 8 virtual coils" in caplog.text
+        images[name] = np.abs(read_images(out)[0].data[0, 0]).astype(np.float64)
+        logged = re.search(r"14 coils compressed to (\d+) virtual coils, ([\d.]+) %", caplog.text)
+        assert (logged is None) == (name == "all")
+        if name == "vc8":
+            assert logged.group(1) == "8"
+        elif name == "e95":  # the fewest coils that keep 95 % of this file's energy
+            assert 3 <= int(logged.group(1)) < 14 and float(logged.group(2)) >= 95
+        elif name == "default":  # keeps 99.9 % of it
+            assert 8 <= int(logged.group(1)) < 14 and float(logged.group(2)) >= 99.9
+    for name in ("vc8", "e95", "default"):
+        assert np.corrcoef(images["all"].ravel(), images[name].ravel())[0, 1] > 0.99
 
 
 def _shepp(tmp_path, name, *args):

@@ -130,6 +130,33 @@ def test_coil_compression_is_exact_for_data_in_fewer_coils_and_close_otherwise(t
         ReconConfig.from_dict({"virtual_coils": -1})
 
 
+def test_coil_compression_by_energy_picks_the_fewest_coils_that_keep_it():
+    """Four channels of energies 8, 4, 2, 1 (orthogonal; shares 8/15, 12/15, 14/15, 1): 0.5 keeps
+    one virtual coil, 0.75 two, 0.9 three, 0.95 all four (unchanged); a count caps it;
+    out-of-range fractions are refused."""
+    from ddugm_core.coils import compress_coils
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(4, 4, dtype=torch.complex64, generator=g))[0]
+    mask = torch.ones(2, 8, 8)
+    # each channel a mixture of 4 orthogonal signals of energies 8, 4, 2, 1
+    sig = torch.linalg.qr(torch.randn(128, 4, dtype=torch.complex64, generator=g))[0].T  # orthonormal rows
+    sig = sig * torch.tensor([8.0, 4.0, 2.0, 1.0]).sqrt()[:, None]
+    k = (basis @ sig).reshape(4, 2, 8, 8)
+    for energy, n, kept in ((0.5, 1, 8 / 15), (0.75, 2, 12 / 15), (0.9, 3, 14 / 15)):
+        kv, _, frac = compress_coils(k, mask, 0, None, energy)
+        assert kv.shape[0] == n and frac == pytest.approx(kept, rel=1e-4)
+    kv, _, frac = compress_coils(k, mask, 0, None, 0.95)
+    assert kv is k and frac == 1.0
+    assert compress_coils(k, mask, 2, None, 0.99)[0].shape[0] == 2   # the count caps the energy's choice
+    assert compress_coils(k, mask, 3, None, 0.5)[0].shape[0] == 1    # and the energy the count's
+    with pytest.raises(ValueError, match="energy"):
+        compress_coils(k, mask, 0, None, 1.5)
+    for bad in (-0.1, 1.0, 2):
+        with pytest.raises(ValueError, match="virtual_coils_energy"):
+            ReconConfig.from_dict({"virtual_coils_energy": bad})
+
+
 # ------------------------------------------------------------------ bad input
 def _good(t=3, n=16, c=2):
     return simulate_kspace(cine_phantom(t, n, seed=0), coil_maps(c, n), variable_density_mask(t, n, 2, seed=0))

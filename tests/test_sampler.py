@@ -70,6 +70,26 @@ def test_same_seed_same_output_different_seed_differs(tiny_config, rng):
     assert np.array_equal(pnp.recon(k, seed=5), pnp.recon(k, seed=6))  # deterministic: no noise is drawn
 
 
+def test_default_reconstruction_does_not_depend_on_the_global_phase_of_the_data(tiny_config, rng):
+    """A scanner's data carry an arbitrary global phase (receiver phase, coil referencing). The
+    whole default pipeline (coil maps, scale, LLR + TV start, priors, ADMM) turns with it when
+    the priors see the cine turned to a real, positive sum (``pnp_phase: mean``, the default);
+    with ``none`` the networks, not equivariant to phase, give a different image: the check can
+    fail."""
+    from ddugm_core import ReconConfig
+
+    k = _case(rng, coils=3)
+    turn = np.exp(2.1j).astype(np.complex64)
+    base = {**tiny_config.to_dict(), "preset": "default", "llr_iters": 3, "pnp_inner": 2}
+    for phase, equal in (("mean", True), ("none", False)):
+        rec = Reconstructor(ReconConfig.from_dict({**base, "pnp_phase": phase}))
+        a, b = rec.recon(k), rec.recon(k * turn)
+        err = np.linalg.norm(b - a * turn) / np.linalg.norm(a)
+        assert (err < 1e-4) == equal, (phase, err)
+    with pytest.raises(ValueError, match="pnp_phase"):
+        ReconConfig.from_dict({"pnp_phase": "median"})
+
+
 def test_correctors_setting_sets_network_calls_per_step():
     """With the Langevin correctors each step calls each network twice, without them once."""
     t, n = 3, 16
