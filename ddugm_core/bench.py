@@ -111,14 +111,16 @@ def run(a) -> int:
         st = timer.summary()
         if not times:
             x, times = xi, [st["total_s"]]
-        row = {"case": name, "frames": frames, "size": list(size), "coils": coils, "accel": float(mask.size / mask.sum()),
+        row = {"case": name, "frames": frames, "size": list(size), "coils": coils, "coils_reconstructed": rec.coils_used[1],
+               "accel": float(mask.size / mask.sum()),
                "seconds_per_slice": statistics.median(times), "runs": times,
                "instrumented_s": st["total_s"], "stages_s": st["stages_s"],
                "network_calls": st["calls"].get("network", 0), "network_frames": st["items"].get("network", 0),
                mem_key: mem, "psnr_db": psnr(truth, x.cpu().numpy())}
         results.append(row)
         stages = ", ".join(f"{k} {v:.2f}" for k, v in st["stages_s"].items())
-        print(f"{name:<7} {frames} x {size[0]} x {size[1]}, {coils:>2} coil(s): {row['seconds_per_slice']:.2f} s/slice; "
+        vc = f" ({rec.coils_used[1]} virtual)" if 0 < rec.coils_used[1] < coils else ""
+        print(f"{name:<7} {frames} x {size[0]} x {size[1]}, {coils:>2} coil(s){vc}: {row['seconds_per_slice']:.2f} s/slice; "
               f"stages (instrumented, {st['total_s']:.2f} s): {stages}; network calls {row['network_calls']} "
               f"({row['network_frames']} frames); peak {mem:.2f} GB ({mem_key}); PSNR {row['psnr_db']:.2f} dB", flush=True)
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)

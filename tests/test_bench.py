@@ -48,6 +48,7 @@ def test_bench_writes_json(tmp_path, tiny_weights, monkeypatch):
         assert r["network_frames"] == 2 * 3 * r["frames"]
         assert set(r["stages_s"]) == {"network", "data consistency", "low-rank", "other"}
         assert abs(sum(r["stages_s"].values()) - r["instrumented_s"]) < 1e-6
+        assert 1 <= r["coils_reconstructed"] <= r["coils"]  # after coil compression
         assert len(r["runs"]) == 2 and r["seconds_per_slice"] > 0 and r["process_max_rss_gb"] > 0
 
 
