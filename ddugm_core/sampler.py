@@ -139,12 +139,24 @@ def _flip_dims(n: int) -> list[tuple[int, ...]]:
     return [(), (-1,), (-2,), (-2, -1)][:n]
 
 
+def _turn(x: torch.Tensor) -> torch.Tensor:
+    """The unit complex number of the sum of ``x`` (1 where the sum is 0)."""
+    s = x.sum()
+    return torch.where(s == 0, torch.ones_like(s), torch.sgn(s))
+
+
 def pnp_denoise(x: torch.Tensor, sigma: float, score_i: Optional[Score], score_xt: Optional[Score],
-                xt_weight: float, ensemble: int = 1, planes: str = "both") -> torch.Tensor:
+                xt_weight: float, ensemble: int = 1, planes: str = "both", phase: str = "none") -> torch.Tensor:
     """Tweedie denoising D(x) = x + sigma^2 score(x, sigma) of all frames ``[frame, y, x]``:
     the frame prior, the plane prior or their blend, averaged over ``ensemble`` spatial flips
     (the priors are trained with flips, so each flip is an equally valid denoiser). ``planes``
-    goes to the plane prior (:class:`~ddugm_core.networks.PlaneScore`) where not ``both``."""
+    goes to the plane prior (:class:`~ddugm_core.networks.PlaneScore`) where not ``both``.
+    ``phase`` ``mean``: the priors score the cine turned so that its sum is real and positive
+    (the global phase they saw most in training), and the result is turned back. Turning
+    each frame and each plane on its own instead measured the same (+0.005 dB on validation)."""
+    if phase == "mean":  # no host read
+        turn = _turn(x)
+        return pnp_denoise(x * turn.conj(), sigma, score_i, score_xt, xt_weight, ensemble, planes) * turn
     w = xt_weight
     out = 0
     dims = _flip_dims(ensemble)
@@ -193,11 +205,7 @@ def pnp_sample(x0: torch.Tensor, dc: DataConsistency, score_i: Optional[Score], 
         if trace is not None:
             trace({"step": i, "sigma": sigma, "image_input": x_in})
         planes = "both" if s.xt_planes == "both" else ("xt", "yt")[i % 2]
-        if s.phase == "mean":  # a global phase the priors saw most in training (no host read)
-            turn = torch.sgn(x_in.sum())
-            denoised = pnp_denoise(x_in * turn.conj(), sigma, score_i, score_xt, w, s.ensemble, planes) * turn
-        else:
-            denoised = pnp_denoise(x_in, sigma, score_i, score_xt, w, s.ensemble, planes)
+        denoised = pnp_denoise(x_in, sigma, score_i, score_xt, w, s.ensemble, planes, s.phase)
         x = llr_ttv(dc, s.inner, **(s.llr or {}), seed=i + 1, x0=x, anchor=denoised, gamma=s.gamma,
                     state=state)
         if callback is not None:
