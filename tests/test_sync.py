@@ -152,3 +152,22 @@ def test_cuda_graph_networks_give_the_eager_result(tiny_config):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     _compiled_vs_eager(tiny_config, "cuda")
+
+
+def test_pnp_phase_turn_adds_no_host_reads():
+    """The pnp sampler's phase turn (``pnp_phase: mean``) stays on the device: the loop makes
+    exactly the host reads it makes without it (the schedule and the LLR tile shifts, set on
+    the host)."""
+    from ddugm_core.sampler import PnPSettings, pnp_sample
+
+    y, mask, maps = _problem("cpu")
+    dc = DataConsistency(y, mask, maps)
+    score_i = _scores("cpu")[1]
+    x0 = dc.image(dc.adjoint_image())
+    counts = {}
+    for phase in ("none", "mean"):
+        settings = PnPSettings(steps=3, inner=2, phase=phase, llr={"lambda_llr": 0.001, "lambda_tv": 0.01, "block": 4})
+        with host_reads() as seen:
+            pnp_sample(x0, dc, score_i, settings)
+        counts[phase] = sorted(seen)
+    assert counts["mean"] == counts["none"]
