@@ -57,6 +57,11 @@ from .settings import GadgetSettings, Limits
 log = logging.getLogger("ddugm.gadget")
 
 
+def slice_name(key: dict) -> str:
+    """How logs and errors name a slice: ``slice=0, contrast=0, ...``."""
+    return ", ".join(f"{k}={v}" for k, v in key.items())
+
+
 class ScanErrors(RuntimeError):
     """One or more slices of a stream could not be reconstructed (the others were sent)."""
 
@@ -137,8 +142,8 @@ class Engine:
                 self.load_models(rec)
                 x = rec.recon(cine.kspace, cine.mask, maps, seed=gs.seed, callback=check)
                 if rec.coils_used[1] < rec.coils_used[0]:
-                    log.info("slice %s: %d coils compressed to %d virtual coils, %.2f %% of the signal energy kept",
-                             cine.key, *rec.coils_used, 100 * rec.coil_energy_kept)
+                    log.info("%s: %d coils compressed to %d virtual coils, %.2f %% of the signal energy kept",
+                             slice_name(cine.key), *rec.coils_used, 100 * rec.coil_energy_kept)
                 return x, cfg.method, rec.device, None
             except Cancelled:
                 raise
@@ -146,7 +151,7 @@ class Engine:
                 if not gs.fallback or cfg.method != "ddugm":
                     raise
                 warning = f"DD-UGM failed ({type(e).__name__}: {e}); LLR + temporal TV reconstruction used instead"
-                log.warning("slice %s: %s", cine.key, warning)
+                log.warning("%s: %s", slice_name(cine.key), warning)
                 fb = Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "method": FALLBACK, "device": "cpu"}))
                 x = fb.recon(cine.kspace, cine.mask, None if maps is None else maps.cpu(), seed=gs.seed, callback=check)
                 return x, FALLBACK, fb.device, warning
@@ -352,7 +357,7 @@ class ReconSession:
         self.errors.append(msg)
 
     def _reconstruct(self, cine: CineData, natural: str) -> list:
-        where = ", ".join(f"{k}={v}" for k, v in cine.key.items())
+        where = slice_name(cine.key)
         log.info("%s: reconstructing %d frames (%s)", where, cine.kspace.shape[1], self.cfg.method)
         t0 = time.perf_counter()
         try:
