@@ -231,7 +231,7 @@ def _coerce(key: str, val, typ):
 # ---------------------------------------------------------------------- input checks
 def _as_tensor(x, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
-        return x
+        return x.resolve_conj().resolve_neg()  # a lazy x.conj() view cannot be viewed as real
     if isinstance(x, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(x))
     raise ValueError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")

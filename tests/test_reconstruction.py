@@ -178,6 +178,19 @@ def test_bad_kspace_is_named(tiny_config, mutate, message):
         Reconstructor(tiny_config).recon(mutate(_good()))
 
 
+def test_lazy_torch_views_are_accepted(tiny_config):
+    """``k.conj()`` and ``-k`` of a torch tensor are lazy views (conjugate / negative bits) that
+    torch cannot view as real; the reconstruction takes them as the tensors they stand for."""
+    k = torch.from_numpy(_good())
+    maps = torch.from_numpy(coil_maps(2, 16))
+    rec = Reconstructor(tiny_config)
+    assert k.conj().is_conj()
+    for lazy, plain in ((k.conj(), k.conj().resolve_conj()), (k, k)):
+        a = rec.recon(lazy, coil_maps=maps.conj(), method="llr_ttv")
+        b = rec.recon(plain, coil_maps=maps.conj().resolve_conj(), method="llr_ttv")
+        assert torch.equal(a, b)
+
+
 def test_bad_mask_and_maps_are_named(tiny_config):
     k = _good()
     rec = Reconstructor(tiny_config)
