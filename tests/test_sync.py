@@ -116,7 +116,9 @@ def test_sampler_loop_does_not_synchronise_the_gpu():
                 _sample("cuda", steps)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        return [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+        # only the synchronisations themselves: torch also warns, once per process, that the
+        # debug mode is a prototype (seen on an H200, torch 2.11: 308 at 2 steps against 307 at 6)
+        return [str(w.message).splitlines()[0] for w in caught if str(w.message).startswith("called a synchroniz")]
 
     few, many = syncs(2), syncs(6)
     assert len(many) == len(few), f"per-step synchronisations: {len(few)} at 2 steps, {len(many)} at 6: {many[:5]}"
