@@ -269,41 +269,42 @@ class PlaneSampler:
     def __len__(self) -> int:
         return sum(s.shape[0] for s in self.series)
 
-    def _plane(self, g: torch.Generator) -> torch.Tensor:
-        dev = self.device
-
-        def rint(n: int) -> int:
-            return int(torch.randint(max(n, 1), (1,), generator=g, device=dev))
-
-        s = self.series[rint(len(self.series))]
+    def _plane(self, rng: np.random.Generator) -> torch.Tensor:
+        """One plane; every random choice is drawn on the host (``rng``), so that drawing a batch
+        on a GPU costs kernel launches only, never a synchronisation per choice."""
+        s = self.series[int(rng.integers(len(self.series)))]
         t_all, h, w = s.shape
-        axis = rint(2)  # 0: a row (x-t plane), 1: a column (y-t plane)
+        axis = int(rng.integers(2))  # 0: a row (x-t plane), 1: a column (y-t plane)
         across = h if axis == 0 else w
-        central = rint(4) != 0
+        central = rng.integers(4) != 0
         lo, span = (int(0.15 * across), max(1, int(0.7 * across))) if central else (0, across)
-        pos = lo + rint(span)
+        pos = lo + int(rng.integers(span))
         line = s[:, pos, :] if axis == 0 else s[:, :, pos]  # [T, L]
-        stride = 2 if (t_all >= 2 * 8 and rint(10) < 3) else 1
-        t0 = rint(t_all)
-        idx = (t0 + stride * torch.arange(self.frames, device=dev)) % t_all
-        plane = line[idx]
-        if rint(2):
-            plane = plane.flip(0)
+        stride = 2 if (t_all >= 2 * 8 and rng.integers(10) < 3) else 1
+        t0 = int(rng.integers(t_all))
+        idx = (t0 + stride * np.arange(self.frames)) % t_all
+        if rng.integers(2):
+            idx = idx[::-1]
+        plane = line[torch.as_tensor(idx.copy(), device=self.device)]
         length = plane.shape[1]
         if length < self.size:
             pad = self.size - length
-            left = rint(pad + 1)
+            left = int(rng.integers(pad + 1))
             plane = F.pad(plane, (left, pad - left))
         else:
-            o = rint(length - self.size + 1)
+            o = int(rng.integers(length - self.size + 1))
             plane = plane[:, o:o + self.size]
-        if rint(2):
+        if rng.integers(2):
             plane = plane.flip(1)
         return plane
 
     def batch(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """Complex training planes ``[n, frames, size]``."""
-        x = torch.stack([self._plane(generator) for _ in range(n)])
+        # one draw from the (possibly device) generator seeds the host choices: one synchronisation
+        # per batch instead of a dozen per plane (which starved training on a shared GPU)
+        seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+        rng = np.random.default_rng(seed)
+        x = torch.stack([self._plane(rng) for _ in range(n)])
         gain = torch.exp((torch.rand(n, 1, 1, generator=generator, device=self.device) - 0.5) * 0.45)
         x = x * gain
         if not self.is_complex:

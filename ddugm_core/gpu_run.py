@@ -10,7 +10,8 @@ out of time is recorded as such and the next one runs):
 
 a. ``env``: GPU name, torch and CUDA versions; ``pytest -m gpu`` on the test files that do
    not need gadgetron;
-b. ``bench``: ``bench --device cuda`` on the three standard cases (eager);
+b. ``bench``: ``bench --device cuda`` on the three standard cases (eager); ``bench_fp32``: the
+   same with ``amp: false`` (float32 networks: bf16's PSNR against it);
 c. ``train``: the trainings side by side on the one GPU (small networks are launch-bound,
    so they share it well) for the time left: the image prior continued from the committed
    weights, a wider image prior (nf 48) from scratch, the k-space prior continued, and the
@@ -134,17 +135,20 @@ def bench_cmd(run: Run, json_path: Path, config: Path | None) -> list:
     return cmd
 
 
-def stage_bench(run: Run, compile_: bool, budget: float) -> dict:
+def stage_bench(run: Run, compile_: bool, budget: float, fp32: bool = False) -> dict:
+    """``bench``: eager (bf16 network calls where bf16 is fast), with ``compile: true``, or eager
+    in float32 (``amp: false``: the reference that bf16's PSNR is held against)."""
     run.work.mkdir(parents=True, exist_ok=True)
     config = None
-    if compile_ or run.dry:
-        config = run.work / ("compile.yaml" if compile_ else "dry.yaml")
-        text = "recon:\n" + ("  compile: true\n" if compile_ else "")
+    tag = "compile" if compile_ else "fp32" if fp32 else ""
+    if tag or run.dry:
+        config = run.work / f"{tag or 'dry'}.yaml"
+        text = "recon:\n" + ("  compile: true\n" if compile_ else "") + ("  amp: false\n" if fp32 else "")
         if run.dry:  # the plumbing, without minutes of CPU work
             text += "  method: zero_filled\n" if compile_ else "  ls_iters: 3\n"
         config.write_text(text)
-    path = run.work / ("bench_compile.json" if compile_ else "bench.json")
-    result = run.sh("bench" + (" compile" if compile_ else ""), bench_cmd(run, path, config), budget)
+    path = run.work / (f"bench_{tag}.json" if tag else "bench.json")
+    result = run.sh("bench" + (f" {tag}" if tag else ""), bench_cmd(run, path, config), budget)
     if path.is_file():
         data = json.loads(path.read_text())
         result["results"] = [{k: r.get(k) for k in ("case", "seconds_per_slice", "instrumented_s", "stages_s",
@@ -203,9 +207,13 @@ def _train_jobs(run: Run) -> dict:
     }
 
 
-def stage_train(run: Run, budget: float) -> dict:
-    """The trainings side by side, each stopping on time (``--minutes``), saving every minute."""
+def stage_train(run: Run, budget: float, only: list | None = None) -> dict:
+    """The trainings side by side, each stopping on time (``--minutes``), saving every minute;
+    ``only``: the names of the trainings to run (default: all)."""
     jobs = _train_jobs(run)
+    if only:
+        jobs = {k: v for k, v in jobs.items() if k in only}
+    run.work.mkdir(parents=True, exist_ok=True)
     minutes = max(0.1, (budget - 20) / 60)
     procs = {}
     for name, (domain, args) in jobs.items():
@@ -383,7 +391,10 @@ def main(argv=None) -> int:
     ap.add_argument("--pack", default="runs/pack", help="folder with train.npz and val.npz (ddugm pack)")
     ap.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run")
     ap.add_argument("--dry-run", action="store_true", help="tiny networks and cases: checks the script on a CPU")
-    ap.add_argument("--stages", default="env,bench,train,compare,compile,outputs",
+    ap.add_argument("--train", default="",
+                    help="which trainings to run (comma-separated among image, image_wide, kspace, xt; default: "
+                         "all): fewer share the GPU for more steps each")
+    ap.add_argument("--stages", default="env,bench,bench_fp32,train,compare,compile,outputs",
                     help="which stages to run, in their fixed order (default: all); e.g. compare alone measures "
                          "the committed weights")
     a = ap.parse_args(argv)
@@ -398,16 +409,20 @@ def main(argv=None) -> int:
     device = "cpu" if a.dry_run and a.device == "cuda" else a.device
     run = Run(out, a.minutes, a.dry_run, device, pack)
     total = a.minutes * 60
-    budgets = {"env": min(120, 0.12 * total), "bench": min(120, 0.15 * total), "compare": min(90, 0.12 * total),
-               "compile": min(150, 0.18 * total)}
+    budgets = {"env": min(120, 0.12 * total), "bench": min(120, 0.15 * total), "bench_fp32": min(60, 0.1 * total),
+               "compare": min(90, 0.12 * total), "compile": min(150, 0.2 * total)}
+    # training gets whatever the stages before it left over, less what the stages after it may take
     train_budget = max(30.0, total - sum(budgets.values()) - 30)
     if a.dry_run:  # fixed, generous stage limits (a loaded CI machine), 15 s of training; --minutes caps it all
-        budgets, train_budget = {"env": 120, "bench": 90, "compare": 90, "compile": 30}, 15.0
+        budgets, train_budget = {"env": 120, "bench": 90, "bench_fp32": 90, "compare": 90, "compile": 30}, 15.0
     run.summary["budgets_s"] = {**budgets, "train": train_budget}
     stages = {
         "env": lambda: stage_env(run),
         "bench": lambda: stage_bench(run, False, budgets["bench"]),
-        "train": lambda: stage_train(run, min(train_budget, run.left() - budgets["compare"] - budgets["compile"])),
+        "bench_fp32": lambda: stage_bench(run, False, budgets["bench_fp32"], fp32=True),
+        "train": lambda: stage_train(run, train_budget if a.dry_run else
+                                     max(30.0, run.left() - budgets["compare"] - budgets["compile"] - 20),
+                                     [x.strip() for x in a.train.split(",") if x.strip()]),
         "compare": lambda: stage_compare(run, run.summary["stages"].get("train") or {}),
         "compile": lambda: stage_bench(run, True, min(budgets["compile"], run.left() - 20)),
         "outputs": lambda: stage_outputs(run),
@@ -416,6 +431,10 @@ def main(argv=None) -> int:
     unknown = sorted(set(chosen) - set(stages))
     if unknown:
         print(f"gpu_run: unknown stage(s) {unknown}; choose from {', '.join(stages)}", file=sys.stderr)
+        return 2
+    unknown = sorted({x.strip() for x in a.train.split(",") if x.strip()} - {"image", "image_wide", "kspace", "xt"})
+    if unknown:
+        print(f"gpu_run: unknown training(s) {unknown}; choose from image, image_wide, kspace, xt", file=sys.stderr)
         return 2
     for name, fn in stages.items():
         if name in chosen:
