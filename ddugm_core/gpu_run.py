@@ -1,4 +1,4 @@
-"""One command for a short GPU window: ``python -m ddugm_core.gpu_run OUT [--minutes 11]``.
+"""One command for a short GPU window: ``python -m ddugm_core.gpu_run OUT [--minutes 9] [--train image,xt]``.
 
 Made for a machine that has PyTorch with CUDA, numpy, scipy, safetensors, tqdm and pyyaml,
 but neither the data folder, nor gadgetron / ismrmrd, nor a network: it needs only this
@@ -387,7 +387,8 @@ def check_outputs(out: Path) -> list:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ddugm_core.gpu_run", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="output folder (at most 8 files, each at most 16 MiB)")
-    ap.add_argument("--minutes", type=float, default=11.0, help="wall-clock budget of the whole run")
+    ap.add_argument("--minutes", type=float, default=9.0,
+                    help="wall-clock budget of the whole run (default 9: a device call may run 10 minutes)")
     ap.add_argument("--pack", default="runs/pack", help="folder with train.npz and val.npz (ddugm pack)")
     ap.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run")
     ap.add_argument("--dry-run", action="store_true", help="tiny networks and cases: checks the script on a CPU")
