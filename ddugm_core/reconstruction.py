@@ -21,7 +21,7 @@ import yaml
 
 from . import baselines
 from .checkpoints import DEFAULT_WEIGHTS, load_model
-from .coils import compress_coils, estimate_coil_maps, time_averaged_kspace
+from .coils import compress_coils, estimate_coil_maps, refine_coil_maps, time_averaged_kspace
 from .consistency import DataConsistency
 from .lowrank import default_rank
 from .networks import PlaneScore, ScoreFunction, bf16_is_fast
@@ -96,6 +96,8 @@ class ReconConfig:
     virtual_coils_energy: float = 0.999  # and to the fewest coils keeping this fraction of the energy (0: off)
     coil_calib: int = 0                 # max calibration lines for coil maps (0: as many as sampled)
     coil_threshold: float = 0.02        # coil-map support: pixels below this fraction of the max signal are zeroed (0: none)
+    coil_refine: int = 1                # estimated maps refined from this many first LLR + TV reconstructions (0: off)
+    coil_refine_window: int = 5         #   neighbourhood (pixels) the refined maps are averaged over
     scale_percentile: float = 99.0
     image_weights: str = ""             # "" = the shipped weights
     kspace_weights: str = ""
@@ -183,6 +185,9 @@ class ReconConfig:
             raise ValueError("lowrank_iters and dc_iters must be >= 1, dc_lambda >= 0")
         if not 0 < self.scale_percentile <= 100 or not 0 <= self.coil_threshold < 1 or 0 < self.coil_calib < 3:
             raise ValueError("scale_percentile in (0, 100], coil_threshold in [0, 1), coil_calib 0 (no limit) or >= 3")
+        if self.coil_refine < 0 or self.coil_refine_window < 1:
+            raise ValueError(f"coil_refine must be >= 0 (0: off) and coil_refine_window >= 1, got {self.coil_refine} "
+                             f"and {self.coil_refine_window}")
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -402,11 +407,18 @@ class Reconstructor:
         coils = k.shape[0]
         k, maps, self.coil_energy_kept = compress_coils(k, m, cfg.virtual_coils, maps, cfg.virtual_coils_energy)
         self.coils_used = (coils, k.shape[0])
-        if maps is None and coils > 1:  # also for data compressed to one virtual coil
+        estimated = maps is None and coils > 1  # also for data compressed to one virtual coil
+        if estimated:
             maps = estimate_coil_maps(k, m, cfg.coil_calib, cfg.coil_threshold)
 
         scale = self._scale(k, m, maps)
         dc = DataConsistency(k / scale, m, maps, cg_iters=cfg.dc_iters, lam=cfg.dc_lambda, mode=cfg.dc_mode)
+        if estimated and method != "zero_filled":
+            # the same maps for every method: refined from the strongest classical reconstruction
+            for _ in range(cfg.coil_refine):
+                first = self._classical("llr_ttv", dc, None)
+                maps = refine_coil_maps(k / scale, m, first, maps, cfg.coil_refine_window)
+                dc = DataConsistency(k / scale, m, maps, cg_iters=cfg.dc_iters, lam=cfg.dc_lambda, mode=cfg.dc_mode)
         s = cfg.sampler_settings()
         if method == "zero_filled":
             x = baselines.zero_filled(dc)
