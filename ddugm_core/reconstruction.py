@@ -96,8 +96,9 @@ class ReconConfig:
     virtual_coils_energy: float = 0.999  # and to the fewest coils keeping this fraction of the energy (0: off)
     coil_calib: int = 0                 # max calibration lines for coil maps (0: as many as sampled)
     coil_threshold: float = 0.02        # coil-map support: pixels below this fraction of the max signal are zeroed (0: none)
-    coil_refine: int = 1                # estimated maps refined from this many first LLR + TV reconstructions (0: off)
-    coil_refine_window: int = 5         #   neighbourhood (pixels) the refined maps are averaged over
+    coil_refine: int = 5                # estimated maps refined this many times from a first LLR + TV reconstruction (0: off)
+    coil_refine_window: int = 5         #   neighbourhood (pixels) the refined maps are averaged over,
+    coil_refine_iters: int = 10         #   ADMM iterations per round, each round continuing the last (0: llr_iters)
     scale_percentile: float = 99.0
     image_weights: str = ""             # "" = the shipped weights
     kspace_weights: str = ""
@@ -185,7 +186,7 @@ class ReconConfig:
             raise ValueError("lowrank_iters and dc_iters must be >= 1, dc_lambda >= 0")
         if not 0 < self.scale_percentile <= 100 or not 0 <= self.coil_threshold < 1 or 0 < self.coil_calib < 3:
             raise ValueError("scale_percentile in (0, 100], coil_threshold in [0, 1), coil_calib 0 (no limit) or >= 3")
-        if self.coil_refine < 0 or self.coil_refine_window < 1:
+        if self.coil_refine < 0 or self.coil_refine_window < 1 or self.coil_refine_iters < 0:
             raise ValueError(f"coil_refine must be >= 0 (0: off) and coil_refine_window >= 1, got {self.coil_refine} "
                              f"and {self.coil_refine_window}")
         if self.device != "auto":
@@ -415,8 +416,9 @@ class Reconstructor:
         dc = DataConsistency(k / scale, m, maps, cg_iters=cfg.dc_iters, lam=cfg.dc_lambda, mode=cfg.dc_mode)
         if estimated and method != "zero_filled":
             # the same maps for every method: refined from the strongest classical reconstruction
+            carry: dict = {}  # each round's ADMM continues from the previous one's iterates
             for _ in range(cfg.coil_refine):
-                first = self._classical("llr_ttv", dc, None)
+                first = self._classical("llr_ttv", dc, None, carry, iters=cfg.coil_refine_iters or None)
                 maps = refine_coil_maps(k / scale, m, first, maps, cfg.coil_refine_window)
                 dc = DataConsistency(k / scale, m, maps, cg_iters=cfg.dc_iters, lam=cfg.dc_lambda, mode=cfg.dc_mode)
         s = cfg.sampler_settings()
@@ -466,11 +468,12 @@ class Reconstructor:
                                 "cyclic": bool(cfg.ttv_cyclic),
                                 "rho": cfg.llr_rho, "cg_iters": cfg.llr_cg_iters})
 
-    def _classical(self, method: str, dc: DataConsistency, callback, state: Optional[dict] = None) -> torch.Tensor:
+    def _classical(self, method: str, dc: DataConsistency, callback, state: Optional[dict] = None,
+                   iters: Optional[int] = None) -> torch.Tensor:
         cfg = self.config
         if method == "l_plus_s":
             return baselines.l_plus_s(dc, cfg.ls_iters, cfg.ls_lambda_l, cfg.ls_lambda_s, cfg.ls_tol, callback)
-        return baselines.llr_ttv(dc, cfg.llr_iters, cfg.llr_lambda, cfg.ttv_lambda, cfg.llr_block, cfg.llr_rho,
+        return baselines.llr_ttv(dc, iters or cfg.llr_iters, cfg.llr_lambda, cfg.ttv_lambda, cfg.llr_block, cfg.llr_rho,
                                  cfg.llr_cg_iters, callback=callback, state=state, cyclic=bool(cfg.ttv_cyclic))
 
     def _scale(self, k, m, maps) -> torch.Tensor:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddugm_core.coils import estimate_coil_maps
+from ddugm_core.coils import estimate_coil_maps, refine_coil_maps
 from ddugm_core.masks import lattice_mask, variable_density_mask
 from ddugm_core.metrics import hfen, psnr, ssim
 from ddugm_core.phantom import cine_phantom, coil_maps, simulate_kspace
@@ -25,6 +25,34 @@ def test_coil_maps_normalised_and_estimated():
     body = np.abs(x).mean(0) > 0.2
     agreement = np.abs((est.conj() * maps).sum(0))[body]  # 1 = same up to a phase
     assert agreement.mean() > 0.99
+
+
+def test_refined_coil_maps_fit_the_data_better():
+    """With a good image the refinement moves estimated maps towards the true ones (the data,
+    not the old maps, decide where lines were acquired); true maps and the true image are a
+    fixed point; phase convention and support of the old maps are kept."""
+    maps = coil_maps(6, 48)
+    x = cine_phantom(12, 48, seed=0)
+    m = variable_density_mask(12, 48, 4, seed=0)
+    k = torch.from_numpy(simulate_kspace(x, maps, m))
+    mask = torch.from_numpy(m).float()[:, :, None].expand(12, 48, 48)
+    est = estimate_coil_maps(k, mask)
+    body = torch.from_numpy(np.abs(x).mean(0) > 0.2)
+    true = torch.from_numpy(maps)
+
+    def misfit(s):
+        return float((1 - (s.conj() * true).sum(0).abs())[body].mean())
+
+    img = torch.from_numpy(x) * torch.exp(1j * torch.angle((est.conj() * true).sum(0)))  # in est's phase convention
+    new = refine_coil_maps(k, mask, img, est, window=3)
+    assert misfit(new) < 0.5 * misfit(est)
+    assert torch.allclose((new.abs() ** 2).sum(0)[body], torch.ones(()), atol=1e-4)
+    assert (torch.angle((est.conj() * new).sum(0))[body].abs() < 1e-3).all()  # est's phase convention
+    hole = est.clone()
+    hole[:, :4] = 0
+    assert (refine_coil_maps(k, mask, img, hole)[:, :4] == 0).all()  # support kept
+    same = refine_coil_maps(k, mask, torch.from_numpy(x), true, window=1)
+    assert misfit(same) < 1e-5
 
 
 def test_variable_density_mask():

@@ -308,12 +308,16 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
     import ddugm_core.baselines as bl
     calls, real = [], bl.llr_ttv
     monkeypatch.setattr(bl, "llr_ttv", lambda *a, **kw: (calls.append(dict(kw.get("state") or {})), real(*a, **kw))[1])
-    for keep in (True, False):
+    for keep in (True, False):  # (the coil-map refinement's own LLR + TV rounds off: counted below)
         calls.clear()
-        Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "pnp_keep_duals": keep})).recon(k)
+        Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "pnp_keep_duals": keep, "coil_refine": 0})).recon(k)
         assert len(calls) == 6 and calls[0] == {}
         assert ({"x", "z1", "u1", "z2", "u2"} <= set(calls[1])) == keep
-    for bad, msg in [({"sampler": "dps"}, "sampler must be"), ({"pnp_gamma": -1.0}, "pnp_gamma"),
+    calls.clear()
+    Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine": 3})).recon(k)
+    assert len(calls) == 9 and calls[0] == {} and {"x", "z1"} <= set(calls[1])  # 3 refinement rounds, continued
+    for bad, msg in [({"coil_refine": -1}, "coil_refine"), ({"coil_refine_window": 0}, "coil_refine"),
+                     ({"sampler": "dps"}, "sampler must be"), ({"pnp_gamma": -1.0}, "pnp_gamma"),
                      ({"pnp_eta": -0.1}, "pnp_eta"), ({"pnp_ensemble": 3}, "pnp_ensemble"),
                      ({"pnp_reg_scale": -1.0}, "pnp_reg_scale"), ({"pnp_xt_planes": "xy"}, "pnp_xt_planes")]:
         with pytest.raises(ValueError, match=msg):
