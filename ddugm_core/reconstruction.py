@@ -187,8 +187,8 @@ class ReconConfig:
         if not 0 < self.scale_percentile <= 100 or not 0 <= self.coil_threshold < 1 or 0 < self.coil_calib < 3:
             raise ValueError("scale_percentile in (0, 100], coil_threshold in [0, 1), coil_calib 0 (no limit) or >= 3")
         if self.coil_refine < 0 or self.coil_refine_window < 1 or self.coil_refine_iters < 0:
-            raise ValueError(f"coil_refine must be >= 0 (0: off) and coil_refine_window >= 1, got {self.coil_refine} "
-                             f"and {self.coil_refine_window}")
+            raise ValueError(f"coil_refine must be >= 0 (0: off), coil_refine_window >= 1 and coil_refine_iters >= 0, "
+                             f"got {self.coil_refine}, {self.coil_refine_window} and {self.coil_refine_iters}")
         if self.device != "auto":
             try:
                 torch.device(self.device)
