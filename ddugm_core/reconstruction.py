@@ -413,14 +413,15 @@ class Reconstructor:
             maps = estimate_coil_maps(k, m, cfg.coil_calib, cfg.coil_threshold)
 
         scale = self._scale(k, m, maps)
-        dc = DataConsistency(k / scale, m, maps, cg_iters=cfg.dc_iters, lam=cfg.dc_lambda, mode=cfg.dc_mode)
-        if estimated and method != "zero_filled":
+        kn = k / scale
+        dc = DataConsistency(kn, m, maps, cg_iters=cfg.dc_iters, lam=cfg.dc_lambda, mode=cfg.dc_mode)
+        if estimated and method != "zero_filled":  # (the zero-filled reference stays the plain adjoint)
             # the same maps for every method: refined from the strongest classical reconstruction
             carry: dict = {}  # each round's ADMM continues from the previous one's iterates
             for _ in range(cfg.coil_refine):
                 first = self._classical("llr_ttv", dc, None, carry, iters=cfg.coil_refine_iters or None)
-                maps = refine_coil_maps(k / scale, m, first, maps, cfg.coil_refine_window)
-                dc = DataConsistency(k / scale, m, maps, cg_iters=cfg.dc_iters, lam=cfg.dc_lambda, mode=cfg.dc_mode)
+                maps = refine_coil_maps(kn, m, first, maps, cfg.coil_refine_window)
+                dc = DataConsistency(kn, m, maps, cg_iters=cfg.dc_iters, lam=cfg.dc_lambda, mode=cfg.dc_mode)
         s = cfg.sampler_settings()
         if method == "zero_filled":
             x = baselines.zero_filled(dc)
