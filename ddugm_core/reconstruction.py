@@ -415,14 +415,23 @@ class Reconstructor:
         scale = self._scale(k, m, maps)
         kn = k / scale
         dc = DataConsistency(kn, m, maps, cg_iters=cfg.dc_iters, lam=cfg.dc_lambda, mode=cfg.dc_mode)
-        if estimated and method != "zero_filled":  # (the zero-filled reference stays the plain adjoint)
-            # the same maps for every method: refined from the strongest classical reconstruction
+        s = cfg.sampler_settings()
+        refine = cfg.coil_refine if estimated and method != "zero_filled" else 0  # (zero-filled: the plain adjoint)
+        if refine:
+            # the same maps for every method: refined from the strongest classical reconstruction.
+            # One progress count over the rounds and the method, so that a caller's callback (the
+            # gadgets' cancellation check) is polled in the rounds too
+            per_round = cfg.coil_refine_iters or cfg.llr_iters
+            before, total = refine * per_round, refine * per_round + self._iterations(method)
             carry: dict = {}  # each round's ADMM continues from the previous one's iterates
-            for _ in range(cfg.coil_refine):
-                first = self._classical("llr_ttv", dc, None, carry, iters=cfg.coil_refine_iters or None)
+            for r in range(refine):
+                cb = None if callback is None else (lambda i, n, r=r: callback(r * per_round + i, total))
+                first = self._classical("llr_ttv", dc, cb, carry, iters=per_round)
                 maps = refine_coil_maps(kn, m, first, maps, cfg.coil_refine_window)
                 dc = DataConsistency(kn, m, maps, cg_iters=cfg.dc_iters, lam=cfg.dc_lambda, mode=cfg.dc_mode)
-        s = cfg.sampler_settings()
+            if callback is not None:
+                user_callback = callback
+                callback = lambda i, n: user_callback(before + i, before + n)  # noqa: E731
         if method == "zero_filled":
             x = baselines.zero_filled(dc)
         elif method == "low_rank":
@@ -457,6 +466,16 @@ class Reconstructor:
         if as_numpy:
             return x.cpu().numpy()
         return x.to(out_device) if out_device is not None else x
+
+    def _iterations(self, method: str) -> int:
+        """The progress count of ``method`` (what its callback's ``n`` is)."""
+        cfg = self.config
+        classical = {"low_rank": cfg.lowrank_iters, "l_plus_s": cfg.ls_iters, "llr_ttv": cfg.llr_iters}
+        if method in classical:
+            return classical[method]
+        if method == "ddugm":
+            return classical.get(cfg.resolved("init"), 0) + cfg.sampler_settings().steps
+        return 0
 
     def pnp_settings(self) -> PnPSettings:
         cfg, s = self.config, self.config.sampler_settings()

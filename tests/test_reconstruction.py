@@ -296,9 +296,32 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
                                  "pnp_inner": 2})
     assert (cfg.resolved("sampler"), cfg.resolved("init"), cfg.sampler_settings().steps) == ("pnp", "llr_ttv", 5)
     seen = []
-    out = Reconstructor(cfg).recon(k, callback=lambda i, n: seen.append((i, n)))
+    out = Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine": 0})).recon(
+        k, callback=lambda i, n: seen.append((i, n)))
     assert out.shape == (4, 24, 24) and np.isfinite(out).all()
     assert seen[0] == (1, 9) and seen[-1] == (9, 9)
+    # the coil-map refinement's rounds (estimated maps) count too: a caller's check is polled there
+    for method, work in (("ddugm", 9), ("llr_ttv", 4), ("l_plus_s", cfg.ls_iters), ("low_rank", 3)):
+        seen.clear()
+        Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine": 2, "coil_refine_iters": 3})).recon(
+            k, method=method, callback=lambda i, n: seen.append((i, n)))
+        assert seen[:6] == [(i, 6 + work) for i in range(1, 7)], method
+        assert {n for _, n in seen} == {6 + work} and seen[-1] == (6 + work, 6 + work), method
+        assert [i for i, _ in seen] == sorted(i for i, _ in seen), method
+
+    class Stop(Exception):
+        pass
+
+    def stop_at(i, n):
+        if i == 2:
+            raise Stop
+    import ddugm_core.reconstruction as rc
+    refined, real_refine = [], rc.refine_coil_maps
+    monkeypatch.setattr(rc, "refine_coil_maps", lambda *a, **kw: (refined.append(1), real_refine(*a, **kw))[1])
+    with pytest.raises(Stop):  # raised inside the first refinement round, before its maps
+        Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine": 2, "coil_refine_iters": 3})).recon(
+            k, callback=stop_at)
+    assert refined == []
     # inside the sampler the LLR / TV weights are pnp_reg_scale x the start's, and the start's
     # ADMM iterates carry into the sampler (pnp_keep_duals): the sampler's first ADMM call
     # gets the dict the start filled
