@@ -99,6 +99,7 @@ class ReconConfig:
     coil_refine: int = 5                # estimated maps refined this many times from a first LLR + TV reconstruction (0: off)
     coil_refine_window: int = 5         #   neighbourhood (pixels) the refined maps are averaged over,
     coil_refine_iters: int = 10         #   ADMM iterations per round, each round continuing the last (0: llr_iters)
+    coil_refine_continue: int = 10      #   the LLR + TV after the rounds continues theirs this many iterations (0: afresh)
     scale_percentile: float = 99.0
     image_weights: str = ""             # "" = the shipped weights
     kspace_weights: str = ""
@@ -186,9 +187,10 @@ class ReconConfig:
             raise ValueError("lowrank_iters and dc_iters must be >= 1, dc_lambda >= 0")
         if not 0 < self.scale_percentile <= 100 or not 0 <= self.coil_threshold < 1 or 0 < self.coil_calib < 3:
             raise ValueError("scale_percentile in (0, 100], coil_threshold in [0, 1), coil_calib 0 (no limit) or >= 3")
-        if self.coil_refine < 0 or self.coil_refine_window < 1 or self.coil_refine_iters < 0:
-            raise ValueError(f"coil_refine must be >= 0 (0: off), coil_refine_window >= 1 and coil_refine_iters >= 0, "
-                             f"got {self.coil_refine}, {self.coil_refine_window} and {self.coil_refine_iters}")
+        if self.coil_refine < 0 or self.coil_refine_window < 1 or self.coil_refine_iters < 0 or self.coil_refine_continue < 0:
+            raise ValueError(f"coil_refine must be >= 0 (0: off), coil_refine_window >= 1, coil_refine_iters >= 0 and "
+                             f"coil_refine_continue >= 0, got {self.coil_refine}, {self.coil_refine_window}, "
+                             f"{self.coil_refine_iters} and {self.coil_refine_continue}")
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -417,13 +419,17 @@ class Reconstructor:
         dc = DataConsistency(kn, m, maps, cg_iters=cfg.dc_iters, lam=cfg.dc_lambda, mode=cfg.dc_mode)
         s = cfg.sampler_settings()
         refine = cfg.coil_refine if estimated and method != "zero_filled" else 0  # (zero-filled: the plain adjoint)
+        # the LLR + TV after the rounds (the method, or DD-UGM's start) continues their ADMM iterates
+        continuing = bool(refine and cfg.coil_refine_continue)
+        llr_iters = cfg.coil_refine_continue if continuing else cfg.llr_iters
+        carry: Optional[dict] = None
         if refine:
             # the same maps for every method: refined from the strongest classical reconstruction.
             # One progress count over the rounds and the method, so that a caller's callback (the
             # gadgets' cancellation check) is polled in the rounds too
             per_round = cfg.coil_refine_iters or cfg.llr_iters
-            before, total = refine * per_round, refine * per_round + self._iterations(method)
-            carry: dict = {}  # each round's ADMM continues from the previous one's iterates
+            before, total = refine * per_round, refine * per_round + self._iterations(method, llr_iters)
+            carry = {}  # each round's ADMM continues from the previous one's iterates
             for r in range(refine):
                 cb = None if callback is None else (lambda i, n, r=r: callback(r * per_round + i, total))
                 first = self._classical("llr_ttv", dc, cb, carry, iters=per_round)
@@ -437,20 +443,22 @@ class Reconstructor:
         elif method == "low_rank":
             x = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window, callback, s.lowrank_solver)
         elif method in ("l_plus_s", "llr_ttv"):
-            x = self._classical(method, dc, callback)
+            x = self._classical(method, dc, callback, carry if continuing else None, llr_iters)
         else:
             scores = self.load_models()
             gen = torch.Generator(self.device).manual_seed(int(seed))
             init = cfg.resolved("init")
-            offset = {"low_rank": cfg.lowrank_iters, "l_plus_s": cfg.ls_iters, "llr_ttv": cfg.llr_iters}.get(init, 0)
+            offset = self._iterations(init, llr_iters) if init != "zero_filled" else 0
             # one progress count over the warm start and the sampler
             progress = None if callback is None else (lambda i, n: callback(offset + i, offset + n))
             warm_cb = None if callback is None else (lambda i, n: callback(i, n + s.steps))
-            admm = {} if init == "llr_ttv" else None  # the start's ADMM iterates, for pnp_keep_duals
+            admm = None  # the start's ADMM iterates, for pnp_keep_duals
+            if init == "llr_ttv":
+                admm = carry if continuing else {}
             if init == "low_rank":  # a classical estimate, then refine
                 x0 = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window, warm_cb, s.lowrank_solver)
             elif init in ("l_plus_s", "llr_ttv"):
-                x0 = self._classical(init, dc, warm_cb, admm)
+                x0 = self._classical(init, dc, warm_cb, admm, llr_iters)
             else:
                 x0 = dc.image(baselines.zero_filled(dc))
             k0 = fft2c(x0)
@@ -467,10 +475,10 @@ class Reconstructor:
             return x.cpu().numpy()
         return x.to(out_device) if out_device is not None else x
 
-    def _iterations(self, method: str) -> int:
+    def _iterations(self, method: str, llr_iters: int) -> int:
         """The progress count of ``method`` (what its callback's ``n`` is)."""
         cfg = self.config
-        classical = {"low_rank": cfg.lowrank_iters, "l_plus_s": cfg.ls_iters, "llr_ttv": cfg.llr_iters}
+        classical = {"low_rank": cfg.lowrank_iters, "l_plus_s": cfg.ls_iters, "llr_ttv": llr_iters}
         if method in classical:
             return classical[method]
         if method == "ddugm":

@@ -336,10 +336,20 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
         Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "pnp_keep_duals": keep, "coil_refine": 0})).recon(k)
         assert len(calls) == 6 and calls[0] == {}
         assert ({"x", "z1", "u1", "z2", "u2"} <= set(calls[1])) == keep
-    calls.clear()
-    Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine": 3})).recon(k)
-    assert len(calls) == 9 and calls[0] == {} and {"x", "z1"} <= set(calls[1])  # 3 refinement rounds, continued
+    for cont in (0, 2):
+        calls.clear()
+        Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine": 3, "coil_refine_continue": cont})).recon(k)
+        assert len(calls) == 9 and calls[0] == {} and {"x", "z1"} <= set(calls[1])  # 3 refinement rounds, continued
+        # the start after them: afresh (0), or continuing their iterates (coil_refine_continue)
+        assert ({"x", "z1", "u1", "z2", "u2"} <= set(calls[3])) == (cont > 0)
+    iters = []
+    monkeypatch.setattr(bl, "llr_ttv", lambda *a, **kw: (iters.append(a[1]), real(*a, **kw))[1])
+    seen.clear()
+    Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine": 3, "coil_refine_iters": 2,
+                                         "coil_refine_continue": 3})).recon(k, callback=lambda i, n: seen.append((i, n)))
+    assert iters == [2, 2, 2, 3] + [cfg.pnp_inner] * 5 and seen[-1] == (6 + 3 + 5, 6 + 3 + 5)
     for bad, msg in [({"coil_refine": -1}, "coil_refine"), ({"coil_refine_window": 0}, "coil_refine"),
+                     ({"coil_refine_continue": -1}, "coil_refine_continue"),
                      ({"sampler": "dps"}, "sampler must be"), ({"pnp_gamma": -1.0}, "pnp_gamma"),
                      ({"pnp_eta": -0.1}, "pnp_eta"), ({"pnp_ensemble": 3}, "pnp_ensemble"),
                      ({"pnp_reg_scale": -1.0}, "pnp_reg_scale"), ({"pnp_xt_planes": "xy"}, "pnp_xt_planes")]:
