@@ -303,7 +303,8 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
     # the coil-map refinement's rounds (estimated maps) count too: a caller's check is polled there
     for method, work in (("ddugm", 9), ("llr_ttv", 4), ("l_plus_s", cfg.ls_iters), ("low_rank", 3)):
         seen.clear()
-        Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine": 2, "coil_refine_iters": 3})).recon(
+        Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine": 2, "coil_refine_iters": 3,
+                                             "coil_refine_continue": 0})).recon(
             k, method=method, callback=lambda i, n: seen.append((i, n)))
         assert seen[:6] == [(i, 6 + work) for i in range(1, 7)], method
         assert {n for _, n in seen} == {6 + work} and seen[-1] == (6 + work, 6 + work), method
