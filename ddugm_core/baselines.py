@@ -23,13 +23,23 @@ def zero_filled(dc: DataConsistency) -> torch.Tensor:
 
 
 def low_rank(dc: DataConsistency, iters: int = 50, rank: int = 54, window: int = 6,
-             callback: Optional[Callable[[int, int], None]] = None, solver: str = "exact") -> torch.Tensor:
+             callback: Optional[Callable[[int, int], None]] = None, solver: str = "exact",
+             momentum: float = 0.0) -> torch.Tensor:
     """Structured low-rank reconstruction: alternate the block-Hankel rank-r projection
-    of all frames' k-space with data consistency, from the zero-filled start."""
+    of all frames' k-space with data consistency, from the zero-filled start.
+
+    With ``momentum`` beta > 0 each projection acts on the extrapolated iterate
+    k_n + beta (k_n - k_{n-1}) (heavy-ball acceleration of the alternating projections):
+    the plain alternation converges slowly (its PSNR still rises after 50 iterations on
+    real cine), and beta = 0.8 reaches in 20 iterations what it reaches in 50 (README,
+    "Low-rank only")."""
     k = fft2c(dc.image(zero_filled(dc)))
     project = LowRankProjector(HankelLift(tuple(k.shape), window, device=k.device), rank, solver)
+    y = k
     for i in range(iters):
-        k = dc.kspace(project(k))
+        k_new = dc.kspace(project(y))
+        y = k_new + momentum * (k_new - k) if momentum > 0 else k_new
+        k = k_new
         if callback is not None:
             callback(i + 1, iters)
     return ifft2c(k)

@@ -416,7 +416,8 @@ def report_markdown(rows: list[dict], settings: dict, figure: bool, n_series: in
         + (f", run on the first {e['paper_series']} series only" if e["paper_series"] else "") + ".",
         f"- L+S (Otazo 2015): at most {rd['ls_iters']} iterations, lambda_L {rd['ls_lambda_l']} (of the largest "
         f"singular value), lambda_S {rd['ls_lambda_s']}, tol {rd['ls_tol']}. Low-rank only: {rd['lowrank_iters']} "
-        f"iterations, window {rd['window']}, rank {rd['rank'] or int(1.5 * rd['window'] ** 2)}.",
+        f"iterations, momentum {rd['lowrank_momentum']}, window {rd['window']}, "
+        f"rank {rd['rank'] or int(1.5 * rd['window'] ** 2)}.",
         "- Metrics per frame against the truth in magnitude, data range = the series' peak; mean ± standard "
         "deviation over all frames of all series. HFEN: lower is better. Seconds per slice include everything "
         f"the reconstructor does. Device: {settings['device']} ({settings['threads']} threads), torch {settings['torch']}, "

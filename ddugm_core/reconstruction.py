@@ -77,7 +77,8 @@ class ReconConfig:
     pnp_keep_duals: bool = True         # pnp: carry the ADMM iterates from the start and between levels
     pnp_xt_planes: str = "alternate"    # pnp: plane prior on x-t planes at even levels, y-t at odd ones, or "both" each level
     pnp_reg_scale: float = 0.4          # pnp: LLR and temporal-TV weights in the sampler's ADMM, x those of the start
-    lowrank_iters: int = 50             # iterations of the low-rank-only method
+    lowrank_iters: int = 20             # iterations of the low-rank-only method (and of its warm start),
+    lowrank_momentum: float = 0.8       #   heavy-ball extrapolation between them (0: plain alternation)
     ls_iters: int = 50                  # L+S baseline (Otazo 2015): max iterations,
     ls_lambda_l: float = 0.01           #   SVT threshold relative to the largest singular value,
     ls_lambda_s: float = 0.02           #   temporal-Fourier soft threshold (normalised units),
@@ -185,6 +186,8 @@ class ReconConfig:
                              f"signal energy), got {self.virtual_coils_energy}")
         if self.lowrank_iters < 1 or self.dc_iters < 1 or self.dc_lambda < 0:
             raise ValueError("lowrank_iters and dc_iters must be >= 1, dc_lambda >= 0")
+        if not 0 <= self.lowrank_momentum < 1:
+            raise ValueError(f"lowrank_momentum must be in [0, 1) (0: none), got {self.lowrank_momentum}")
         if not 0 < self.scale_percentile <= 100 or not 0 <= self.coil_threshold < 1 or 0 < self.coil_calib < 3:
             raise ValueError("scale_percentile in (0, 100], coil_threshold in [0, 1), coil_calib 0 (no limit) or >= 3")
         if self.coil_refine < 0 or self.coil_refine_window < 1 or self.coil_refine_iters < 0 or self.coil_refine_continue < 0:
@@ -441,7 +444,8 @@ class Reconstructor:
         if method == "zero_filled":
             x = baselines.zero_filled(dc)
         elif method == "low_rank":
-            x = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window, callback, s.lowrank_solver)
+            x = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window, callback, s.lowrank_solver,
+                                   cfg.lowrank_momentum)
         elif method in ("l_plus_s", "llr_ttv"):
             x = self._classical(method, dc, callback, carry if continuing else None, llr_iters)
         else:
@@ -456,7 +460,8 @@ class Reconstructor:
             if init == "llr_ttv":
                 admm = carry if continuing else {}
             if init == "low_rank":  # a classical estimate, then refine
-                x0 = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window, warm_cb, s.lowrank_solver)
+                x0 = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window, warm_cb, s.lowrank_solver,
+                                        cfg.lowrank_momentum)
             elif init in ("l_plus_s", "llr_ttv"):
                 x0 = self._classical(init, dc, warm_cb, admm, llr_iters)
             else:

@@ -350,7 +350,8 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
                                          "coil_refine_continue": 3})).recon(k, callback=lambda i, n: seen.append((i, n)))
     assert iters == [2, 2, 2, 3] + [cfg.pnp_inner] * 5 and seen[-1] == (6 + 3 + 5, 6 + 3 + 5)
     for bad, msg in [({"coil_refine": -1}, "coil_refine"), ({"coil_refine_window": 0}, "coil_refine"),
-                     ({"coil_refine_continue": -1}, "coil_refine_continue"),
+                     ({"coil_refine_continue": -1}, "coil_refine_continue"), ({"lowrank_momentum": 1.0}, "lowrank_momentum"),
+                     ({"lowrank_momentum": -0.1}, "lowrank_momentum"),
                      ({"sampler": "dps"}, "sampler must be"), ({"pnp_gamma": -1.0}, "pnp_gamma"),
                      ({"pnp_eta": -0.1}, "pnp_eta"), ({"pnp_ensemble": 3}, "pnp_ensemble"),
                      ({"pnp_reg_scale": -1.0}, "pnp_reg_scale"), ({"pnp_xt_planes": "xy"}, "pnp_xt_planes")]:
