@@ -101,6 +101,7 @@ class ReconConfig:
     coil_refine_window: int = 5         #   neighbourhood (pixels) the refined maps are averaged over,
     coil_refine_iters: int = 10         #   ADMM iterations per round, each round continuing the last (0: llr_iters)
     coil_refine_continue: int = 10      #   the LLR + TV after the rounds continues theirs this many iterations (0: afresh)
+    coil_refine_min_frames: int = 12    #   only series with at least this many frames are refined (fewer: unreliable)
     scale_percentile: float = 99.0
     image_weights: str = ""             # "" = the shipped weights
     kspace_weights: str = ""
@@ -190,10 +191,12 @@ class ReconConfig:
             raise ValueError(f"lowrank_momentum must be in [0, 1) (0: none), got {self.lowrank_momentum}")
         if not 0 < self.scale_percentile <= 100 or not 0 <= self.coil_threshold < 1 or 0 < self.coil_calib < 3:
             raise ValueError("scale_percentile in (0, 100], coil_threshold in [0, 1), coil_calib 0 (no limit) or >= 3")
-        if self.coil_refine < 0 or self.coil_refine_window < 1 or self.coil_refine_iters < 0 or self.coil_refine_continue < 0:
-            raise ValueError(f"coil_refine must be >= 0 (0: off), coil_refine_window >= 1, coil_refine_iters >= 0 and "
-                             f"coil_refine_continue >= 0, got {self.coil_refine}, {self.coil_refine_window}, "
-                             f"{self.coil_refine_iters} and {self.coil_refine_continue}")
+        if self.coil_refine < 0 or self.coil_refine_window < 1 or self.coil_refine_iters < 0 or self.coil_refine_continue < 0 \
+                or self.coil_refine_min_frames < 0:
+            raise ValueError(f"coil_refine must be >= 0 (0: off), coil_refine_window >= 1, and coil_refine_iters, "
+                             f"coil_refine_continue and coil_refine_min_frames >= 0, got {self.coil_refine}, "
+                             f"{self.coil_refine_window}, {self.coil_refine_iters}, {self.coil_refine_continue} and "
+                             f"{self.coil_refine_min_frames}")
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -393,12 +396,17 @@ class Reconstructor:
         return self._scores
 
     def recon(self, kspace, mask=None, coil_maps=None, seed: int = 0, method: str | None = None,
-              callback: Optional[Callable[[int, int], None]] = None, trace: Optional[Callable[[dict], None]] = None):
+              callback: Optional[Callable[[int, int], None]] = None, trace: Optional[Callable[[dict], None]] = None,
+              refine_maps: Optional[bool] = None):
         """Reconstruct ``[frame, y, x]`` complex64 images from centred k-space.
 
         kspace: ``[coil, frame, ky, kx]`` or ``[frame, ky, kx]``, zeros where not acquired.
         mask: ``[frame, ky, kx]`` or ``[frame, ky]``; inferred from the non-zero lines if None.
         coil_maps: ``[coil, y, x]``, normalised (sum |S|^2 = 1); estimated if None and coil > 1.
+        refine_maps: whether the maps are refined from a first reconstruction (``coil_refine``
+        rounds). None (default): the estimated ones only, given maps are used as they are;
+        True: given maps too (the gadgets' maps from separate reference / ACS lines: a 24-line
+        reference gives coarse maps, which refining improves, README "Coil maps").
         Returns a numpy array for numpy input, else a tensor on the input's device.
         trace: passed to the sampler (:func:`~ddugm_core.sampler.ddugm_sample`), each record with
         ``scale`` (the normalisation: states are in the input's units divided by it) and ``weight``.
@@ -421,7 +429,9 @@ class Reconstructor:
         kn = k / scale
         dc = DataConsistency(kn, m, maps, cg_iters=cfg.dc_iters, lam=cfg.dc_lambda, mode=cfg.dc_mode)
         s = cfg.sampler_settings()
-        refine = cfg.coil_refine if estimated and method != "zero_filled" else 0  # (zero-filled: the plain adjoint)
+        refinable = maps is not None and (estimated if refine_maps is None else bool(refine_maps)) \
+            and k.shape[1] >= cfg.coil_refine_min_frames  # few frames sample the coil covariance too little
+        refine = cfg.coil_refine if refinable and method != "zero_filled" else 0  # (zero-filled: the plain adjoint)
         # the LLR + TV after the rounds (the method, or DD-UGM's start) continues their ADMM iterates
         continuing = bool(refine and cfg.coil_refine_continue)
         llr_iters = cfg.coil_refine_continue if continuing else cfg.llr_iters

@@ -140,7 +140,7 @@ class Engine:
 
             try:
                 self.load_models(rec)
-                x = rec.recon(cine.kspace, cine.mask, maps, seed=gs.seed, callback=check)
+                x = rec.recon(cine.kspace, cine.mask, maps, seed=gs.seed, callback=check, refine_maps=True)
                 if rec.coils_used[1] < rec.coils_used[0]:
                     log.info("%s: %d coils compressed to %d virtual coils, %.2f %% of the signal energy kept",
                              slice_name(cine.key), *rec.coils_used, 100 * rec.coil_energy_kept)
@@ -153,7 +153,8 @@ class Engine:
                 warning = f"DD-UGM failed ({type(e).__name__}: {e}); LLR + temporal TV reconstruction used instead"
                 log.warning("%s: %s", slice_name(cine.key), warning)
                 fb = Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "method": FALLBACK, "device": "cpu"}))
-                x = fb.recon(cine.kspace, cine.mask, None if maps is None else maps.cpu(), seed=gs.seed, callback=check)
+                x = fb.recon(cine.kspace, cine.mask, None if maps is None else maps.cpu(), seed=gs.seed, callback=check,
+                             refine_maps=True)
                 return x, FALLBACK, fb.device, warning
         finally:
             self._lock.release()
@@ -166,7 +167,8 @@ FALLBACK = "llr_ttv"
 
 def coil_maps_from_ref(cine: CineData, cfg: ReconConfig, device):
     """Coil maps from the calibration (ACS / reference) lines when there are some, else None
-    (the reconstructor then estimates them from the time-averaged data)."""
+    (the reconstructor then estimates them from the time-averaged data). Either way they are
+    ours, not the user's: the session asks the reconstructor to refine them (``coil_refine``)."""
     if cine.ref is None or cine.kspace.shape[0] < 2:
         return None
     ref = torch.from_numpy(np.ascontiguousarray(cine.ref)).to(device)[:, None]

@@ -271,3 +271,29 @@ def test_partial_fourier_and_asymmetric_echo_are_zero_filled_in_place(tmp_path):
     ref = np.abs(np.load(truth)[0])
     scale = (rec * ref).sum() / (rec * rec).sum()
     assert psnr(scale * rec, ref) > 18  # a zero-filled partial-Fourier image, placed correctly
+
+
+def test_maps_from_reference_lines_are_refined(sim, monkeypatch):
+    """The gadgets' maps from separate reference (ACS) lines are ours, not the user's: the
+    reconstructor refines them (``refine_maps=True``) as it does the maps it estimates."""
+    import ddugm_core.reconstruction as rc
+    import gadgets.session as gsess
+
+    rounds, from_ref = [], []
+    real_refine, real_ref = rc.refine_coil_maps, gsess.coil_maps_from_ref
+    monkeypatch.setattr(rc, "refine_coil_maps", lambda *a, **kw: (rounds.append(1), real_refine(*a, **kw))[1])
+    monkeypatch.setattr(gsess, "coil_maps_from_ref", lambda *a, **kw: (lambda m: (from_ref.append(m is not None), m)[1])(
+        real_ref(*a, **kw)))
+    path, truth = sim
+    hdr, acqs = read_file(path)
+    for refine, expected in (("2", 4), ("0", 0)):
+        rounds.clear(), from_ref.clear()
+        cfg, gs = load_settings({"method": "llr_ttv", "llr_iters": "5", "coil_refine": refine, "coil_refine_iters": "2",
+                                 "coil_refine_min_frames": "6", "device": "cpu"})  # (these series have 6 frames)
+        s = ReconSession(hdr, cfg, gs)
+        out = []
+        for a in acqs:
+            out += s.handle(a)
+        out += s.finish()
+        assert len(out) == 12 and not s.errors
+        assert from_ref == [True, True] and len(rounds) == expected  # 2 slices x 2 rounds

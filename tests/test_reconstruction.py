@@ -293,7 +293,7 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
     x = cine_phantom(4, 24, seed=3)
     k = simulate_kspace(x, coil_maps(2, 24), variable_density_mask(4, 24, 3, seed=1))
     cfg = ReconConfig.from_dict({**tiny_config.to_dict(), "preset": "pnp", "steps": None, "llr_iters": 4,
-                                 "pnp_inner": 2})
+                                 "pnp_inner": 2, "coil_refine_min_frames": 4})  # (these 4 frames are refined)
     assert (cfg.resolved("sampler"), cfg.resolved("init"), cfg.sampler_settings().steps) == ("pnp", "llr_ttv", 5)
     seen = []
     out = Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine": 0})).recon(
@@ -323,6 +323,17 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
         Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine": 2, "coil_refine_iters": 3})).recon(
             k, callback=stop_at)
     assert refined == []
+    # given maps are used as they are unless refine_maps says otherwise; estimated ones are refined
+    # unless refine_maps is False
+    two = ReconConfig.from_dict({**cfg.to_dict(), "coil_refine": 2, "coil_refine_iters": 2, "method": "llr_ttv"})
+    for given, refine_maps, rounds in ((True, None, 0), (True, True, 2), (False, None, 2), (False, False, 0)):
+        refined.clear()
+        out = Reconstructor(two).recon(k, coil_maps=coil_maps(2, 24) if given else None, refine_maps=refine_maps)
+        assert len(refined) == rounds and np.isfinite(out).all(), (given, refine_maps)
+    # a series with fewer frames than coil_refine_min_frames (the default 12) is not refined at all
+    refined.clear()
+    Reconstructor(ReconConfig.from_dict({**two.to_dict(), "coil_refine_min_frames": 5})).recon(k, refine_maps=True)
+    assert refined == [] and ReconConfig().coil_refine_min_frames == 12
     # inside the sampler the LLR / TV weights are pnp_reg_scale x the start's, and the start's
     # ADMM iterates carry into the sampler (pnp_keep_duals): the sampler's first ADMM call
     # gets the dict the start filled
@@ -351,7 +362,7 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
     assert iters == [2, 2, 2, 3] + [cfg.pnp_inner] * 5 and seen[-1] == (6 + 3 + 5, 6 + 3 + 5)
     for bad, msg in [({"coil_refine": -1}, "coil_refine"), ({"coil_refine_window": 0}, "coil_refine"),
                      ({"coil_refine_continue": -1}, "coil_refine_continue"), ({"lowrank_momentum": 1.0}, "lowrank_momentum"),
-                     ({"lowrank_momentum": -0.1}, "lowrank_momentum"),
+                     ({"lowrank_momentum": -0.1}, "lowrank_momentum"), ({"coil_refine_min_frames": -1}, "coil_refine_min"),
                      ({"sampler": "dps"}, "sampler must be"), ({"pnp_gamma": -1.0}, "pnp_gamma"),
                      ({"pnp_eta": -0.1}, "pnp_eta"), ({"pnp_ensemble": 3}, "pnp_ensemble"),
                      ({"pnp_reg_scale": -1.0}, "pnp_reg_scale"), ({"pnp_xt_planes": "xy"}, "pnp_xt_planes")]:
