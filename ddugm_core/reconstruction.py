@@ -462,7 +462,7 @@ class Reconstructor:
             scores = self.load_models()
             gen = torch.Generator(self.device).manual_seed(int(seed))
             init = cfg.resolved("init")
-            offset = self._iterations(init, llr_iters) if init != "zero_filled" else 0
+            offset = self._iterations(init, llr_iters)  # (0 for the zero-filled start)
             # one progress count over the warm start and the sampler
             progress = None if callback is None else (lambda i, n: callback(offset + i, offset + n))
             warm_cb = None if callback is None else (lambda i, n: callback(i, n + s.steps))
