@@ -9,6 +9,11 @@ Cartesian masks. Every method sees the same k-space; no method sees the truth. M
 are computed per frame against the truth (the series' peak as the data range) and
 summarised as mean and standard deviation over all frames of all series. Everything is
 deterministic for a given seed.
+
+With ``--data RAW.h5`` (through the ``ddugm`` command, whose gadgets package reads ISMRMRD) the
+series are instead the slices of the user's own fully sampled raw acquisitions: real coils, real
+noise and real phase. The truth is their coil combination with maps estimated from all of the
+data; the methods get the same data undersampled by the same masks, and estimate their own maps.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import numpy as np
 from .metrics import hfen, psnr, ssim
 
 DEFAULT_DATA = "../shared/data/acdc_cine"
+SIM_COILS, SIM_NOISE = 8, 0.005  # the simulation's defaults (--coils, --noise)
 #: what the report calls each method; "ddugm_<preset>" is DD-UGM with that preset.
 METHOD_NAMES = {"zero_filled": "zero-filled", "low_rank": "low-rank only", "l_plus_s": "L+S",
                 "llr_ttv": "LLR + temporal TV",
@@ -31,9 +37,13 @@ METHOD_NAMES = {"zero_filled": "zero-filled", "low_rank": "low-rank only", "l_pl
 ALL_METHODS = tuple(METHOD_NAMES)
 
 
+RAW_SUFFIXES = (".h5", ".hdf5", ".mrd")  # ISMRMRD raw files (read by gadgets.rawcine)
+
+
 @dataclass
 class Case:
-    """One simulated acquisition: truth ``[T, y, x]``, k-space ``[coil, T, ky, kx]``, mask ``[T, ky]``."""
+    """One acquisition: truth ``[T, y, x]``, k-space ``[coil, T, ky, kx]``, mask ``[T, ky]`` or
+    ``[T, ky, kx]``; ``full``: the samples a fully sampled acquisition has (None: the mask's size)."""
 
     name: str
     truth: np.ndarray
@@ -41,6 +51,23 @@ class Case:
     mask: np.ndarray
     maps: np.ndarray | None
     accel: float
+    full: int | None = None
+
+    @property
+    def measured_accel(self) -> float:
+        return float((self.full or self.mask.size) / max(1, int(self.mask.sum())))
+
+
+@dataclass
+class RawSeries:
+    """A fully sampled multi-coil acquisition: k-space ``[coil, T, ky, kx]`` and truth
+    ``[T, y, x]``, both divided by the truth's robust scale; ``sampled`` ``[ky, kx]``: the
+    locations acquired (all but partial-Fourier lines and the asymmetric echo's missing part)."""
+
+    name: str
+    kspace: np.ndarray
+    truth: np.ndarray
+    sampled: np.ndarray
 
 
 # ---------------------------------------------------------------------- data
@@ -79,6 +106,68 @@ def select_series(source, split: str = "val", slices: str = "mid", max_series: i
             if max_series and len(out) >= max_series:
                 return out
     return out
+
+
+def is_raw_source(source) -> bool:
+    """An ISMRMRD raw file, or a folder of them (and no image stacks)."""
+    p = Path(source)
+    if p.is_file():
+        return p.suffix.lower() in RAW_SUFFIXES
+    if p.is_dir():
+        suffixes = {f.suffix.lower() for f in p.iterdir() if f.is_file()}
+        return bool(suffixes & set(RAW_SUFFIXES)) and not suffixes & {".npz", ".npy"}
+    return False
+
+
+def raw_series(items, max_series: int = 0, max_frames: int = 0) -> list[RawSeries]:
+    """:class:`RawSeries` from ``(name, kspace [coil, T, ky, kx], sampled [ky, kx])`` (what
+    ``gadgets.rawcine.read_raw_cines`` returns). The truth is the coil combination
+    sum_c conj(S_c) x_c with Walsh maps S estimated from all of the data (one coil: the image)."""
+    import torch
+
+    from .coils import estimate_coil_maps
+    from .data import robust_scale
+    from .operators import ifft2c
+
+    out = []
+    for name, k, sampled in items:
+        if max_frames:
+            k = k[:, :max_frames]
+        if k.shape[1] < 2:
+            raise ValueError(f"{name}: a cine series needs at least 2 frames, got {k.shape[1]}")
+        kt = torch.from_numpy(np.ascontiguousarray(k, dtype=np.complex64))
+        coil_images = ifft2c(kt)
+        if k.shape[0] > 1:
+            m = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(sampled, k.shape[1:])))
+            x = (estimate_coil_maps(kt, m).conj()[:, None] * coil_images).sum(0)
+        else:
+            x = coil_images[0]
+        truth = x.numpy()
+        scale = robust_scale(truth)
+        if not np.isfinite(truth).all() or not scale > 0:
+            raise ValueError(f"{name}: the fully sampled image is empty or not finite")
+        out.append(RawSeries(name, (k / scale).astype(np.complex64), (truth / scale).astype(np.complex64),
+                             np.asarray(sampled, bool)))
+        if max_series and len(out) >= max_series:
+            break
+    return out
+
+
+def raw_case(rs: RawSeries, accel: float, noise: float, seed: int) -> Case:
+    """Retrospective undersampling of a fully sampled acquisition by the masks of
+    :func:`simulate_case`, with optional extra complex Gaussian noise (std ``noise`` per real
+    component, normalised units) on top of the data's own."""
+    from .masks import variable_density_mask
+
+    _, t, ny, _ = rs.kspace.shape
+    lines = variable_density_mask(t, ny, accel, seed=seed + int(round(accel * 100)))
+    mask = lines[:, :, None] & rs.sampled[None]
+    k = rs.kspace
+    if noise:
+        rng = np.random.default_rng(seed + int(round(accel * 100)) + 7)
+        k = k + noise * (rng.standard_normal(k.shape) + 1j * rng.standard_normal(k.shape))
+    return Case(rs.name, rs.truth, (k * mask[None]).astype(np.complex64), mask, None, accel,
+                full=t * int(rs.sampled.sum()))
 
 
 def make_truth(frames: np.ndarray, seed: int) -> np.ndarray:
@@ -132,21 +221,24 @@ def summarise(values: list[float]) -> tuple[float, float]:
 # ---------------------------------------------------------------------- running
 def add_parser(sub):
     p = sub.add_parser("evaluate", help="compare zero-filled, low-rank, L+S, LLR + temporal TV and DD-UGM on simulated "
-                                        "multi-coil cine "
-                                        "from real images; writes a Markdown report")
+                                        "multi-coil cine from real images, or on your own fully sampled raw data "
+                                        "undersampled retrospectively; writes a Markdown report")
     p.add_argument("--data", default=DEFAULT_DATA,
-                   help="folder (or file) of ACDC .npz or complex/magnitude .npy/.npz cine stacks (default: %(default)s)")
-    p.add_argument("--split", default="validation", choices=["validation", "val", "test", "train", "all"],
-                   help="which files: validation (default; where settings are chosen), test (ACDC's fixed test "
-                        "patients: report only), train, or all")
+                   help="folder (or file) of ACDC .npz or complex/magnitude .npy/.npz cine stacks (default: %(default)s), "
+                        "or fully sampled ISMRMRD raw cine (.h5, .mrd: a file or a folder of them; the ddugm command)")
+    p.add_argument("--split", default=None, choices=["validation", "val", "test", "train", "all"],
+                   help="which image files: validation (the default; where settings are chosen), test (ACDC's fixed "
+                        "test patients: report only), train, or all; raw files are always evaluated whole")
     p.add_argument("--slices", default="mid", choices=["mid", "all"], help="slices per multi-slice file (default: mid)")
     p.add_argument("--max-series", type=int, default=0, help="use at most this many series (0: all)")
     p.add_argument("--max-frames", type=int, default=0, help="use at most this many frames per series (0: all)")
     p.add_argument("--accels", default="4,8,12", help="accelerations R, comma separated (default: %(default)s)")
-    p.add_argument("--coils", type=int, default=8, help="simulated receive coils (default: %(default)s)")
-    p.add_argument("--noise", type=float, default=0.005,
+    p.add_argument("--coils", type=int, default=None,
+                   help=f"simulated receive coils (default: {SIM_COILS}; raw data bring their own)")
+    p.add_argument("--noise", type=float, default=None,
                    help="complex k-space noise std per real component, in units of the normalised image "
-                        "(99th percentile of the time average = 1) (default: %(default)s)")
+                        f"(99th percentile of the time average = 1) (default: {SIM_NOISE}; raw data: 0, their "
+                        "own noise only, any value is added to it)")
     p.add_argument("--maps", default="estimated", choices=["estimated", "true"],
                    help="coil maps given to every method: estimated from the data (default) or the simulated ones")
     p.add_argument("--methods", default=",".join(ALL_METHODS),
@@ -177,7 +269,33 @@ def _parse_list(text: str, conv, name: str) -> list:
     return vals
 
 
-def run(a) -> int:
+def _resolve_source(a, raw_reader) -> bool:
+    """Fill ``a.split``, ``a.coils`` and ``a.noise`` for the kind of data; True for raw data.
+    Options that only make sense for simulated coils are refused with raw data, by name."""
+    raw = is_raw_source(a.data)
+    if not raw:
+        a.split = a.split or "validation"
+        a.coils = SIM_COILS if a.coils is None else a.coils
+        a.noise = SIM_NOISE if a.noise is None else a.noise
+        return False
+    if raw_reader is None:
+        raise ValueError(f"{a.data}: ISMRMRD raw data are read by the `ddugm` command (its gadgets package needs "
+                         "ismrmrd), not by python -m ddugm_core.cli")
+    if a.split not in (None, "all"):
+        raise ValueError(f"--split {a.split} chooses ACDC / image-stack files; raw files are evaluated whole "
+                         "(leave --split out)")
+    if a.coils is not None:
+        raise ValueError("--coils sets the simulated coils; raw data bring their own (leave --coils out)")
+    if a.maps == "true" or a.trace:
+        raise ValueError("--maps true and --trace need simulated coils (raw data have no true coil maps)")
+    a.split, a.noise = "all", (a.noise or 0.0)
+    return True
+
+
+def run(a, raw_reader=None) -> int:
+    """``ddugm evaluate``. ``raw_reader(source, slices)`` reads fully sampled ISMRMRD raw data as
+    ``(name, kspace, sampled)`` (``gadgets.rawcine.read_raw_cines``, passed by the ``ddugm``
+    command; the library alone has no ISMRMRD reader)."""
     import torch
 
     from .reconstruction import PRESETS, ReconConfig, Reconstructor
@@ -187,7 +305,8 @@ def run(a) -> int:
     bad = [m for m in methods if m not in ALL_METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(ALL_METHODS)}")
-    if any(r < 1 for r in accels) or a.coils < 1 or a.noise < 0:
+    raw = _resolve_source(a, raw_reader)
+    if any(r < 1 for r in accels) or (a.coils or 1) < 1 or a.noise < 0:
         raise ValueError("need accelerations >= 1, --coils >= 1 and --noise >= 0")
     base = ReconConfig.from_yaml(a.config) if a.config else ReconConfig()
     over = {} if a.device == "auto" else {"device": a.device}
@@ -204,9 +323,29 @@ def run(a) -> int:
                                            **{k: None for k in PRESETS[m[6:]]}})
             engines[m] = Reconstructor(cfg_m, device=rec.device)
 
-    series = select_series(a.data, a.split, a.slices, a.max_series, a.max_frames)
+    if raw:
+        series = raw_series(raw_reader(a.data, a.slices), a.max_series, a.max_frames)
+        names = [s.name for s in series]
+    else:
+        series = select_series(a.data, a.split, a.slices, a.max_series, a.max_frames)
+        names = [n for n, _ in series]
+    truths: dict[int, np.ndarray] = {}
+
+    def truth_of(i: int) -> np.ndarray:
+        """Series i's truth (computed once; ValueError if it cannot be)."""
+        if raw:
+            return series[i].truth
+        if i not in truths:
+            truths[i] = make_truth(series[i][1], a.seed * 1000 + i)
+        return truths[i]
+
+    def case_of(i: int, r: float) -> Case:
+        if raw:
+            return raw_case(series[i], r, a.noise, a.seed * 1000 + i)
+        return simulate_case(series[i][0], truth_of(i), r, a.coils, a.noise, a.seed * 1000 + i)
+
     if a.tune_l_plus_s:
-        return tune_l_plus_s(series, base, rec.device, accels[0], a)
+        return tune_l_plus_s(case_of, len(series), base, rec.device, accels[0], a)
     if a.trace:
         return trace_noise(series, rec, accels, a)
     out = Path(a.out)
@@ -215,14 +354,17 @@ def run(a) -> int:
         return not (m == "ddugm_paper" and a.paper_series and i >= a.paper_series)
 
     jobs = [(i, r, m) for i in range(len(series)) for r in accels for m in methods if runs(i, m)]
-    print(f"{len(series)} series, R = {', '.join(f'{r:g}' for r in accels)}, {a.coils} coil(s), noise {a.noise}, "
+    what = (f"fully sampled raw data, their own coils, extra noise {a.noise}" if raw
+            else f"{a.coils} simulated coil(s), noise {a.noise}")
+    print(f"{len(series)} series, R = {', '.join(f'{r:g}' for r in accels)}, {what}, "
           f"maps {a.maps}, device {rec.device}; {len(jobs)} reconstructions")
     bar = None
     if not a.quiet:
         from tqdm import tqdm
         bar = tqdm(total=len(jobs), desc="evaluate", dynamic_ncols=True)
 
-    settings = {"evaluate": {k: v for k, v in vars(a).items() if k != "func"}, "series": [n for n, _ in series],
+    settings = {"evaluate": {k: v for k, v in vars(a).items() if k != "func"}, "series": names,
+                "source": "raw" if raw else "images",
                 "recon_default": cfg_default.to_dict(), "recon_paper": cfg_paper.to_dict(), "device": str(rec.device),
                 "torch": torch.__version__, "threads": torch.get_num_threads()}
     results: list[dict] = []
@@ -233,16 +375,16 @@ def run(a) -> int:
         (out / "results.json").write_text(json.dumps({"settings": settings, "complete": complete, "results": results,
                                                       "failures": failures}, indent=2, default=str))
 
-    for i, (name, frames) in enumerate(series):
+    for i, name in enumerate(names):
         try:
-            truth = make_truth(frames, a.seed * 1000 + i)
+            truth_of(i)
         except ValueError as e:
             failures.append({"series": name, "accel": None, "method": None, "error": str(e)})
             if bar is not None:
                 bar.update(sum(1 for j in jobs if j[0] == i))
             continue
         for r in accels:
-            case = simulate_case(name, truth, r, a.coils, a.noise, a.seed * 1000 + i)
+            case = case_of(i, r)
             maps = case.maps if a.maps == "true" else None
             images = {}
             for m in methods:
@@ -264,7 +406,7 @@ def run(a) -> int:
                 else:
                     fm = frame_metrics(case.truth, x)
                     results.append({"series": name, "frames": int(case.truth.shape[0]), "accel": r,
-                                    "measured_accel": float(case.mask.size / case.mask.sum()), "method": m,
+                                    "measured_accel": case.measured_accel, "method": m,
                                     "seconds": dt, **fm})
                     images[m] = x
                 if bar is not None:
@@ -291,12 +433,12 @@ def run(a) -> int:
 LS_GRID = {"ls_lambda_l": (0.003, 0.01, 0.03, 0.1), "ls_lambda_s": (0.003, 0.01, 0.02, 0.05)}
 
 
-def tune_l_plus_s(series, base, device, accel: float, a) -> int:
-    """Mean PSNR of L+S for every threshold pair of :data:`LS_GRID`; prints the best pair."""
+def tune_l_plus_s(case_of, n: int, base, device, accel: float, a) -> int:
+    """Mean PSNR of L+S for every threshold pair of :data:`LS_GRID` on the ``n`` series
+    ``case_of(i, accel)``; prints the best pair."""
     from .reconstruction import ReconConfig, Reconstructor
 
-    cases = [simulate_case(name, make_truth(frames, a.seed * 1000 + i), accel, a.coils, a.noise, a.seed * 1000 + i)
-             for i, (name, frames) in enumerate(series)]
+    cases = [case_of(i, accel) for i in range(n)]
     print(f"L+S thresholds on {len(cases)} series at R = {accel:g}: mean PSNR (dB) over frames and series")
     print(f"{'lambda_L':>9}{'lambda_S':>9}{'PSNR':>8}")
     best = None
@@ -387,6 +529,28 @@ def render_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _simulated_text(e: dict) -> list[str]:
+    return [
+        "- Truth: each series divided by the 99th percentile of its time-averaged magnitude; magnitude-only data "
+        "(such as ACDC's clinical reconstructions) get a smooth random phase, the same for all frames. The coil "
+        "sensitivities and the noise are always simulated, so these numbers are not those of a real raw acquisition.",
+        f"- Acquisition: {e['coils']} simulated coil(s) (smooth ring sensitivities, normalised), complex Gaussian "
+        f"k-space noise std {e['noise']} per real component (normalised image units, orthonormal FFT), one "
+        "variable-density random Cartesian mask per frame with the centre lines always sampled."]
+
+
+def _raw_text(e: dict) -> list[str]:
+    extra = f", plus complex Gaussian noise std {e['noise']} per real component (normalised units)" if e["noise"] else ""
+    return [
+        "- Truth: the fully sampled raw data (noise prewhitened from the file's noise scan where it has one, readout "
+        "oversampling removed), coil-combined with Walsh maps estimated from all of it, divided by the 99th "
+        "percentile of its time-averaged magnitude. Real coils, real noise and real phase; the truth keeps the "
+        "data's own noise.",
+        f"- Acquisition: the same data retrospectively undersampled{extra}: one variable-density random Cartesian "
+        "mask per frame with the centre lines always sampled, within the lines and readout points the scan acquired "
+        "(partial Fourier and asymmetric echoes stay as acquired; R counts all phase-encoding lines)."]
+
+
 def report_markdown(rows: list[dict], settings: dict, figure: bool, n_series: int, failures: list[dict] = ()) -> str:
     e = settings["evaluate"]
     rd, rp = settings["recon_default"], settings["recon_paper"]
@@ -404,14 +568,11 @@ def report_markdown(rows: list[dict], settings: dict, figure: bool, n_series: in
         f"- Data: {n_series} series from `{e['data']}` (split `{e['split']}`, slices `{e['slices']}`"
         + (f", first {e['max_frames']} frames" if e["max_frames"] else "") + "): "
         + ", ".join(settings["series"]) + ".",
-        "- Truth: each series divided by the 99th percentile of its time-averaged magnitude; magnitude-only data "
-        "(such as ACDC's clinical reconstructions) get a smooth random phase, the same for all frames. The coil "
-        "sensitivities and the noise are always simulated, so these numbers are not those of a real raw acquisition.",
-        f"- Acquisition: {e['coils']} simulated coil(s) (smooth ring sensitivities, normalised), complex Gaussian "
-        f"k-space noise std {e['noise']} per real component (normalised image units, orthonormal FFT), one "
-        "variable-density random Cartesian mask per frame with the centre lines always sampled.",
+        *(_raw_text(e) if settings.get("source") == "raw" else _simulated_text(e)),
         f"- Coil maps given to the methods: {e['maps']}"
-        + (" from the time-averaged data of all frames (Walsh)." if e["maps"] == "estimated" else " (the simulated ones)."),
+        + (" from the time-averaged undersampled data of all frames (Walsh), then refined"
+           if e["maps"] == "estimated" else " (the simulated ones).")
+        + (" (`coil_refine`, for series of at least `coil_refine_min_frames` frames)." if e["maps"] == "estimated" else ""),
         f"- DD-UGM default preset: {preset_text(rd)}. Paper preset: {preset_text(rp)}"
         + (f", run on the first {e['paper_series']} series only" if e["paper_series"] else "") + ".",
         f"- L+S (Otazo 2015): at most {rd['ls_iters']} iterations, lambda_L {rd['ls_lambda_l']} (of the largest "

@@ -29,6 +29,10 @@ def main(argv=None) -> int:
             return core_cli._run_train(a)
         if a.cmd == "pack":
             return core_cli._run_pack(a)
+        if a.cmd == "evaluate":  # the library alone reads no ISMRMRD: raw data come through the gadgets' reader
+            from .rawcine import read_raw_cines
+
+            return core_evaluate.run(a, raw_reader=read_raw_cines)
         return COMMANDS[a.cmd].run(a)
     except (ValueError, FileNotFoundError) as e:
         print(f"ddugm {a.cmd}: error: {e}", file=sys.stderr)

@@ -1,0 +1,109 @@
+"""Fully sampled cine from ISMRMRD raw files, for ``ddugm evaluate --data RAW.h5``: retrospective
+undersampling of a user's own acquisitions, with their real coils, noise and phase.
+
+The acquisitions go through the same session as a scan (:class:`~gadgets.session.ReconSession`:
+noise prewhitening from the noise scan, readout-oversampling removal, reversed lines, asymmetric
+echoes and partial Fourier placed on the grid), but each slice's k-space is handed back instead of
+reconstructed. A slice whose frames were not all sampled at the same k-space locations was
+undersampled at acquisition and cannot serve as a reference: it is refused by name."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ddugm_core.reconstruction import ReconConfig
+
+from .kspace import CineData
+from .protocol import parse_header
+from .replay import ReplayError, _read_all, open_dataset
+from .session import ReconSession, slice_name
+from .settings import GadgetSettings
+
+RAW_SUFFIXES = (".h5", ".hdf5", ".mrd")
+
+
+class _Collecting(ReconSession):
+    """A session that keeps each slice's k-space instead of reconstructing it."""
+
+    def __init__(self, header):
+        super().__init__(header, ReconConfig(), GadgetSettings())
+        self.cines: list[CineData] = []
+
+    def _reconstruct(self, cine: CineData, natural: str) -> list:
+        self.cines.append(cine)
+        return []
+
+
+def raw_files(source) -> list[Path]:
+    """The raw files of ``source``: one file, or every file with a raw suffix in a folder (sorted)."""
+    p = Path(source)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in RAW_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"no ISMRMRD raw files ({', '.join(RAW_SUFFIXES)}) in {source}")
+        return files
+    if not p.is_file():
+        raise FileNotFoundError(f"raw data {source!r} not found")
+    return [p]
+
+
+def full_mask(cine: CineData, where: str) -> np.ndarray:
+    """The k-space locations ``[ky, kx]`` every frame sampled; ValueError if the frames differ
+    (data undersampled at acquisition: there is no fully sampled reference)."""
+    mask = cine.mask  # [frame, ky, kx]
+    common = mask.all(axis=0)
+    lines = mask.any(axis=-1)  # [frame, ky]
+    all_lines = lines.any(axis=0)
+    short = [(t, int(all_lines.sum() - lines[t].sum())) for t in range(mask.shape[0]) if (lines[t] != all_lines).any()]
+    if short or not (mask == common).all():
+        detail = (f"frame {short[0][0]} lacks {short[0][1]} of the {int(all_lines.sum())} phase-encoding lines "
+                  "the other frames have" if short else "the frames sampled different readout points")
+        raise ValueError(f"{where}: not fully sampled ({detail}); evaluate needs fully sampled raw data, which it "
+                         "undersamples itself")
+    if not common[mask.shape[1] // 2].any():
+        raise ValueError(f"{where}: the k-space centre line was not acquired")
+    return common
+
+
+def read_raw_cines(source, slices: str = "all", group: str = "dataset") -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``(name, kspace [coil, frame, ky, kx] complex64, sampled [ky, kx] bool)`` for every slice
+    (``slices`` ``mid``: the middle slice of each file) of the fully sampled raw ``source``
+    (a file or a folder of them). Errors (ValueError / FileNotFoundError) name the file and slice."""
+    if slices not in ("mid", "all"):
+        raise ValueError(f"slices must be mid or all, got {slices!r}")
+    out = []
+    for f in raw_files(source):
+        try:
+            ds = open_dataset(f)
+        except Exception as e:  # noqa: BLE001 - h5py raises several types for a broken file
+            raise ReplayError(f"{f}: not an ISMRMRD raw file with a 'dataset' group ({type(e).__name__}: {e})") from None
+        try:
+            try:
+                header = parse_header(ds.read_xml_header())
+                n = ds.number_of_acquisitions()
+            except Exception as e:  # noqa: BLE001
+                raise ReplayError(f"{f}: no readable ISMRMRD header or acquisitions ({type(e).__name__}: {e})") from None
+            if n == 0:
+                raise ReplayError(f"{f}: the file has no acquisitions")
+            session = _Collecting(header)
+            _, broken = _read_all(ds, n, session, str(f), quiet=True)
+        finally:
+            ds.close()
+        if broken:
+            raise ReplayError(broken)
+        if session.errors:
+            raise ValueError(f"{f}: " + "; ".join(session.errors))
+        cines = sorted(session.cines, key=lambda c: tuple(c.key.values()))
+        if slices == "mid" and cines:
+            picked = sorted({c.key["slice"] for c in cines})
+            mid = picked[len(picked) // 2]
+            cines = [next(c for c in cines if c.key["slice"] == mid)]
+        for c in cines:
+            where = f"{f.name} {slice_name(c.key)}"
+            if c.kspace.shape[1] < 2:
+                raise ValueError(f"{where}: a cine needs at least 2 cardiac phases, got {c.kspace.shape[1]}")
+            sampled = full_mask(c, where)
+            tail = "".join(f"_{k}{v}" for k, v in c.key.items() if v and k != "slice")
+            out.append((f"{f.stem}_slice{c.key['slice']}{tail}", c.kspace, sampled))
+    return out
