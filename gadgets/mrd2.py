@@ -202,7 +202,7 @@ def image_to_v2(img: ismrmrd.Image):
 
 def ismrmrd_file_to_v2(path: str, out, group: str = "dataset") -> int:
     """Write an ISMRMRD v1 raw file as an MRD v2 binary stream; returns the acquisitions written."""
-    from .replay import open_dataset
+    from .replay import iter_acquisitions, open_dataset
 
     mrd = _mrd()
     ds = open_dataset(path, group)
@@ -211,7 +211,7 @@ def ismrmrd_file_to_v2(path: str, out, group: str = "dataset") -> int:
         n = ds.number_of_acquisitions()
         w = mrd.BinaryMrdWriter(out)
         w.write_header(header_to_v2(header))
-        w.write_data(mrd.StreamItem.Acquisition(acquisition_to_v2(ds.read_acquisition(i))) for i in range(n))
+        w.write_data(mrd.StreamItem.Acquisition(acquisition_to_v2(acq)) for acq in iter_acquisitions(ds, n))
         w.close()
     finally:
         ds.close()

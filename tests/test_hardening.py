@@ -565,6 +565,7 @@ def test_recon_of_corrupted_empty_and_nan_files(tmp_path):
 def test_recon_of_a_file_that_breaks_mid_way_writes_the_completed_slices(tmp_path, monkeypatch):
     """An acquisition that cannot be read (HDF5's errors for bytes overwritten mid-file; how long
     HDF5 takes to give up depends on the bytes and its version, so the read fails on cue here)."""
+    from gadgets import replay as replay_module
     from gadgets.replay import ReplayError, open_dataset, replay
     from gadgets.session import ScanErrors
 
@@ -577,13 +578,23 @@ def test_recon_of_a_file_that_breaks_mid_way_writes_the_completed_slices(tmp_pat
     first_of_slice1 = slices.index(1)
     real = ismrmrd.Dataset.read_acquisition
 
-    def broken_after(limit):
+    real_block = replay_module._read_block
+
+    def broken_after(limit):  # the block reader and ismrmrd's own one both fail from acquisition `limit` on
+        def block(ds, start, stop):
+            if stop > limit:
+                raise OSError("Can't synchronously read data (bad global heap collection signature)")
+            return real_block(ds, start, stop)
+
+        monkeypatch.setattr(replay_module, "_read_block", block)
+
         def read(self, i):
             if i >= limit:
                 raise OSError("Can't synchronously read data (bad global heap collection signature)")
             return real(self, i)
         return read
 
+    monkeypatch.setattr(replay_module, "READ_BLOCK", 3)  # the break falls inside a block
     monkeypatch.setattr(ismrmrd.Dataset, "read_acquisition", broken_after(first_of_slice1 + 3))
     out = tmp_path / "out.h5"
     with pytest.raises(ScanErrors, match=f"acquisition {first_of_slice1 + 3} of {n} cannot be read"):
