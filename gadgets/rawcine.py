@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ddugm_core.evaluate import RAW_SUFFIXES
 from ddugm_core.reconstruction import ReconConfig
 
 from .kspace import CineData
@@ -19,8 +20,6 @@ from .protocol import parse_header
 from .replay import ReplayError, _read_all, open_dataset
 from .session import ReconSession, slice_name
 from .settings import GadgetSettings
-
-RAW_SUFFIXES = (".h5", ".hdf5", ".mrd")
 
 
 class _Collecting(ReconSession):
