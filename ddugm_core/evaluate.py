@@ -109,13 +109,18 @@ def select_series(source, split: str = "val", slices: str = "mid", max_series: i
 
 
 def is_raw_source(source) -> bool:
-    """An ISMRMRD raw file, or a folder of them (and no image stacks)."""
+    """An ISMRMRD raw file, or a folder of them. A folder with both raw files and image stacks
+    (.npz / .npy) is ambiguous: ValueError naming both."""
     p = Path(source)
     if p.is_file():
         return p.suffix.lower() in RAW_SUFFIXES
     if p.is_dir():
         suffixes = {f.suffix.lower() for f in p.iterdir() if f.is_file()}
-        return bool(suffixes & set(RAW_SUFFIXES)) and not suffixes & {".npz", ".npy"}
+        raw, images = suffixes & set(RAW_SUFFIXES), suffixes & {".npz", ".npy"}
+        if raw and images:
+            raise ValueError(f"{source} holds both ISMRMRD raw files ({', '.join(sorted(raw))}) and image stacks "
+                             f"({', '.join(sorted(images))}); put them in separate folders or name one file")
+        return bool(raw)
     return False
 
 

@@ -184,13 +184,13 @@ def test_trace_measures_the_noise_each_network_sees(series_dir, fast_yaml, tmp_p
 
 
 # ---------------------------------------------------------------------- the user's own fully sampled raw data
-def _raw(tmp_path, name="cine.h5", **kw):
+def _raw(tmp_path, name="cine.h5", truth=True, **kw):
     from gadgets.simulate import simulate
 
     args = dict(frames=6, size=32, slices=1, coils=4, accel=1.0, acs=0, noise=0.002, seed=3)
     args.update(kw)
     path = tmp_path / name
-    simulate(str(path), truth=str(tmp_path / (name + ".truth.npy")), **args)
+    simulate(str(path), truth=str(tmp_path / (name + ".truth.npy")) if truth else None, **args)
     return path
 
 
@@ -260,3 +260,21 @@ def test_the_library_alone_points_raw_data_to_the_ddugm_command(tmp_path, capsys
     assert core_main(["evaluate", "--data", str(raw), "--methods", "zero_filled", "--quiet",
                       "--out", str(tmp_path / "o")]) == 2
     assert "`ddugm` command" in capsys.readouterr().err
+
+
+def test_a_folder_of_raw_files(tmp_path):
+    from ddugm_core.evaluate import is_raw_source
+    from gadgets.rawcine import read_raw_cines
+
+    d = tmp_path / "scans"
+    d.mkdir()
+    _raw(d, "b.h5", truth=False, frames=3, size=16, coils=2)
+    _raw(d, "a.mrd", truth=False, frames=3, size=16, coils=2)
+    (d / "notes.txt").write_text("not a scan")
+    assert is_raw_source(d) and is_raw_source(d / "a.mrd") and not is_raw_source(d / "notes.txt")
+    assert [n for n, *_ in read_raw_cines(d)] == ["a_slice0", "b_slice0"]
+    with pytest.raises(FileNotFoundError, match="no ISMRMRD raw files"):
+        read_raw_cines(tmp_path)
+    np.save(d / "stack.npy", np.zeros((2, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="both ISMRMRD raw files"):
+        is_raw_source(d)
