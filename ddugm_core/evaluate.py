@@ -165,11 +165,11 @@ def raw_case(rs: RawSeries, accel: float, noise: float, seed: int) -> Case:
     from .masks import variable_density_mask
 
     _, t, ny, _ = rs.kspace.shape
-    lines = variable_density_mask(t, ny, accel, seed=seed + int(round(accel * 100)))
+    lines = variable_density_mask(t, ny, accel, seed=_case_seed(seed, accel))
     mask = lines[:, :, None] & rs.sampled[None]
     k = rs.kspace
     if noise:
-        rng = np.random.default_rng(seed + int(round(accel * 100)) + 7)
+        rng = np.random.default_rng(_case_seed(seed, accel))
         k = k + noise * (rng.standard_normal(k.shape) + 1j * rng.standard_normal(k.shape))
     return Case(rs.name, rs.truth, (k * mask[None]).astype(np.complex64), mask, None, accel,
                 full=t * int(rs.sampled.sum()))
@@ -195,14 +195,19 @@ def make_truth(frames: np.ndarray, seed: int) -> np.ndarray:
     return x.astype(np.complex64)
 
 
+def _case_seed(seed: int, accel: float) -> int:
+    """The seed of a series' mask and noise at R = ``accel`` (simulated and raw alike)."""
+    return seed + int(round(accel * 100))
+
+
 def simulate_case(name: str, truth: np.ndarray, accel: float, coils: int, noise: float, seed: int) -> Case:
     from .masks import variable_density_mask
     from .phantom import coil_maps, simulate_kspace
 
     t, ny, nx = truth.shape
     maps = coil_maps(coils, (ny, nx), seed=seed) if coils > 1 else None
-    mask = variable_density_mask(t, ny, accel, seed=seed + int(round(accel * 100)))
-    k = simulate_kspace(truth, maps, mask, noise=noise, seed=seed + int(round(accel * 100)))
+    mask = variable_density_mask(t, ny, accel, seed=_case_seed(seed, accel))
+    k = simulate_kspace(truth, maps, mask, noise=noise, seed=_case_seed(seed, accel))
     return Case(name, truth, k, mask, maps, accel)
 
 
@@ -311,7 +316,7 @@ def run(a, raw_reader=None) -> int:
     if bad:
         raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(ALL_METHODS)}")
     raw = _resolve_source(a, raw_reader)
-    if any(r < 1 for r in accels) or (a.coils or 1) < 1 or a.noise < 0:
+    if any(r < 1 for r in accels) or (a.coils is not None and a.coils < 1) or a.noise < 0:
         raise ValueError("need accelerations >= 1, --coils >= 1 and --noise >= 0")
     base = ReconConfig.from_yaml(a.config) if a.config else ReconConfig()
     over = {} if a.device == "auto" else {"device": a.device}
@@ -575,9 +580,9 @@ def report_markdown(rows: list[dict], settings: dict, figure: bool, n_series: in
         + ", ".join(settings["series"]) + ".",
         *(_raw_text(e) if settings.get("source") == "raw" else _simulated_text(e)),
         f"- Coil maps given to the methods: {e['maps']}"
-        + (" from the time-averaged undersampled data of all frames (Walsh), then refined"
-           if e["maps"] == "estimated" else " (the simulated ones).")
-        + (" (`coil_refine`, for series of at least `coil_refine_min_frames` frames)." if e["maps"] == "estimated" else ""),
+        + (" from the time-averaged undersampled data of all frames (Walsh), refined from a first reconstruction "
+           "(`coil_refine` rounds, for series of at least `coil_refine_min_frames` frames)."
+           if e["maps"] == "estimated" else " (the simulated ones)."),
         f"- DD-UGM default preset: {preset_text(rd)}. Paper preset: {preset_text(rp)}"
         + (f", run on the first {e['paper_series']} series only" if e["paper_series"] else "") + ".",
         f"- L+S (Otazo 2015): at most {rd['ls_iters']} iterations, lambda_L {rd['ls_lambda_l']} (of the largest "

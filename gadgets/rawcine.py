@@ -16,8 +16,7 @@ from ddugm_core.evaluate import RAW_SUFFIXES
 from ddugm_core.reconstruction import ReconConfig
 
 from .kspace import CineData
-from .protocol import parse_header
-from .replay import ReplayError, _read_all, open_dataset
+from .replay import ReplayError, read_file
 from .session import ReconSession, slice_name
 from .settings import GadgetSettings
 
@@ -52,12 +51,12 @@ def full_mask(cine: CineData, where: str) -> np.ndarray:
     (data undersampled at acquisition: there is no fully sampled reference)."""
     mask = cine.mask  # [frame, ky, kx]
     common = mask.all(axis=0)
-    lines = mask.any(axis=-1)  # [frame, ky]
-    all_lines = lines.any(axis=0)
-    short = [(t, int(all_lines.sum() - lines[t].sum())) for t in range(mask.shape[0]) if (lines[t] != all_lines).any()]
-    if short or not (mask == common).all():
-        detail = (f"frame {short[0][0]} lacks {short[0][1]} of the {int(all_lines.sum())} phase-encoding lines "
-                  "the other frames have" if short else "the frames sampled different readout points")
+    if not (mask == common).all():
+        lines = mask.any(axis=-1)  # [frame, ky]
+        every = lines.any(axis=0)
+        short = [t for t in range(len(lines)) if (lines[t] != every).any()]
+        detail = (f"frame {short[0]} lacks {int(every.sum() - lines[short[0]].sum())} of the {int(every.sum())} "
+                  "phase-encoding lines the other frames have" if short else "the frames sampled different readout points")
         raise ValueError(f"{where}: not fully sampled ({detail}); evaluate needs fully sampled raw data, which it "
                          "undersamples itself")
     if not common[mask.shape[1] // 2].any():
@@ -73,22 +72,7 @@ def read_raw_cines(source, slices: str = "all", group: str = "dataset") -> list[
         raise ValueError(f"slices must be mid or all, got {slices!r}")
     out = []
     for f in raw_files(source):
-        try:
-            ds = open_dataset(f)
-        except Exception as e:  # noqa: BLE001 - h5py raises several types for a broken file
-            raise ReplayError(f"{f}: not an ISMRMRD raw file with a 'dataset' group ({type(e).__name__}: {e})") from None
-        try:
-            try:
-                header = parse_header(ds.read_xml_header())
-                n = ds.number_of_acquisitions()
-            except Exception as e:  # noqa: BLE001
-                raise ReplayError(f"{f}: no readable ISMRMRD header or acquisitions ({type(e).__name__}: {e})") from None
-            if n == 0:
-                raise ReplayError(f"{f}: the file has no acquisitions")
-            session = _Collecting(header)
-            _, broken = _read_all(ds, n, session, str(f), quiet=True)
-        finally:
-            ds.close()
+        _, session, _, broken = read_file(f, _Collecting, group)
         if broken:
             raise ReplayError(broken)
         if session.errors:

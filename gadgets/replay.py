@@ -89,18 +89,12 @@ def iter_acquisitions(ds, n: int, block: int | None = None):
             yield acq
 
 
-def replay(inp: str, out: str, config: str | None = None, png: str | None = None, overrides: dict | None = None,
-           group: str = "dataset", quiet: bool = False) -> dict:
-    """Reconstruct an ISMRMRD raw file; ``overrides`` are the user's (operator) settings.
-
-    A file that cannot be read (not ISMRMRD, no acquisitions, or corrupted part-way) raises
-    :class:`ReplayError` with one line naming the problem. Slices completed before a corrupted
-    acquisition are still written (and the error raised after); the slice being read when the
-    file broke is not reconstructed from its partial data. Nothing is written when no image
-    was reconstructed."""
-    limits = load_limits(config)
-    cfg, gs = load_settings(None, config, operator=overrides, limits=limits)  # bad settings fail before reading
-    src = Path(inp)
+def read_file(src: Path, make_session, group: str = "dataset", quiet: bool = True) -> tuple:
+    """Feed every acquisition of the raw file ``src`` to ``make_session(header)``; returns
+    ``(header_xml, session, images, broken)`` (:func:`_read_all`). A file that cannot be
+    read (missing, not ISMRMRD, no header, no acquisitions) raises FileNotFoundError or
+    :class:`ReplayError` with one line naming the problem."""
+    inp = str(src)
     if not src.is_file():
         raise FileNotFoundError(f"input file {inp!r} not found")
     try:
@@ -119,11 +113,27 @@ def replay(inp: str, out: str, config: str | None = None, png: str | None = None
             n = 0
         if n == 0:
             raise ReplayError(f"{inp}: the file has no acquisitions (group '{group}')")
-        gs.send = "images"
-        session = ReconSession(header, cfg, gs, limits=limits)
+        session = make_session(header)
         images, broken = _read_all(ds, n, session, inp, quiet)
     finally:
         ds.close()
+    return header_xml, session, images, broken
+
+
+def replay(inp: str, out: str, config: str | None = None, png: str | None = None, overrides: dict | None = None,
+           group: str = "dataset", quiet: bool = False) -> dict:
+    """Reconstruct an ISMRMRD raw file; ``overrides`` are the user's (operator) settings.
+
+    A file that cannot be read (not ISMRMRD, no acquisitions, or corrupted part-way) raises
+    :class:`ReplayError` with one line naming the problem. Slices completed before a corrupted
+    acquisition are still written (and the error raised after); the slice being read when the
+    file broke is not reconstructed from its partial data. Nothing is written when no image
+    was reconstructed."""
+    limits = load_limits(config)
+    cfg, gs = load_settings(None, config, operator=overrides, limits=limits)  # bad settings fail before reading
+    src = Path(inp)
+    gs.send = "images"
+    header_xml, session, images, broken = read_file(src, lambda h: ReconSession(h, cfg, gs, limits=limits), group, quiet)
     summary = {"input": str(src), "output": str(out), "images": len(images), "slices": len(session.timings),
                "seconds_per_slice": [round(t, 2) for t in session.timings], "method": cfg.method, "preset": cfg.preset,
                "errors": session.errors + ([broken] if broken else [])}
@@ -137,7 +147,7 @@ def replay(inp: str, out: str, config: str | None = None, png: str | None = None
         dst.unlink()
     od = ismrmrd.Dataset(str(dst), "dataset", create_if_needed=True)  # no context manager in ismrmrd 1.14
     try:
-        od.write_xml_header(header_xml if isinstance(header_xml, (str, bytes)) else header.toXML())
+        od.write_xml_header(header_xml if isinstance(header_xml, (str, bytes)) else session.header.toXML())
         for img in images:
             od.append_image(f"image_{img.image_series_index}", img)
     finally:

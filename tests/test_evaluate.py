@@ -108,7 +108,8 @@ def test_evaluate_paper_preset_subset(series_dir, fast_yaml, tmp_path, monkeypat
 
 @pytest.mark.parametrize("extra, message", [(["--methods", "magic"], "unknown method"),
                                             (["--accels", "x"], "--accels"),
-                                            (["--data", "/nonexistent/folder"], "not found")])
+                                            (["--data", "/nonexistent/folder"], "not found"),
+                                            (["--coils", "0"], "--coils >= 1")])
 def test_evaluate_errors_are_named(extra, message, tmp_path, capsys):
     assert main(["evaluate", "--out", str(tmp_path), "--quiet", "--split", "all"] + extra) == 2
     assert message in capsys.readouterr().err
