@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
 
 import ismrmrd
 import ismrmrd.xsd as x
@@ -201,14 +203,13 @@ def image_to_v2(img: ismrmrd.Image):
 
 
 def ismrmrd_file_to_v2(path: str, out, group: str = "dataset") -> int:
-    """Write an ISMRMRD v1 raw file as an MRD v2 binary stream; returns the acquisitions written."""
-    from .replay import iter_acquisitions, open_dataset
+    """Write an ISMRMRD v1 raw file as an MRD v2 binary stream; returns the acquisitions written.
+    A file that cannot be read raises as :func:`replay.open_raw` says, before anything is written."""
+    from .replay import iter_acquisitions, open_raw
 
     mrd = _mrd()
-    ds = open_dataset(path, group)
+    ds, _, header, n = open_raw(path, group)
     try:
-        header = x.CreateFromDocument(ds.read_xml_header())
-        n = ds.number_of_acquisitions()
         w = mrd.BinaryMrdWriter(out)
         w.write_header(header_to_v2(header))
         w.write_data(mrd.StreamItem.Acquisition(acquisition_to_v2(acq)) for acq in iter_acquisitions(ds, n))
@@ -220,8 +221,9 @@ def ismrmrd_file_to_v2(path: str, out, group: str = "dataset") -> int:
 
 # ---------------------------------------------------------------------- the command
 def stream(inp, out, config: str | None = None, overrides: dict | None = None) -> dict:
-    """Reconstruct an MRD v2 stream ``inp`` into ``out`` (binary files); returns a summary.
-    Slices that fail are logged and skipped (the others are written); the summary lists them."""
+    """Reconstruct an MRD v2 stream ``inp`` into ``out`` (binary files, or the path of one, created only
+    once the input's header has been read); returns a summary. Slices that fail are logged and skipped
+    (the others are written); the summary lists them."""
     from .session import ReconSession
     from .settings import load_limits, load_settings
 
@@ -239,9 +241,12 @@ def stream(inp, out, config: str | None = None, overrides: dict | None = None) -
     session = ReconSession(header_to_v1(header), cfg, gs, limits=limits)
     counts = {"acquisitions": 0, "images": 0, "passed_on": 0}
 
+    broken: list[str] = []
+
     def items():
-        """The input's items; a truncated or corrupted stream ends in one ValueError (mrd-python
-        raises EOFError, BufferError or others, depending on where the bytes stop)."""
+        """The input's items. A truncated or corrupted stream (mrd-python raises EOFError, BufferError
+        or others, depending on where the bytes stop) ends them, and is noted in ``broken``: the
+        output is then closed as a valid stream of the slices completed before, and the error raised."""
         it = iter(reader.read_data())
         while True:
             try:
@@ -249,9 +254,10 @@ def stream(inp, out, config: str | None = None, overrides: dict | None = None) -
             except StopIteration:
                 return
             except Exception as e:  # noqa: BLE001 - see above
-                raise ValueError(f"the MRD v2 stream ended early or is corrupted after {counts['acquisitions']} "
-                                 f"acquisitions ({type(e).__name__}: {e}); the images of the slices completed "
-                                 f"before were written") from None
+                broken.append(f"the MRD v2 stream ended early or is corrupted after {counts['acquisitions']} "
+                              f"acquisitions ({type(e).__name__}: {e}); the images of the slices completed "
+                              f"before were written")
+                return
             yield item
 
     def images():
@@ -266,14 +272,25 @@ def stream(inp, out, config: str | None = None, overrides: dict | None = None) -
             for img in produced:
                 counts["images"] += 1
                 yield image_to_v2(img)
+        if broken:  # the slice the input broke in is incomplete: not reconstructed
+            return
         for img in session.finish():
             counts["images"] += 1
             yield image_to_v2(img)
 
-    writer = mrd.BinaryMrdWriter(out)
-    writer.write_header(header)
-    writer.write_data(images())
-    writer.close()
+    path = out if isinstance(out, str) else None
+    out = open(path, "wb") if path else out
+    try:
+        writer = mrd.BinaryMrdWriter(out)
+        writer.write_header(header)
+        writer.write_data(images())
+        writer.close()  # the end marker: a reader of the output gets every image written
+    finally:
+        out.flush()
+        if path:
+            out.close()
+    if broken:
+        raise ValueError(broken[0])
     reader.close()
     if counts["acquisitions"] == 0:
         log.warning("the stream had no acquisitions; nothing reconstructed")
@@ -296,26 +313,37 @@ def add_parser(sub):
     p.add_argument("--log-level", default="INFO")
 
 
+def _convert(src: str, output: str | None) -> int:
+    """``--from-ismrmrd``: all or nothing. A file is written beside ``output`` and renamed onto it only
+    once every acquisition has been converted, so a raw file that breaks part-way leaves no output."""
+    if not output:
+        return ismrmrd_file_to_v2(src, sys.stdout.buffer)
+    target = os.path.abspath(output)
+    fd, tmp = tempfile.mkstemp(prefix=".ddugm-", suffix=".part", dir=os.path.dirname(target))
+    try:
+        with os.fdopen(fd, "wb") as out:
+            n = ismrmrd_file_to_v2(src, out)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return n
+
+
 def run(a: argparse.Namespace) -> int:
     logging.basicConfig(level=a.log_level.upper(), format="%(levelname)s %(message)s", stream=sys.stderr)
-    out = open(a.output, "wb") if a.output else sys.stdout.buffer
+    if a.from_ismrmrd:
+        n = _convert(a.from_ismrmrd, a.output)
+        log.info("%d acquisitions written as MRD v2", n)
+        return 0
+    inp = open(a.input, "rb") if a.input else sys.stdin.buffer
     try:
-        if a.from_ismrmrd:
-            n = ismrmrd_file_to_v2(a.from_ismrmrd, out)
-            log.info("%d acquisitions written as MRD v2", n)
-            return 0
-        inp = open(a.input, "rb") if a.input else sys.stdin.buffer
         overrides = {k: v for k, v in (("method", a.method), ("preset", a.preset), ("steps", a.steps),
                                        ("device", a.device), ("output", a.output_type)) if v is not None}
-        try:
-            summary = stream(inp, out, a.config, overrides)
-        finally:
-            if a.input:
-                inp.close()
-        log.info("%d acquisitions in, %d images out%s", summary["acquisitions"], summary["images"],
-                 f"; failed: {'; '.join(summary['errors'])}" if summary["errors"] else "")
-        return 1 if summary["errors"] else 0
+        summary = stream(inp, a.output or sys.stdout.buffer, a.config, overrides)  # no output file for a bad input
     finally:
-        out.flush()
-        if a.output:
-            out.close()
+        if a.input:
+            inp.close()
+    log.info("%d acquisitions in, %d images out%s", summary["acquisitions"], summary["images"],
+             f"; failed: {'; '.join(summary['errors'])}" if summary["errors"] else "")
+    return 1 if summary["errors"] else 0

@@ -89,11 +89,11 @@ def iter_acquisitions(ds, n: int, block: int | None = None):
             yield acq
 
 
-def read_file(src: Path, make_session, group: str = "dataset", quiet: bool = True) -> tuple:
-    """Feed every acquisition of the raw file ``src`` to ``make_session(header)``; returns
-    ``(header_xml, session, images, broken)`` (:func:`_read_all`). A file that cannot be
-    read (missing, not ISMRMRD, no header, no acquisitions) raises FileNotFoundError or
-    :class:`ReplayError` with one line naming the problem."""
+def open_raw(src, group: str = "dataset") -> tuple:
+    """The raw file ``src`` opened and checked: ``(dataset, header_xml, header, acquisitions)``; the
+    caller closes the dataset. A file that cannot be read (missing, not ISMRMRD, no header, no
+    acquisitions) raises FileNotFoundError or :class:`ReplayError` with one line naming the problem."""
+    src = Path(src)
     inp = str(src)
     if not src.is_file():
         raise FileNotFoundError(f"input file {inp!r} not found")
@@ -113,8 +113,20 @@ def read_file(src: Path, make_session, group: str = "dataset", quiet: bool = Tru
             n = 0
         if n == 0:
             raise ReplayError(f"{inp}: the file has no acquisitions (group '{group}')")
+    except BaseException:
+        ds.close()
+        raise
+    return ds, header_xml, header, n
+
+
+def read_file(src: Path, make_session, group: str = "dataset", quiet: bool = True) -> tuple:
+    """Feed every acquisition of the raw file ``src`` to ``make_session(header)``; returns
+    ``(header_xml, session, images, broken)`` (:func:`_read_all`); a file that cannot be read
+    raises as :func:`open_raw` says."""
+    ds, header_xml, header, n = open_raw(src, group)
+    try:
         session = make_session(header)
-        images, broken = _read_all(ds, n, session, inp, quiet)
+        images, broken = _read_all(ds, n, session, str(src), quiet)
     finally:
         ds.close()
     return header_xml, session, images, broken

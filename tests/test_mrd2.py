@@ -99,3 +99,64 @@ def test_bad_streams_get_one_line_errors(tmp_path):
     r = _ddugm("--method", "low_rank", stdin=raw.read_bytes()[:-3000])  # cut mid-stream
     err = r.stderr.decode()
     assert r.returncode == 2 and "ended early or is corrupted" in err and "Traceback" not in err
+
+
+def test_truncated_stream_still_gives_a_readable_output_of_the_completed_slices(tmp_path):
+    raw = tmp_path / "p.bin"
+    subprocess.run([sys.executable, "-m", "mrd.tools.phantom", "-m", "32", "-c", "2", "-r", "2", "-o", str(raw)],
+                   check=True, timeout=120)
+    full = _ddugm("--method", "zero_filled", "--device", "cpu", stdin=raw.read_bytes())
+    assert full.returncode == 0 and len(_images(full.stdout)[1]) == 2
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes(raw.read_bytes()[:-3000])  # inside the second repetition
+    out = tmp_path / "o.mrd"
+    r = _ddugm("--input", cut, "--output", out, "--method", "zero_filled", "--device", "cpu")
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "ended early or is corrupted" in err and "Traceback" not in err
+    _, items = _images(out.read_bytes())  # a complete stream (end marker): mrd-python reads it without error
+    assert [i.value.head.repetition for i in items] == [0]  # the first repetition; not the broken one
+    np.testing.assert_array_equal(items[0].value.data, _images(full.stdout)[1][0].value.data)
+
+
+def test_bad_input_creates_no_output_file(tmp_path):
+    bad = tmp_path / "bad.mrd"
+    bad.write_bytes(b"this is not MRD" * 10)
+    out = tmp_path / "o.mrd"
+    for args in (("--input", bad), ("--input", tmp_path / "missing.mrd"), ("--from-ismrmrd", tmp_path / "missing.h5"),
+                 ("--from-ismrmrd", bad)):
+        r = _ddugm(*args, "--output", out, "--method", "zero_filled")
+        err = r.stderr.decode()
+        assert r.returncode == 2 and err.strip().splitlines()[-1].startswith("ddugm stream: error:"), (args, err)
+        assert "Traceback" not in err and list(tmp_path.iterdir()) == [bad], (args, list(tmp_path.iterdir()))
+
+
+def test_conversion_of_a_raw_file_that_breaks_part_way_leaves_no_output(tmp_path, monkeypatch):
+    from gadgets import mrd2
+    from gadgets import replay as replay_module
+
+    raw = tmp_path / "c.h5"
+    simulate(str(raw), frames=2, size=16, coils=2, accel=2, acs=4, noise=0.002, seed=1)
+    real = replay_module._read_block
+
+    def block(ds, start, stop):
+        if stop > 10:
+            raise OSError("Can't synchronously read data (bad global heap collection signature)")
+        return real(ds, start, stop)
+
+    monkeypatch.setattr(replay_module, "READ_BLOCK", 4)
+    monkeypatch.setattr(replay_module, "_read_block", block)
+    one = ismrmrd.Dataset.read_acquisition
+
+    def read(self, i):  # the one-at-a-time fallback fails there too
+        if i >= 10:
+            raise OSError("Can't synchronously read data (bad global heap collection signature)")
+        return one(self, i)
+
+    monkeypatch.setattr(ismrmrd.Dataset, "read_acquisition", read)
+    out = tmp_path / "c.mrd"
+    out.write_bytes(b"an earlier conversion")
+    with pytest.raises(replay_module.UnreadableAcquisition, match="acquisition 10 cannot be read"):
+        mrd2._convert(str(raw), str(out))
+    assert out.read_bytes() == b"an earlier conversion" and sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "c.mrd"]
+    monkeypatch.undo()
+    assert mrd2._convert(str(raw), str(out)) > 10 and _images(out.read_bytes())[0] is not None
