@@ -16,6 +16,7 @@ class Geometry:
     noise_bandwidth: float  # relative receiver noise bandwidth (Gadgetron's default 0.793)
     trajectory: str
     coils: int | None
+    repetitions: int = 1  # repetitions announced by the header (>= 1)
 
     @property
     def readout_oversampling(self) -> float:
@@ -65,6 +66,7 @@ def geometry_from_header(header, encoding: int = 0) -> Geometry:
     fov = (lambda f: (float(f.x), float(f.y), float(f.z)) if f is not None else (0.0, 0.0, 0.0))
     ky = _limit(e.encodingLimits, "kspace_encoding_step_1")
     ph = _limit(e.encodingLimits, "phase")
+    rep = _limit(e.encodingLimits, "repetition")
     ky_center = ky[1] if ky is not None and (ky[1] or ky[2]) else enc_matrix[1] // 2
     ky_max = ky[2] if ky is not None and ky[2] else enc_matrix[1] - 1
     asi = getattr(header, "acquisitionSystemInformation", None)
@@ -77,4 +79,14 @@ def geometry_from_header(header, encoding: int = 0) -> Geometry:
         phases=(ph[2] + 1) if ph is not None else 1,
         noise_bandwidth=float(bw) if bw else 0.793,
         trajectory=str(traj), coils=int(coils) if coils else None,
+        repetitions=(rep[2] + 1) if rep is not None else 1,
     )
+
+
+def frame_axis(setting: str, g: Geometry) -> str:
+    """The acquisition counter that numbers the frames: ``phase`` (a cine: cardiac phases) or
+    ``repetition`` (a real-time series, as real-time cine sequences label their frames);
+    ``auto`` takes repetition where the header announces one phase and several repetitions."""
+    if setting != "auto":
+        return setting
+    return "repetition" if g.phases == 1 and g.repetitions > 1 else "phase"

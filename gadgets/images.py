@@ -19,7 +19,7 @@ INDEX_FIELDS = ("average", "slice", "contrast", "phase", "repetition", "set")
 
 
 def image_header(acq_head, frame: int, key: dict, geometry: Geometry, shape, dtype, image_type: int,
-                 image_index: int, series_index: int) -> ismrmrd.ImageHeader:
+                 image_index: int, series_index: int, frame_axis: str = "phase") -> ismrmrd.ImageHeader:
     h = ismrmrd.ImageHeader()
     if acq_head is not None:
         for name in COPIED_FIELDS:
@@ -30,7 +30,7 @@ def image_header(acq_head, frame: int, key: dict, geometry: Geometry, shape, dty
         h.version = 1
         for name in INDEX_FIELDS:
             setattr(h, name, int(key.get(name, 0)))
-    h.phase = frame  # frame order is cardiac phase order
+    setattr(h, frame_axis, frame)  # frame order is cardiac phase (or, real-time, repetition) order
     h.version = 1
     h.data_type = {np.dtype(np.complex64): ismrmrd.DATATYPE_CXFLOAT,
                    np.dtype(np.int16): ismrmrd.DATATYPE_SHORT}.get(np.dtype(dtype), ismrmrd.DATATYPE_FLOAT)
@@ -85,7 +85,7 @@ def frames_to_images(x: np.ndarray, cine, geometry: Geometry, *, complex_output:
             data = mag[f].astype(np.float32)
         head = image_header(cine.headers[f], f, cine.key, geometry, data.shape, data.dtype,
                             ismrmrd.IMTYPE_COMPLEX if output == "complex" else ismrmrd.IMTYPE_MAGNITUDE,
-                            first_index + f, series_index)
+                            first_index + f, series_index, getattr(cine, "frame_axis", "phase"))
         img = ismrmrd.Image(head=head)  # allocates [channels, z, y, x] from the header
         img.data[:] = data[None, None]
         img.meta = make_meta(method, preset, warning, f, t)

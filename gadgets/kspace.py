@@ -5,7 +5,8 @@ Two inputs end in the same :class:`CineData` (k-space ``[coil, frame, ky, kx]`` 
 k-space, and one acquisition header per frame for the image headers):
 
 * plain acquisitions, collected by :class:`AcquisitionCollector` (one per slice, contrast,
-  repetition, set and average; cardiac phase is the frame axis);
+  repetition, set and average; cardiac phase is the frame axis, or repetition for a real-time
+  series: one collector per slice, contrast, phase, set and average then);
 * Gadgetron ReconData buffers (``[E0, E1, E2, CHA, N, S, LOC]``, phases along N), one
   :class:`CineData` per S and LOC, by :func:`cine_from_recon_bit`.
 
@@ -48,6 +49,7 @@ class CineData:
     ref: np.ndarray | None = None  # [coil, ky, kx] calibration k-space, or None
     ref_mask: np.ndarray | None = None  # [ky, kx] bool
     notes: list = field(default_factory=list)
+    frame_axis: str = "phase"  # the image header index that numbers the frames (phase | repetition)
 
 
 # ------------------------------------------------------------------ noise prewhitening
@@ -186,19 +188,23 @@ def fourier_resize(x: np.ndarray, shape) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ plain acquisitions
-def group_key(acq) -> tuple:
-    return tuple(int(getattr(acq.idx, k)) for k in GROUP_KEYS)
+def group_key(acq, axis: str = "phase") -> tuple:
+    """The group an acquisition belongs to: its slice, contrast, repetition, set and average
+    (``axis`` ``repetition``: its repetition, the frame axis, is replaced by its phase)."""
+    return tuple(int(getattr(acq.idx, "phase" if k == axis else k)) for k in GROUP_KEYS)
 
 
 class AcquisitionCollector:
-    """Collects the acquisitions of one group (slice, contrast, repetition, set, average)."""
+    """Collects the acquisitions of one group (slice, contrast, repetition, set, average; with
+    ``axis`` ``repetition`` the repetitions are the frames, and the key's repetition is the phase)."""
 
-    def __init__(self, key: tuple, geometry: Geometry):
+    def __init__(self, key: tuple, geometry: Geometry, axis: str = "phase"):
         self.key = key
         self.geometry = geometry
-        self.lines = []  # (phase, row, grid [coil, nx], sampled [nx], header, is_image, is_ref)
+        self.axis = axis
+        self.lines = []  # (frame, row, grid [coil, nx], sampled [nx], header, is_image, is_ref)
         self.channels = None
-        self.frames = 0  # largest phase index + 1 so far
+        self.frames = 0  # largest frame index + 1 so far
         self.samples = 0  # grid samples buffered (coils x nx per line)
 
     def add(self, acq, whitener: NoiseWhitener | None):
@@ -226,8 +232,9 @@ class AcquisitionCollector:
         row = int(ky_to_grid(int(acq.idx.kspace_encode_step_1), g.ky_center, g.ny))
         is_ref = flag_set(acq.flags, CALIBRATION) or flag_set(acq.flags, CALIBRATION_AND_IMAGING)
         is_image = not flag_set(acq.flags, CALIBRATION)
-        self.lines.append((int(acq.idx.phase), row, grid, sampled, acq.getHead(), is_image, is_ref))
-        self.frames = max(self.frames, int(acq.idx.phase) + 1)
+        frame = int(getattr(acq.idx, self.axis))
+        self.lines.append((frame, row, grid, sampled, acq.getHead(), is_image, is_ref))
+        self.frames = max(self.frames, frame + 1)
         self.samples += grid.shape[0] * grid.shape[1]
 
     def build(self) -> CineData:
@@ -250,7 +257,8 @@ class AcquisitionCollector:
         k[:, mask] /= count[mask]
         missing = [p for p in range(t) if p not in best]
         if missing:
-            raise ValueError(f"group {self.describe()}: cardiac phase(s) {missing} have no acquired lines")
+            what = "cardiac phase(s)" if self.axis == "phase" else "repetition(s)"
+            raise ValueError(f"group {self.describe()}: {what} {missing} have no acquired lines")
         ref = ref_mask = None
         refs = [ln for ln in self.lines if ln[6]]
         if refs:
@@ -261,10 +269,15 @@ class AcquisitionCollector:
                 rc[row, sampled] += 1
             ref_mask = rc > 0
             ref[:, ref_mask] /= rc[ref_mask]
-        return CineData(dict(zip(GROUP_KEYS, self.key)), k, mask, [best[p][1] for p in range(t)], ref, ref_mask)
+        return CineData(self.key_dict(), k, mask, [best[p][1] for p in range(t)], ref, ref_mask, frame_axis=self.axis)
+
+    def key_dict(self) -> dict:
+        """The group's indices by name (with the repetitions as frames: phase in place of repetition)."""
+        names = ["phase" if (n == "repetition" and self.axis == "repetition") else n for n in GROUP_KEYS]
+        return dict(zip(names, self.key))
 
     def describe(self) -> str:
-        return ", ".join(f"{n}={v}" for n, v in zip(GROUP_KEYS, self.key))
+        return ", ".join(f"{n}={v}" for n, v in self.key_dict().items())
 
 
 # ------------------------------------------------------------------ Gadgetron ReconData buffers
@@ -323,6 +336,15 @@ def _buffer_lines(buf, s: int, loc: int, geometry: Geometry, whitener: NoiseWhit
     return k, mask, headers
 
 
+def _buffer_axis(headers: list) -> str:
+    """The counter the chain's BucketToBufferGadget put along N (``N_dimension``): repetition where
+    the frames' headers all differ in repetition and share one phase (a real-time series), else phase."""
+    heads = [h for h in headers if h is not None]
+    reps = [int(h.idx.repetition) for h in heads]
+    phases = {int(h.idx.phase) for h in heads}
+    return "repetition" if len(heads) > 1 and len(set(reps)) == len(heads) and len(phases) == 1 else "phase"
+
+
 def cine_from_recon_bit(bit, geometry: Geometry, whitener: NoiseWhitener | None = None) -> list:
     """All (S, LOC) slabs of one ReconBit as :class:`CineData` (frames along N)."""
     data = np.asarray(bit.data.data)
@@ -349,5 +371,9 @@ def cine_from_recon_bit(bit, geometry: Geometry, whitener: NoiseWhitener | None 
             key = {name: (int(getattr(first.idx, name)) if first is not None else 0) for name in GROUP_KEYS}
             if first is None:
                 key["slice"] = loc
-            out.append(CineData(key, k, mask, headers, ref, ref_mask))
+            axis = _buffer_axis(headers)
+            if axis == "repetition":  # the repetitions are the frames: the key names the phase in their place
+                key = {("phase" if n == "repetition" else n): (int(first.idx.phase) if n == "repetition" else v)
+                       for n, v in key.items()}
+            out.append(CineData(key, k, mask, headers, ref, ref_mask, frame_axis=axis))
     return out

@@ -310,6 +310,7 @@ def add_parser(sub):
     p.add_argument("--steps", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--output-type", default=None, help="magnitude | complex | int16")
+    p.add_argument("--frame-axis", default=None, help="phase (a cine) | repetition (a real-time series) | auto")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -339,7 +340,8 @@ def run(a: argparse.Namespace) -> int:
     inp = open(a.input, "rb") if a.input else sys.stdin.buffer
     try:
         overrides = {k: v for k, v in (("method", a.method), ("preset", a.preset), ("steps", a.steps),
-                                       ("device", a.device), ("output", a.output_type)) if v is not None}
+                                       ("device", a.device), ("output", a.output_type),
+                                       ("frame_axis", a.frame_axis)) if v is not None}
         summary = stream(inp, a.output or sys.stdout.buffer, a.config, overrides)  # no output file for a bad input
     finally:
         if a.input:

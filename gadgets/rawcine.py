@@ -85,7 +85,8 @@ def read_raw_cines(source, slices: str = "all", group: str = "dataset") -> list[
         for c in cines:
             where = f"{f.name} {slice_name(c.key)}"
             if c.kspace.shape[1] < 2:
-                raise ValueError(f"{where}: a cine needs at least 2 cardiac phases, got {c.kspace.shape[1]}")
+                raise ValueError(f"{where}: a cine needs at least 2 frames (cardiac phases, or repetitions of a "
+                                 f"real-time series), got {c.kspace.shape[1]}")
             sampled = full_mask(c, where)
             tail = "".join(f"_{k}{v}" for k, v in c.key.items() if v and k != "slice")
             out.append((f"{f.stem}_slice{c.key['slice']}{tail}", c.kspace, sampled))

@@ -165,7 +165,7 @@ def replay(inp: str, out: str, config: str | None = None, png: str | None = None
     finally:
         od.close()
     if png:
-        save_pngs(images, Path(png))
+        save_pngs(images, Path(png), session.frame_axis)
     if broken:
         raise ScanErrors(f"{broken}; the {len(images)} images of the slices completed before it were written")
     if session.errors:
@@ -202,22 +202,25 @@ def _read_all(ds, n: int, session: ReconSession, inp: str, quiet: bool) -> tuple
     return images, broken
 
 
-def save_pngs(images: list, folder: Path) -> list:
-    """One PNG per (slice, contrast, repetition, set, average): the frames in a row."""
+def save_pngs(images: list, folder: Path, frame_axis: str = "phase") -> list:
+    """One PNG per (slice, contrast, repetition, set, average): the frames (along ``frame_axis``:
+    phase, or repetition for a real-time series) in a row."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     groups = {}
     for img in images:
-        key = (img.slice, img.contrast, img.repetition, img.set, img.average)
+        key = (img.slice, img.contrast, img.phase if frame_axis == "repetition" else img.repetition, img.set,
+               img.average)
         groups.setdefault(key, []).append(img)
     paths = []
     for key, imgs in sorted(groups.items()):
-        imgs = sorted(imgs, key=lambda i: i.phase)
+        imgs = sorted(imgs, key=lambda i: getattr(i, frame_axis))
         frames = np.stack([np.abs(np.asarray(i.data[0, 0])) for i in imgs])
         vmax = max(float(np.percentile(frames, 99.5)), 1e-12)
         row = np.concatenate(list(np.clip(frames / vmax, 0, 1)), axis=1)
-        name = folder / "slice{}_contrast{}_rep{}_set{}_avg{}.png".format(*key)
+        name = folder / ("slice{}_contrast{}_" + ("phase" if frame_axis == "repetition" else "rep") +
+                         "{}_set{}_avg{}.png").format(*key)
         Image.fromarray((row * 255).astype(np.uint8)).save(name)
         paths.append(name)
     return paths
@@ -234,6 +237,8 @@ def add_parser(sub):
     p.add_argument("--steps", default=None, help="sampler iterations")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--output-type", default=None, help="magnitude | complex")
+    p.add_argument("--frame-axis", default=None, help="phase (a cine) | repetition (a real-time series) | auto "
+                                                      "(repetition where the header has 1 phase, several repetitions)")
     p.add_argument("--seed", default=None)
     p.add_argument("--group", default="dataset", help="HDF5 group of the raw data (default: %(default)s)")
     p.add_argument("--quiet", action="store_true")
@@ -242,7 +247,8 @@ def add_parser(sub):
 def run(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(levelname)s %(message)s")
     overrides = {k: v for k, v in (("method", a.method), ("preset", a.preset), ("steps", a.steps), ("device", a.device),
-                                   ("output", a.output_type), ("seed", a.seed)) if v is not None}
+                                   ("output", a.output_type), ("seed", a.seed), ("frame_axis", a.frame_axis))
+                 if v is not None}
     try:
         summary = replay(a.input, a.output, a.config, a.png, overrides, a.group, a.quiet)
     except ScanErrors as e:

@@ -38,6 +38,7 @@ from ddugm_core.coils import estimate_coil_maps
 from ddugm_core.reconstruction import ReconConfig, Reconstructor, prepare_inputs
 
 from .geometry import Geometry, geometry_from_header
+from .geometry import frame_axis as resolve_frame_axis
 from .images import frames_to_images, images_to_array
 from .kspace import (
     IGNORED,
@@ -180,14 +181,15 @@ def coil_maps_from_ref(cine: CineData, cfg: ReconConfig, device):
         return None
 
 
-def check_geometry(g: Geometry, limits: Limits) -> None:
+def check_geometry(g: Geometry, limits: Limits, axis: str = "phase") -> None:
     """The header's sizes against the operator's limits, before any buffer is made from them."""
     for what, (x, y) in (("encoded", g.enc_matrix[:2]), ("recon", g.recon_matrix[:2])):
         if max(x, y) > limits.max_matrix:
             raise ValueError(f"the header's {what} matrix {x} x {y} exceeds the server's limit max_matrix = "
                              f"{limits.max_matrix}")
-    if g.phases > limits.max_frames:
-        raise ValueError(f"the header announces {g.phases} cardiac phases, more than the server's limit "
+    frames, what = (g.phases, "cardiac phases") if axis == "phase" else (g.repetitions, "repetitions (the frames)")
+    if frames > limits.max_frames:
+        raise ValueError(f"the header announces {frames} {what}, more than the server's limit "
                          f"max_frames = {limits.max_frames}")
     if g.coils is not None and g.coils > limits.max_coils:
         raise ValueError(f"the header announces {g.coils} receiver channels, more than the server's limit "
@@ -200,7 +202,12 @@ class ReconSession:
         self.header = header
         self.limits = limits or Limits()
         self.geometry: Geometry = geometry_from_header(header)
-        check_geometry(self.geometry, self.limits)
+        self.frame_axis = resolve_frame_axis(gs.frame_axis, self.geometry)
+        check_geometry(self.geometry, self.limits, self.frame_axis)
+        if self.frame_axis == "repetition" and gs.frame_axis == "auto":
+            log.info("the header announces 1 cardiac phase and %d repetitions: the repetitions are the frames "
+                     "(a real-time series; frame_axis: phase keeps each repetition a separate image)",
+                     self.geometry.repetitions)
         self.alive = alive
         self.buffered = 0  # k-space samples held by the collectors
         self.cfg, self.gs = cfg, gs
@@ -267,13 +274,13 @@ class ReconSession:
                             "reconstructed", acq.encoding_space_ref)
             self.ignored_spaces += 1
             return []
-        key = group_key(acq)
+        key = group_key(acq, self.frame_axis)
         if key in self.failed:
             return []  # this group already failed; its error is recorded once
         self._check_whitener()
         col = self.collectors.get(key)
         if col is None:
-            col = self.collectors[key] = AcquisitionCollector(key, self.geometry)
+            col = self.collectors[key] = AcquisitionCollector(key, self.geometry, self.frame_axis)
         try:
             self._check_size(col, acq)
             col.add(acq, self.whitener)
@@ -287,17 +294,19 @@ class ReconSession:
         out = []
         if flag_set(flags, LAST_IN_MEASUREMENT):
             out += self.flush()
-        elif flag_set(flags, LAST_IN_SLICE):
-            out += self.flush(slice_=key[0])
+        elif flag_set(flags, LAST_IN_SLICE) and (self.frame_axis == "phase"
+                                                  or acq.idx.repetition + 1 >= self.geometry.repetitions):
+            out += self.flush(slice_=key[0])  # (real-time: the slice's last repetition; else the end of the stream)
         return out
 
     def _check_size(self, col: AcquisitionCollector, acq) -> None:
         """This line must not take the slice or the stream past the operator's limits."""
         lim, g = self.limits, self.geometry
-        phase = int(acq.idx.phase)
-        if phase >= lim.max_frames:
-            raise ValueError(f"cardiac phase index {phase} exceeds the server's limit max_frames = {lim.max_frames}")
-        frames = max(phase + 1, col.frames)
+        frame = int(getattr(acq.idx, self.frame_axis))
+        if frame >= lim.max_frames:
+            what = "cardiac phase" if self.frame_axis == "phase" else "repetition (frame)"
+            raise ValueError(f"{what} index {frame} exceeds the server's limit max_frames = {lim.max_frames}")
+        frames = max(frame + 1, col.frames)
         elements = int(acq.active_channels) * frames * g.ny * g.nx
         if elements > lim.max_slice_elements:
             raise ValueError(f"{acq.active_channels} coils x {frames} frames x {g.ny} x {g.nx} = {elements} k-space "

@@ -39,6 +39,7 @@ OUTPUTS = ("magnitude", "complex", "int16")
 PATH_KEYS = ("config", "debug_dir") + tuple(f.name for f in fields(ReconConfig) if f.name.endswith("_weights"))
 MAX_YAML_BYTES = 1 << 20
 SENDS = ("auto", "images", "image_array")
+FRAME_AXES = ("auto", "phase", "repetition")
 
 
 @dataclass
@@ -50,6 +51,7 @@ class GadgetSettings:
     series_index: int = 1  # image_series_index of the images sent
     debug_dir: str = ""  # if set: save each slice's k-space, mask and images there (.npz)
     log_level: str = "INFO"  # DEBUG | INFO | WARNING | ERROR
+    frame_axis: str = "auto"  # the acquisitions' counter that numbers the frames: phase (cine) | repetition (real-time) | auto
 
     def validate(self):
         if self.output not in OUTPUTS:
@@ -58,6 +60,8 @@ class GadgetSettings:
             raise ValueError(f"send must be one of {SENDS}, got {self.send!r}")
         if not 0 <= self.series_index < 65536:
             raise ValueError(f"series_index must be in [0, 65535], got {self.series_index}")
+        if self.frame_axis not in FRAME_AXES:
+            raise ValueError(f"frame_axis must be one of {FRAME_AXES}, got {self.frame_axis!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
 

@@ -25,6 +25,7 @@ from ddugm_core.phantom import cine_phantom, coil_maps
 from .kspace import CALIBRATION_AND_IMAGING, LAST_IN_MEASUREMENT, LAST_IN_SLICE, NOISE
 
 FIRST_IN_SLICE = 7
+LAST_IN_REPETITION = 14
 DWELL_US = 2.5
 NOISE_DWELL_US = 5.0
 
@@ -64,7 +65,8 @@ def load_images(path: str | None, frames: int, size: int, slices: int, seed: int
 
 
 def build_header(ny: int, nx: int, os: int, frames: int, slices: int, coils: int, fov_mm: float, accel: float,
-                 ky_max: int, thickness: float = 8.0) -> x.ismrmrdHeader:
+                 ky_max: int, thickness: float = 8.0, real_time: bool = False) -> x.ismrmrdHeader:
+    phases, repetitions = (1, frames) if real_time else (frames, 1)
     enc = x.encodingType(
         encodedSpace=x.encodingSpaceType(matrixSize=x.matrixSizeType(x=nx * os, y=ny, z=1),
                                          fieldOfView_mm=x.fieldOfViewMm(x=fov_mm * os, y=fov_mm * ny / nx, z=thickness)),
@@ -75,10 +77,10 @@ def build_header(ny: int, nx: int, os: int, frames: int, slices: int, coils: int
             kspace_encoding_step_1=x.limitType(minimum=0, maximum=ky_max, center=ny // 2),
             kspace_encoding_step_2=x.limitType(minimum=0, maximum=0, center=0),
             slice=x.limitType(minimum=0, maximum=slices - 1, center=0),
-            phase=x.limitType(minimum=0, maximum=frames - 1, center=0),
+            phase=x.limitType(minimum=0, maximum=phases - 1, center=0),
             average=x.limitType(minimum=0, maximum=0, center=0),
             contrast=x.limitType(minimum=0, maximum=0, center=0),
-            repetition=x.limitType(minimum=0, maximum=0, center=0),
+            repetition=x.limitType(minimum=0, maximum=repetitions - 1, center=0),
             set=x.limitType(minimum=0, maximum=0, center=0),
             segment=x.limitType(minimum=0, maximum=0, center=0)),
         trajectory=x.trajectoryType.CARTESIAN,
@@ -102,9 +104,12 @@ def build_header(ny: int, nx: int, os: int, frames: int, slices: int, coils: int
 def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 64, slices: int = 1, coils: int = 8,
              accel: float = 4.0, acs: int = 12, noise: float = 0.002, oversampling: int = 2,
              partial_fourier: float = 1.0, asymmetric_echo: float = 1.0, noise_scan: bool = True, fov_mm: float = 320.0,
-             seed: int = 0, truth: str | None = None) -> dict:
+             seed: int = 0, truth: str | None = None, real_time: bool = False) -> dict:
     """Write the raw file; return a summary. ``truth``: also save the coil-combined ground truth
-    ``[slice, frame, y, x]`` (recon matrix) as .npy for tests and comparisons."""
+    ``[slice, frame, y, x]`` (recon matrix) as .npy for tests and comparisons. ``real_time``: the
+    frames are repetitions acquired one after another (a real-time series: each slice's repetitions
+    in turn, each ending ``LAST_IN_SLICE`` and ``LAST_IN_REPETITION``), not cardiac phases of a
+    segmented cine (each line through all phases)."""
     if coils < 1 or frames < 1 or slices < 1 or size < 16:
         raise ValueError("need coils >= 1, frames >= 1, slices >= 1 and size >= 16")
     if accel < 1:
@@ -124,7 +129,7 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
     mixing = (mixing / np.sqrt(np.mean(np.sum(np.abs(mixing) ** 2, axis=1)))).astype(np.complex64)
     ky_max = int(math.ceil(partial_fourier * ny)) - 1
     drop = int(round((1 - asymmetric_echo) * nxo))  # readout samples not acquired before the echo
-    header = build_header(ny, nx, oversampling, nt, ns, coils, fov_mm, accel, ky_max)
+    header = build_header(ny, nx, oversampling, nt, ns, coils, fov_mm, accel, ky_max, real_time=real_time)
 
     def noise_of(shape, std):
         n = (rng.standard_normal((coils,) + shape) + 1j * rng.standard_normal((coils,) + shape)) * (std / np.sqrt(2))
@@ -157,7 +162,10 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
         acq.slice_dir[:] = (0.0, 0.0, 1.0)
         acq.patient_table_position[:] = (0.0, 0.0, -1200.0)
         acq.idx.kspace_encode_step_1 = ky
-        acq.idx.phase = phase
+        if real_time:
+            acq.idx.repetition = phase
+        else:
+            acq.idx.phase = phase
         acq.idx.slice = slice_
         ds.append_acquisition(acq)
         counter += 1
@@ -178,17 +186,24 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
         mask[:, ky_max + 1:] = False
         c0 = ny // 2 - acs // 2
         acs_rows = set(range(c0, c0 + acs))
-        order = [(row, t) for row in range(ny) for t in range(nt) if mask[t, row]]
+        if real_time:  # frame by frame
+            order = [(row, t) for t in range(nt) for row in range(ny) if mask[t, row]]
+        else:  # segmented: each line through all phases
+            order = [(row, t) for row in range(ny) for t in range(nt) if mask[t, row]]
         for i, (row, t) in enumerate(order):
             flags = 0
-            if i == 0:
+            first = i == 0 or (real_time and order[i - 1][1] != t)
+            last = i == len(order) - 1 or (real_time and order[i + 1][1] != t)
+            if first:
                 flags |= 1 << (FIRST_IN_SLICE - 1)
             if row in acs_rows:
                 flags |= 1 << (CALIBRATION_AND_IMAGING - 1)
-            if i == len(order) - 1:
+            if last:
                 flags |= 1 << (LAST_IN_SLICE - 1)
-                if s == ns - 1:
-                    flags |= 1 << (LAST_IN_MEASUREMENT - 1)
+                if real_time:
+                    flags |= 1 << (LAST_IN_REPETITION - 1)
+            if i == len(order) - 1 and s == ns - 1:
+                flags |= 1 << (LAST_IN_MEASUREMENT - 1)
             line = k[:, t, row, drop:] + noise_of((nxo - drop,), noise)
             acquisition(line, flags, ky=row, phase=t, slice_=s, center=nxo // 2 - drop)
         lines_total += len(order)
@@ -206,6 +221,8 @@ def add_parser(sub):
     p.add_argument("--images", default=None, help=".npy/.npz images [frame, y, x] or [slice, frame, y, x] "
                                                  "(ACDC .npz too); default: the built-in phantom")
     p.add_argument("--frames", type=int, default=12, help="phantom cardiac phases (default: %(default)s)")
+    p.add_argument("--real-time", action="store_true", help="write the frames as repetitions acquired one after "
+                                                            "another (a real-time series), not as cardiac phases")
     p.add_argument("--size", type=int, default=64, help="phantom matrix (default: %(default)s)")
     p.add_argument("--slices", type=int, default=1)
     p.add_argument("--coils", type=int, default=8)
@@ -224,6 +241,7 @@ def run(a: argparse.Namespace) -> int:
     import json
 
     summary = simulate(a.out, a.images, a.frames, a.size, a.slices, a.coils, a.accel, a.acs, a.noise, a.oversampling,
-                       a.partial_fourier, a.asymmetric_echo, not a.no_noise_scan, seed=a.seed, truth=a.truth)
+                       a.partial_fourier, a.asymmetric_echo, not a.no_noise_scan, seed=a.seed, truth=a.truth,
+                       real_time=a.real_time)
     print(json.dumps(summary))
     return 0

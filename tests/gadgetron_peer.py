@@ -130,11 +130,11 @@ class FakeGadgetron:
         self.listener.close()
 
 
-def recon_data_from_file(path: str, slice_: int = 0):
+def recon_data_from_file(path: str, slice_: int = 0, n_dimension: str = "phase"):
     """What AcquisitionAccumulateTrigger + BucketToBuffer (with NoiseAdjust upstream, so
     no noise scan) would deliver for one slice of a raw file: one ReconBit, data
-    [E0, E1, 1, CHA, N, 1, 1] (phases along N), headers [E1, 1, N, 1, 1], embedded ACS
-    lines also in a reference buffer."""
+    [E0, E1, 1, CHA, N, 1, 1] (phases, or another counter, along N: BucketToBuffer's
+    N_dimension), headers [E1, 1, N, 1, 1], embedded ACS lines also in a reference buffer."""
     ds = open_dataset(path)
     hdr = ismrmrd.xsd.CreateFromDocument(ds.read_xml_header())
     enc = hdr.encoding[0]
@@ -142,7 +142,7 @@ def recon_data_from_file(path: str, slice_: int = 0):
     acqs = [ds.read_acquisition(i) for i in range(ds.number_of_acquisitions())]
     ds.close()
     acqs = [a for a in acqs if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT) and a.idx.slice == slice_]
-    n = max(a.idx.phase for a in acqs) + 1
+    n = max(getattr(a.idx, n_dimension) for a in acqs) + 1
     cha = acqs[0].active_channels
     data = np.zeros((e0, e1, 1, cha, n, 1, 1), np.complex64)
     ref = np.zeros((e0, e1, 1, cha, 1, 1, 1), np.complex64)
@@ -155,7 +155,7 @@ def recon_data_from_file(path: str, slice_: int = 0):
         rheads[idx] = ismrmrd.AcquisitionHeader.from_buffer_copy(empty)
     for a in acqs:
         off = e0 // 2 - a.center_sample
-        ky, ph = a.idx.kspace_encode_step_1, a.idx.phase
+        ky, ph = a.idx.kspace_encode_step_1, getattr(a.idx, n_dimension)
         data[off:off + a.number_of_samples, ky, 0, :, ph, 0, 0] = a.data.T
         heads[ky, 0, ph, 0, 0] = a.getHead()
         if a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING):

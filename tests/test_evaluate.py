@@ -226,6 +226,17 @@ def test_evaluate_on_fully_sampled_raw_data(tmp_path, fast_yaml):
     assert "fully sampled raw data" in report and "simulated coil" not in report
 
 
+def test_raw_real_time_series_is_read_as_frames(tmp_path):
+    """A real-time series (frames as repetitions) is one cine of all its repetitions, the same
+    k-space as the same data labelled as cardiac phases."""
+    from gadgets.rawcine import read_raw_cines
+
+    (n1, k1, s1), = read_raw_cines(_raw(tmp_path, "rt.h5", real_time=True, noise=0))
+    (n2, k2, s2), = read_raw_cines(_raw(tmp_path, "cine.h5", noise=0))
+    assert (n1, n2) == ("rt_slice0", "cine_slice0") and k1.shape == (4, 6, 32, 32) and s1.all() and s2.all()
+    np.testing.assert_array_equal(k1, k2)
+
+
 def test_raw_partial_fourier_stays_as_acquired(tmp_path):
     from ddugm_core.evaluate import raw_case, raw_series
     from gadgets.rawcine import read_raw_cines

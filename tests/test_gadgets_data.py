@@ -172,6 +172,62 @@ def test_session_reconstructs_each_slice_with_header_fields(sim):
         assert psnr(scale * rec, ref) > 27, sl
 
 
+def test_real_time_series_takes_its_repetitions_as_frames(tmp_path):
+    """A real-time series (frames as repetitions, each ending LAST_IN_SLICE) is one slice of 6
+    frames, sent when its last repetition arrives: the same images as the same data labelled as a
+    segmented cine, with the repetition, not the phase, numbering them."""
+    images = {}
+    for real_time in (False, True):
+        path = tmp_path / f"rt{real_time}.h5"
+        simulate(str(path), frames=6, size=32, coils=3, accel=3, acs=8, noise=0, slices=2, seed=3,
+                 real_time=real_time)
+        hdr, acqs = read_file(path)
+        cfg, gs = load_settings({"method": "low_rank", "lowrank_iters": "10", "device": "cpu"})
+        s = ReconSession(hdr, cfg, gs)
+        out, sent_at = [], []
+        for i, a in enumerate(acqs):
+            new = s.handle(a)
+            sent_at += [i] * len(new)
+            out += new
+        assert len(out) == 12 and not s.errors and s.frame_axis == ("repetition" if real_time else "phase")
+        last_of_slice0 = max(i for i, a in enumerate(acqs) if a.idx.slice == 0)
+        assert sent_at[:6] == [last_of_slice0] * 6  # not after its first repetition, not at the close
+        images[real_time] = out
+    for cine, rt in zip(images[False], images[True]):
+        h, g = cine.getHead(), rt.getHead()
+        assert (g.slice, g.phase, g.repetition) == (h.slice, 0, h.phase)
+        np.testing.assert_allclose(np.asarray(rt.data), np.asarray(cine.data), rtol=1e-4, atol=1e-6)
+        assert rt.meta["DDUGM_Frame"] == cine.meta["DDUGM_Frame"]
+    hdr, _ = read_file(tmp_path / "rtTrue.h5")  # frame_axis: phase keeps each repetition an image of its own
+    cfg, gs = load_settings({"method": "zero_filled", "device": "cpu", "frame_axis": "phase"})
+    assert ReconSession(hdr, cfg, gs).frame_axis == "phase"
+    with pytest.raises(ValueError, match="frame_axis must be one of"):
+        load_settings({"frame_axis": "time"})
+    from gadgets.settings import Limits
+    with pytest.raises(ValueError, match=r"announces 6 repetitions \(the frames\), more than the server's limit max_frames = 4"):
+        ReconSession(hdr, *load_settings({"device": "cpu"}), limits=Limits(max_frames=4))
+
+
+def test_recon_data_with_repetitions_along_n(tmp_path):
+    """A chain whose BucketToBuffer puts the repetitions along N (N_dimension repetition, for a
+    real-time series): the images are numbered by repetition, as the same data as a cine by phase."""
+    from gadgetron_peer import recon_data_from_file
+
+    arrays = {}
+    for real_time, n_dim in ((False, "phase"), (True, "repetition")):
+        path = tmp_path / f"rt{real_time}.h5"
+        simulate(str(path), frames=5, size=32, coils=3, accel=3, acs=8, noise=0, seed=3, real_time=real_time)
+        hdr, rd = recon_data_from_file(str(path), n_dimension=n_dim)
+        s = ReconSession(hdr, *load_settings({"method": "zero_filled", "device": "cpu"}))
+        (arr,) = s.handle(rd)
+        assert not s.errors
+        arrays[real_time] = arr
+    np.testing.assert_allclose(np.asarray(arrays[True].data), np.asarray(arrays[False].data), rtol=1e-4, atol=1e-6)
+    heads = np.asarray(arrays[True].headers).ravel()
+    assert [(int(h.repetition), int(h.phase)) for h in heads] == [(r, 0) for r in range(5)]
+    assert [int(h.phase) for h in np.asarray(arrays[False].headers).ravel()] == list(range(5))
+
+
 def test_other_encoding_spaces_and_auxiliary_data_are_ignored(sim):
     path, _ = sim
     hdr, acqs = read_file(path)
