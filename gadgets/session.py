@@ -203,11 +203,19 @@ class ReconSession:
         self.limits = limits or Limits()
         self.geometry: Geometry = geometry_from_header(header)
         self.frame_axis = resolve_frame_axis(gs.frame_axis, self.geometry)
-        check_geometry(self.geometry, self.limits, self.frame_axis)
         if self.frame_axis == "repetition" and gs.frame_axis == "auto":
-            log.info("the header announces 1 cardiac phase and %d repetitions: the repetitions are the frames "
-                     "(a real-time series; frame_axis: phase keeps each repetition a separate image)",
-                     self.geometry.repetitions)
+            g, lim = self.geometry, self.limits
+            elements = (g.coils or 1) * g.repetitions * g.ny * g.nx
+            if g.repetitions > lim.max_frames or elements > lim.max_slice_elements:
+                log.warning("the header announces 1 cardiac phase and %d repetitions, more than one series may hold "
+                            "under the server's limits (max_frames %d, max_slice_elements %d): each repetition is "
+                            "reconstructed on its own", g.repetitions, lim.max_frames, lim.max_slice_elements)
+                self.frame_axis = "phase"
+            else:
+                log.info("the header announces 1 cardiac phase and %d repetitions: the repetitions are the frames "
+                         "(a real-time series; frame_axis: phase keeps each repetition a separate image)",
+                         g.repetitions)
+        check_geometry(self.geometry, self.limits, self.frame_axis)
         self.alive = alive
         self.buffered = 0  # k-space samples held by the collectors
         self.cfg, self.gs = cfg, gs

@@ -205,7 +205,11 @@ def test_real_time_series_takes_its_repetitions_as_frames(tmp_path):
         load_settings({"frame_axis": "time"})
     from gadgets.settings import Limits
     with pytest.raises(ValueError, match=r"announces 6 repetitions \(the frames\), more than the server's limit max_frames = 4"):
-        ReconSession(hdr, *load_settings({"device": "cpu"}), limits=Limits(max_frames=4))
+        ReconSession(hdr, *load_settings({"device": "cpu", "frame_axis": "repetition"}), limits=Limits(max_frames=4))
+    # auto: a series longer than the limits allow is reconstructed repetition by repetition, not refused
+    assert ReconSession(hdr, *load_settings({"device": "cpu"}), limits=Limits(max_frames=4)).frame_axis == "phase"
+    small = Limits(max_slice_elements=3 * 5 * 32 * 32)
+    assert ReconSession(hdr, *load_settings({"device": "cpu"}), limits=small).frame_axis == "phase"
 
 
 def test_recon_data_with_repetitions_along_n(tmp_path):
