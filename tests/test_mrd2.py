@@ -105,12 +105,13 @@ def test_truncated_stream_still_gives_a_readable_output_of_the_completed_slices(
     raw = tmp_path / "p.bin"
     subprocess.run([sys.executable, "-m", "mrd.tools.phantom", "-m", "32", "-c", "2", "-r", "2", "-o", str(raw)],
                    check=True, timeout=120)
-    full = _ddugm("--method", "zero_filled", "--device", "cpu", stdin=raw.read_bytes())
+    opts = ("--method", "zero_filled", "--device", "cpu", "--frame-axis", "phase")  # each repetition a slice of its own
+    full = _ddugm(*opts, stdin=raw.read_bytes())
     assert full.returncode == 0 and len(_images(full.stdout)[1]) == 2
     cut = tmp_path / "cut.bin"
     cut.write_bytes(raw.read_bytes()[:-3000])  # inside the second repetition
     out = tmp_path / "o.mrd"
-    r = _ddugm("--input", cut, "--output", out, "--method", "zero_filled", "--device", "cpu")
+    r = _ddugm("--input", cut, "--output", out, *opts)
     err = r.stderr.decode()
     assert r.returncode == 2 and "ended early or is corrupted" in err and "Traceback" not in err
     _, items = _images(out.read_bytes())  # a complete stream (end marker): mrd-python reads it without error
