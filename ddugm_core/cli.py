@@ -56,6 +56,13 @@ def _train_parser(sub):
     p.add_argument("--val-data", default="", help="validation frames (folder, file or pack; default: the "
                                                   "validation patients of --data)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--objective", choices=["dsm", "artifacts"], default="dsm",
+                   help="dsm: denoising score matching on Gaussian noise (training from scratch or --init); "
+                        "artifacts: fine-tune --init (default: the shipped weights) on the default sampler's own "
+                        "inputs on simulated training cases (image or xt; README)")
+    p.add_argument("--collect-minutes", type=float, default=10.0,
+                   help="artifacts: minutes spent reconstructing training cases to learn from (default: %(default)s)")
+    p.add_argument("--collect-cases", type=int, default=0, help="artifacts: at most this many cases (0: no limit)")
 
 
 def _pack_parser(sub):
@@ -111,6 +118,17 @@ def _run_pack(a) -> int:
 
 def _run_train(a) -> int:
     from .training import TrainConfig, train
+
+    if a.objective == "artifacts":
+        from .artifacts import train_artifacts
+
+        if a.lr == TrainConfig().lr:  # not set: fine-tuning takes a smaller step
+            a.lr = 1e-4
+        if not a.minutes and a.steps == TrainConfig().steps:
+            a.steps = 0
+            a.minutes = 9.0
+        print(json.dumps(train_artifacts(a)))
+        return 0
 
     net = NetConfig.paper() if a.paper_net else NetConfig(nf=a.nf, ch_mult=a.ch_mult, num_res_blocks=a.res_blocks,
                                                          attn_resolutions=a.attn, image_size=a.size)
