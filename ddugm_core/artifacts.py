@@ -114,7 +114,7 @@ def denoiser_error_ratio(net, cases, domain: str, amp: bool = False) -> dict:
         for c in cases:
             for x, ta, sigma in c["pairs"]:
                 xs, ts = _planes(x, ta, domain, 0, net.config.divisor)
-                s = _score(net, xs, torch.full((xs.shape[0],), sigma), amp)
+                s = _score(net, xs, torch.full((xs.shape[0],), sigma, device=xs.device), amp)
                 d = xs + sigma ** 2 * torch.view_as_complex(s.permute(0, 2, 3, 1).contiguous())
                 by.setdefault(round(sigma, 4), []).append(float((d - ts).abs().pow(2).mean()
                                                                  / (xs - ts).abs().pow(2).mean().clamp_min(1e-30)))
@@ -123,7 +123,7 @@ def denoiser_error_ratio(net, cases, domain: str, amp: bool = False) -> dict:
 
 def finetune(domain: str, init, cases: list[dict], out, minutes: float = 0.0, steps: int = 0, lr: float = 1e-4,
              batch: int = 8, dsm_share: float = 0.2, ema: float = 0.998, holdout: int = 8, seed: int = 0,
-             amp: bool | None = None, settings: dict | None = None, log=print) -> dict:
+             amp: bool | None = None, settings: dict | None = None, device: str = "cpu", log=print) -> dict:
     """Fine-tune the network in ``init`` on ``cases`` (:func:`collect`) for ``minutes`` of wall
     clock or ``steps``; write ``out/DOMAIN.safetensors`` (the EMA weights), ``DOMAIN_loss.csv``
     and ``DOMAIN_settings.json``; return a summary with the denoiser's error ratio on the last
@@ -138,8 +138,10 @@ def finetune(domain: str, init, cases: list[dict], out, minutes: float = 0.0, st
         raise ValueError(f"{len(cases)} collected cases: need more than the {holdout} held out (collect longer)")
     hold, train = cases[-holdout:], cases[:-holdout]
     torch.manual_seed(seed)
-    net = load_model(init, "cpu", expect_domain=domain).train().to(memory_format=torch.channels_last)
-    amp = bool(amp) if amp is not None else False
+    dev = torch.device(device)
+    net = load_model(init, dev, expect_domain=domain).train().to(memory_format=torch.channels_last)
+    amp = bool(amp) if amp is not None else dev.type == "cuda"
+    hold = [{**c, "pairs": [(x.to(dev), ta.to(dev), s) for x, ta, s in c["pairs"]]} for c in hold]
     avg = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=lr, foreach=True)
     before = denoiser_error_ratio(avg, hold, domain, amp)
@@ -152,15 +154,15 @@ def finetune(domain: str, init, cases: list[dict], out, minutes: float = 0.0, st
         x, ta, sigma = c["pairs"][int(torch.randint(len(c["pairs"]), (1,), generator=g))]
         x, ta = _planes(x, ta, domain, int(torch.randint(2, (1,), generator=g)), net.config.divisor)
         pick = torch.randperm(x.shape[0], generator=g)[:batch]
-        x, ta = x[pick], ta[pick]
+        x, ta = x[pick].to(dev), ta[pick].to(dev)
         if torch.rand(1, generator=g) < 0.5:
             x, ta = x.flip(-1), ta.flip(-1)
         z = torch.view_as_real((x - ta) / sigma).permute(0, 3, 1, 2)
-        art = ((_score(net, x, torch.full((x.shape[0],), sigma), amp) * sigma + z) ** 2).mean()
+        art = ((_score(net, x, torch.full((x.shape[0],), sigma, device=dev), amp) * sigma + z) ** 2).mean()
         loss = art
         if dsm_share > 0:
-            ds = torch.exp(torch.empty(x.shape[0]).uniform_(lo, hi, generator=g))
-            zz = torch.randn(ta.shape + (2,), generator=g)
+            ds = torch.exp(torch.empty(x.shape[0]).uniform_(lo, hi, generator=g)).to(dev)
+            zz = torch.randn(ta.shape + (2,), generator=g).to(dev)
             s2 = _score(net, ta + ds[:, None, None] * torch.view_as_complex(zz), ds, amp)
             loss = (1 - dsm_share) * art + dsm_share * ((s2 * ds[:, None, None, None] + zz.permute(0, 3, 1, 2)) ** 2).mean()
         opt.zero_grad(set_to_none=True)
@@ -205,10 +207,10 @@ def train_artifacts(a) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     log = (lambda m: None) if a.quiet else (lambda m: print(m, flush=True))
-    cases = collect(files, a.collect_minutes, seed=a.seed, device="cpu" if a.device == "auto" else a.device,
-                    max_cases=a.collect_cases, log=log)
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    cases = collect(files, a.collect_minutes, seed=a.seed, device=device, max_cases=a.collect_cases, log=log)
     init = a.init or DEFAULT_WEIGHTS[a.domain]
     return finetune(a.domain, init, cases, a.out or f"runs/{a.domain}_artifacts", minutes=a.minutes, steps=a.steps,
-                    lr=a.lr, seed=a.seed, log=log,
+                    lr=a.lr, seed=a.seed, device=device, log=log,
                     settings={"data": str(a.data), "collect_minutes": a.collect_minutes,
                               "collect_cases": a.collect_cases, "accels": [6, 8, 10], "coils": 8, "noise": 0.005})
