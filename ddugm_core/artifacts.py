@@ -48,40 +48,57 @@ def aligned_truth(x: torch.Tensor, truth: torch.Tensor, box: int = 9) -> torch.T
     return scale * truth * phase
 
 
+def series_from(files):
+    """``(name, magnitude frames [T, y, x], key)`` of ``files``: of each file its middle slice, then
+    (a second and third round) the slices two below and two above; a training pack
+    (``ddugm pack``'s ``cycles.npz``: whole cardiac cycles) gives each of its series once.
+    ``key`` numbers the series for their seeds."""
+    from .data import is_pack, load_series, read_array, series_of
+
+    packs = [f for f in files if is_pack(f)]
+    for f in packs:
+        for i, s in enumerate(load_series([f])):
+            yield f"{Path(f).stem}_{i}", s.abs().numpy(), 10_000 + i
+    others = [f for f in files if f not in packs]
+    for offset in (0, -2, 2):
+        for j, f in enumerate(others):
+            stack = series_of(read_array(f))
+            z = min(max(len(stack) // 2 + offset, 0), len(stack) - 1)
+            yield f"{Path(f).stem}_z{z}", np.abs(stack[z]), 1000 * (offset + 2) + j
+
+
 def collect(files, minutes: float, accels=(6.0, 8.0, 10.0), coils: int = 8, noise: float = 0.005, seed: int = 0,
             config=None, device: str = "cpu", max_cases: int = 0, log=print) -> list[dict]:
-    """Reconstruct simulated cases of ``files`` (middle slice, then neighbouring slices) with the
-    default preset until ``minutes`` or ``max_cases``; return per case its pairs ``(x, truth as x
-    shows it, sigma)``, both turned as the priors see them (``pnp_phase: mean``)."""
-    from .data import read_array, series_of
+    """Reconstruct simulated cases of ``files`` (:func:`series_from`) with the default preset until
+    ``minutes`` or ``max_cases``; return per case its pairs ``(x, truth as x shows it, sigma)``,
+    both turned as the priors see them (``pnp_phase: mean``)."""
     from .evaluate import make_truth, simulate_case
     from .reconstruction import ReconConfig, Reconstructor
 
     rec = Reconstructor(config or ReconConfig(device=device), device=device)
     rng = np.random.default_rng(seed)
     out, t0 = [], time.perf_counter()
-    for offset in (0, -2, 2):
-        for j, f in enumerate(files):
-            if time.perf_counter() - t0 > minutes * 60 or (max_cases and len(out) >= max_cases):
-                return out
-            stack = series_of(read_array(f))
-            z = min(max(len(stack) // 2 + offset, 0), len(stack) - 1)
-            accel = float(rng.choice(accels))
-            case_seed = seed * 100_000 + 1000 * (offset + 2) + j
-            truth = make_truth(stack[z], case_seed)
-            case = simulate_case(f"{f.stem}_z{z}", truth, accel, coils, noise, case_seed)
-            t = torch.from_numpy(truth).to(torch.complex64)
-            pairs = []
+    for name, frames, key in series_from(files):
+        if time.perf_counter() - t0 > minutes * 60 or (max_cases and len(out) >= max_cases):
+            return out
+        if frames.shape[0] < 2:
+            continue
+        accel = float(rng.choice(accels))
+        case_seed = seed * 100_000 + key
+        truth = make_truth(frames, case_seed)
+        case = simulate_case(name, truth, accel, coils, noise, case_seed)
+        t = torch.from_numpy(truth).to(torch.complex64)
+        pairs = []
 
-            def keep(e, pairs=pairs, t=t):
-                x = e["image_input"].detach().to("cpu", torch.complex64)
-                turn = _turn(x).conj()
-                pairs.append((x * turn, aligned_truth(x, t) * turn, float(e["sigma"])))
+        def keep(e, pairs=pairs, t=t):
+            x = e["image_input"].detach().to("cpu", torch.complex64)
+            turn = _turn(x).conj()
+            pairs.append((x * turn, aligned_truth(x, t) * turn, float(e["sigma"])))
 
-            rec.recon(case.kspace, case.mask, seed=0, trace=keep)
-            out.append({"name": case.name, "accel": accel, "pairs": pairs})
-            log(f"collected {len(out)}: {case.name}, R = {accel:g}, {len(pairs)} levels, "
-                f"{time.perf_counter() - t0:.0f} s")
+        rec.recon(case.kspace, case.mask, seed=0, trace=keep)
+        out.append({"name": case.name, "accel": accel, "pairs": pairs})
+        log(f"collected {len(out)}: {case.name}, R = {accel:g}, {len(pairs)} levels, "
+            f"{time.perf_counter() - t0:.0f} s")
     return out
 
 
@@ -201,7 +218,12 @@ def train_artifacts(a) -> dict:
     if a.domain not in DOMAINS:
         raise ValueError(f"--objective artifacts trains the priors the default sampler uses: --domain image or xt, "
                          f"not {a.domain!r}")
-    files = split_of(list_series_files(a.data), "train")
+    from .data import is_pack
+
+    if Path(a.data).is_file() and is_pack(Path(a.data)):  # a pack holds training patients only (ddugm pack)
+        files = [Path(a.data)]
+    else:
+        files = split_of(list_series_files(a.data), "train")
     if not files:
         raise ValueError(f"no training files in {a.data}")
     if a.threads:

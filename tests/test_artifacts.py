@@ -85,3 +85,21 @@ def test_collect_keeps_the_samplers_own_inputs(tmp_path, tiny_config):
         assert float(x.sum().imag.abs()) < 1e-3 * float(x.abs().sum())  # turned as the priors see it
         err = float((x - ta).abs().pow(2).mean() / ta.abs().pow(2).mean())
         assert 0 < err < 0.5  # an undersampled reconstruction: close to the truth, not equal
+
+
+def test_collect_from_a_pack_of_whole_cycles(tmp_path, tiny_config):
+    """What a GPU machine has: ``ddugm pack``'s cycles.npz (no data folder)."""
+    from ddugm_core.data import write_pack
+
+    rng = np.random.default_rng(4)
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"s{i}.npy")
+        np.save(files[-1], _smooth_cine(rng, t=6, n=24))
+    pack = tmp_path / "cycles.npz"
+    write_pack(files, pack, whole_cycles=True, stride=1)
+    cfg = tiny_config
+    cfg.coil_refine = 0
+    cases = collect([pack], minutes=5, accels=(4.0,), coils=4, seed=1, config=cfg, log=lambda m: None)
+    assert [c["name"] for c in cases] == ["cycles_0", "cycles_1"]  # each series once
+    assert all(len(c["pairs"]) == 3 and c["pairs"][0][0].shape == (6, 24, 24) for c in cases)
