@@ -82,11 +82,3 @@ def geometry_from_header(header, encoding: int = 0) -> Geometry:
         repetitions=(rep[2] + 1) if rep is not None else 1,
     )
 
-
-def frame_axis(setting: str, g: Geometry) -> str:
-    """The acquisition counter that numbers the frames: ``phase`` (a cine: cardiac phases) or
-    ``repetition`` (a real-time series, as real-time cine sequences label their frames);
-    ``auto`` takes repetition where the header announces one phase and several repetitions."""
-    if setting != "auto":
-        return setting
-    return "repetition" if g.phases == 1 and g.repetitions > 1 else "phase"

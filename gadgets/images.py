@@ -85,7 +85,7 @@ def frames_to_images(x: np.ndarray, cine, geometry: Geometry, *, complex_output:
             data = mag[f].astype(np.float32)
         head = image_header(cine.headers[f], f, cine.key, geometry, data.shape, data.dtype,
                             ismrmrd.IMTYPE_COMPLEX if output == "complex" else ismrmrd.IMTYPE_MAGNITUDE,
-                            first_index + f, series_index, getattr(cine, "frame_axis", "phase"))
+                            first_index + f, series_index, cine.frame_axis)
         img = ismrmrd.Image(head=head)  # allocates [channels, z, y, x] from the header
         img.data[:] = data[None, None]
         img.meta = make_meta(method, preset, warning, f, t)

@@ -188,10 +188,15 @@ def fourier_resize(x: np.ndarray, shape) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ plain acquisitions
+def group_names(axis: str = "phase") -> tuple:
+    """The indices that name a group: slice, contrast, repetition, set and average; with the
+    repetitions as the frames (``axis`` ``repetition``), the phase in the repetition's place."""
+    return tuple("phase" if (k == "repetition" and axis == "repetition") else k for k in GROUP_KEYS)
+
+
 def group_key(acq, axis: str = "phase") -> tuple:
-    """The group an acquisition belongs to: its slice, contrast, repetition, set and average
-    (``axis`` ``repetition``: its repetition, the frame axis, is replaced by its phase)."""
-    return tuple(int(getattr(acq.idx, "phase" if k == axis else k)) for k in GROUP_KEYS)
+    """The group an acquisition belongs to (:func:`group_names`)."""
+    return tuple(int(getattr(acq.idx, k)) for k in group_names(axis))
 
 
 class AcquisitionCollector:
@@ -272,9 +277,8 @@ class AcquisitionCollector:
         return CineData(self.key_dict(), k, mask, [best[p][1] for p in range(t)], ref, ref_mask, frame_axis=self.axis)
 
     def key_dict(self) -> dict:
-        """The group's indices by name (with the repetitions as frames: phase in place of repetition)."""
-        names = ["phase" if (n == "repetition" and self.axis == "repetition") else n for n in GROUP_KEYS]
-        return dict(zip(names, self.key))
+        """The group's indices by name (:func:`group_names`)."""
+        return dict(zip(group_names(self.axis), self.key))
 
     def describe(self) -> str:
         return ", ".join(f"{n}={v}" for n, v in self.key_dict().items())
@@ -368,12 +372,9 @@ def cine_from_recon_bit(bit, geometry: Geometry, whitener: NoiseWhitener | None 
                     ref = (rk * rm).sum(1) / np.maximum(cnt, 1)
                     ref = ref.astype(np.complex64)
             first = next((h for h in headers if h is not None), None)
-            key = {name: (int(getattr(first.idx, name)) if first is not None else 0) for name in GROUP_KEYS}
+            axis = _buffer_axis(headers)
+            key = {name: (int(getattr(first.idx, name)) if first is not None else 0) for name in group_names(axis)}
             if first is None:
                 key["slice"] = loc
-            axis = _buffer_axis(headers)
-            if axis == "repetition":  # the repetitions are the frames: the key names the phase in their place
-                key = {("phase" if n == "repetition" else n): (int(first.idx.phase) if n == "repetition" else v)
-                       for n, v in key.items()}
             out.append(CineData(key, k, mask, headers, ref, ref_mask, frame_axis=axis))
     return out

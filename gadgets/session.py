@@ -38,7 +38,6 @@ from ddugm_core.coils import estimate_coil_maps
 from ddugm_core.reconstruction import ReconConfig, Reconstructor, prepare_inputs
 
 from .geometry import Geometry, geometry_from_header
-from .geometry import frame_axis as resolve_frame_axis
 from .images import frames_to_images, images_to_array
 from .kspace import (
     IGNORED,
@@ -196,25 +195,30 @@ def check_geometry(g: Geometry, limits: Limits, axis: str = "phase") -> None:
                          f"max_coils = {limits.max_coils}")
 
 
+def resolve_frame_axis(setting: str, g: Geometry, limits: Limits) -> str:
+    """The acquisition counter that numbers the frames: ``phase`` (a cine: cardiac phases) or
+    ``repetition`` (a real-time series, as real-time cine sequences label their frames). ``auto``
+    takes repetition where the header announces one phase and several repetitions, unless one
+    series of them would exceed the operator's limits (then each repetition alone, with a warning)."""
+    if setting != "auto" or not (g.phases == 1 and g.repetitions > 1):
+        return "phase" if setting == "auto" else setting
+    if g.repetitions > limits.max_frames or (g.coils or 1) * g.repetitions * g.ny * g.nx > limits.max_slice_elements:
+        log.warning("the header announces 1 cardiac phase and %d repetitions, more than one series may hold under the "
+                    "server's limits (max_frames %d, max_slice_elements %d): each repetition is reconstructed on its "
+                    "own", g.repetitions, limits.max_frames, limits.max_slice_elements)
+        return "phase"
+    log.info("the header announces 1 cardiac phase and %d repetitions: the repetitions are the frames (a real-time "
+             "series; frame_axis: phase keeps each repetition a separate image)", g.repetitions)
+    return "repetition"
+
+
 class ReconSession:
     def __init__(self, header, cfg: ReconConfig, gs: GadgetSettings, engine: Engine | None = None,
                  limits: Limits | None = None, alive: Optional[Callable[[], bool]] = None):
         self.header = header
         self.limits = limits or Limits()
         self.geometry: Geometry = geometry_from_header(header)
-        self.frame_axis = resolve_frame_axis(gs.frame_axis, self.geometry)
-        if self.frame_axis == "repetition" and gs.frame_axis == "auto":
-            g, lim = self.geometry, self.limits
-            elements = (g.coils or 1) * g.repetitions * g.ny * g.nx
-            if g.repetitions > lim.max_frames or elements > lim.max_slice_elements:
-                log.warning("the header announces 1 cardiac phase and %d repetitions, more than one series may hold "
-                            "under the server's limits (max_frames %d, max_slice_elements %d): each repetition is "
-                            "reconstructed on its own", g.repetitions, lim.max_frames, lim.max_slice_elements)
-                self.frame_axis = "phase"
-            else:
-                log.info("the header announces 1 cardiac phase and %d repetitions: the repetitions are the frames "
-                         "(a real-time series; frame_axis: phase keeps each repetition a separate image)",
-                         g.repetitions)
+        self.frame_axis = resolve_frame_axis(gs.frame_axis, self.geometry, self.limits)
         check_geometry(self.geometry, self.limits, self.frame_axis)
         self.alive = alive
         self.buffered = 0  # k-space samples held by the collectors
