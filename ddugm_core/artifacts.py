@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints import DEFAULT_WEIGHTS, load_model, save_model
+from .networks import complex_score, cycle_pad
 from .sampler import _turn
 
 DOMAINS = ("image", "xt")
@@ -107,20 +108,14 @@ def _planes(x, ta, domain: str, which: int, divisor: int):
     y-t planes (which 1), the time axis continued around the cycle to a multiple of ``divisor``."""
     if domain == "image":
         return x, ta
-    idx = torch.arange(-(-x.shape[0] // divisor) * divisor) % x.shape[0]
-    x, ta = x[idx], ta[idx]
+    x, ta = cycle_pad(x, divisor), cycle_pad(ta, divisor)
     dims = (1, 0, 2) if which == 0 else (2, 0, 1)
     return x.permute(*dims), ta.permute(*dims)
 
 
 def _score(net, x, sigma, amp: bool):
-    b, ny, nx = x.shape
-    d = net.config.divisor
-    py, px = (-ny) % d, (-nx) % d
-    h = F.pad(torch.view_as_real(x).permute(0, 3, 1, 2), (px // 2, px - px // 2, py // 2, py - py // 2))
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        s = net(h.contiguous(memory_format=torch.channels_last), sigma).float()
-    return s[:, :, py // 2: py // 2 + ny, px // 2: px // 2 + nx]
+        return complex_score(net, x, sigma, net.config.divisor)
 
 
 def denoiser_error_ratio(net, cases, domain: str, amp: bool = False) -> dict:
@@ -213,13 +208,11 @@ def train_artifacts(a) -> dict:
     """``ddugm train --objective artifacts``: :func:`collect` on the training split of ``--data``
     for ``--collect-minutes`` (or ``--collect-cases``), then :func:`finetune` ``--init`` (default:
     the shipped weights of the domain) for ``--minutes`` / ``--steps``."""
-    from .data import list_series_files, split_of
+    from .data import is_pack, list_series_files, split_of
 
-    if a.domain not in DOMAINS:
+    if a.domain not in DOMAINS:  # before minutes of collecting
         raise ValueError(f"--objective artifacts trains the priors the default sampler uses: --domain image or xt, "
                          f"not {a.domain!r}")
-    from .data import is_pack
-
     if Path(a.data).is_file() and is_pack(Path(a.data)):  # a pack holds training patients only (ddugm pack)
         files = [Path(a.data)]
     else:

@@ -272,14 +272,30 @@ class ScoreFunction:
         outs = []
         with stage("network", b), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
             for part, sp in zip(x.split(chunk), s.split(chunk)):
-                h = torch.view_as_real(part).permute(0, 3, 1, 2)
-                if py or px:
-                    h = F.pad(h, (px // 2, px - px // 2, py // 2, py - py // 2))
                 if self._graphs:  # the last call's output was already copied out: its graph memory may be reused
                     torch.compiler.cudagraph_mark_step_begin()
-                outs.append(self._forward(h, sp).float()[:, :, py // 2: py // 2 + ny, px // 2: px // 2 + nx])
+                outs.append(complex_score(self._forward, part, sp, self.divisor))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return torch.complex(out[:, 0], out[:, 1])
+
+
+def complex_score(forward, x: torch.Tensor, sigma: torch.Tensor, divisor: int) -> torch.Tensor:
+    """``forward`` (a network) on complex frames ``[B, y, x]`` of any size: zero-padded to a
+    multiple of ``divisor`` and cropped back; the score as real ``[B, 2, y, x]`` (float32).
+    Gradients flow where the caller allows them (fine-tuning: :mod:`ddugm_core.artifacts`)."""
+    _, ny, nx = x.shape
+    py, px = (-ny) % divisor, (-nx) % divisor
+    h = torch.view_as_real(x).permute(0, 3, 1, 2)
+    if py or px:
+        h = F.pad(h, (px // 2, px - px // 2, py // 2, py - py // 2))
+    return forward(h, sigma).float()[:, :, py // 2: py // 2 + ny, px // 2: px // 2 + nx]
+
+
+def cycle_pad(x: torch.Tensor, divisor: int) -> torch.Tensor:
+    """Frames ``[T, ...]`` continued around the cardiac cycle (frame T is frame 0 again) to a
+    multiple of ``divisor`` frames, as the plane prior's training planes wrap."""
+    t = x.shape[0]
+    return x[torch.arange(-(-t // divisor) * divisor, device=x.device) % t]
 
 
 PLANES = ("both", "xt", "yt")
@@ -304,8 +320,7 @@ class PlaneScore:
         if planes not in PLANES:
             raise ValueError(f"planes must be one of {PLANES}, got {planes!r}")
         t = x.shape[0]
-        tp = -(-t // self.divisor) * self.divisor
-        xp = x[torch.arange(tp, device=x.device) % t]
+        xp = cycle_pad(x, self.divisor)
         out = []
         if planes != "yt":
             out.append(self.score(xp.permute(1, 0, 2).contiguous(), sigma).permute(1, 0, 2))   # x-t planes

@@ -81,4 +81,3 @@ def geometry_from_header(header, encoding: int = 0) -> Geometry:
         trajectory=str(traj), coils=int(coils) if coils else None,
         repetitions=(rep[2] + 1) if rep is not None else 1,
     )
-
