@@ -222,9 +222,13 @@ def train_artifacts(a) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     log = (lambda m: None) if a.quiet else (lambda m: print(m, flush=True))
+    from .reconstruction import ReconConfig
+
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    cases = collect(files, a.collect_minutes, seed=a.seed, device=device, max_cases=a.collect_cases, log=log)
     init = a.init or DEFAULT_WEIGHTS[a.domain]
+    config = ReconConfig(device=device, **{f"{a.domain}_weights": str(init)})  # the sampler runs with the prior trained
+    cases = collect(files, a.collect_minutes, seed=a.seed, config=config, device=device, max_cases=a.collect_cases,
+                    log=log)
     return finetune(a.domain, init, cases, a.out or f"runs/{a.domain}_artifacts", minutes=a.minutes, steps=a.steps,
                     lr=a.lr, seed=a.seed, device=device, log=log,
                     settings={"data": str(a.data), "collect_minutes": a.collect_minutes,
