@@ -49,23 +49,29 @@ def aligned_truth(x: torch.Tensor, truth: torch.Tensor, box: int = 9) -> torch.T
     return scale * truth * phase
 
 
-def series_from(files):
-    """``(name, magnitude frames [T, y, x], key)`` of ``files``: of each file its middle slice, then
+def series_from(files, pack_rounds: int = 8):
+    """``(name, magnitude frames [T, y, x], key, group)`` of ``files``: of each file its middle slice, then
     (a second and third round) the slices two below and two above; a training pack
-    (``ddugm pack``'s ``cycles.npz``: whole cardiac cycles) gives each of its series once.
-    ``key`` numbers the series for their seeds."""
+    (``ddugm pack``'s ``art.npz`` or ``cycles.npz``: whole cardiac cycles) gives each of its
+    series once per round, up to ``pack_rounds`` rounds (another mask, coils and noise each
+    round: a GPU collects faster than a small pack lasts). ``key`` numbers the cases for their seeds;
+    ``group``: the file (patient) or the pack's series, so that held-out cases share nothing with
+    the training cases."""
     from .data import is_pack, load_series, read_array, series_of
 
     packs = [f for f in files if is_pack(f)]
     for f in packs:
-        for i, s in enumerate(load_series([f])):
-            yield f"{Path(f).stem}_{i}", s.abs().numpy(), 10_000 + i
+        series = load_series([f])
+        for r in range(pack_rounds):
+            for i, s in enumerate(series):
+                yield (f"{Path(f).stem}_{i}" + (f"_r{r}" if r else ""), s.abs().numpy(), 10_000 + r * len(series) + i,
+                       f"{Path(f).stem}_{i}")
     others = [f for f in files if f not in packs]
     for offset in (0, -2, 2):
         for j, f in enumerate(others):
             stack = series_of(read_array(f))
             z = min(max(len(stack) // 2 + offset, 0), len(stack) - 1)
-            yield f"{Path(f).stem}_z{z}", np.abs(stack[z]), 1000 * (offset + 2) + j
+            yield f"{Path(f).stem}_z{z}", np.abs(stack[z]), 1000 * (offset + 2) + j, Path(f).stem
 
 
 def collect(files, minutes: float, accels=(6.0, 8.0, 10.0), coils: int = 8, noise: float = 0.005, seed: int = 0,
@@ -79,7 +85,7 @@ def collect(files, minutes: float, accels=(6.0, 8.0, 10.0), coils: int = 8, nois
     rec = Reconstructor(config or ReconConfig(device=device), device=device)
     rng = np.random.default_rng(seed)
     out, t0 = [], time.perf_counter()
-    for name, frames, key in series_from(files):
+    for name, frames, key, group in series_from(files):
         if time.perf_counter() - t0 > minutes * 60 or (max_cases and len(out) >= max_cases):
             return out
         if frames.shape[0] < 2:
@@ -97,7 +103,7 @@ def collect(files, minutes: float, accels=(6.0, 8.0, 10.0), coils: int = 8, nois
             pairs.append((x * turn, aligned_truth(x, t) * turn, float(e["sigma"])))
 
         rec.recon(case.kspace, case.mask, seed=0, trace=keep)
-        out.append({"name": case.name, "accel": accel, "pairs": pairs})
+        out.append({"name": case.name, "group": group, "accel": accel, "pairs": pairs})
         log(f"collected {len(out)}: {case.name}, R = {accel:g}, {len(pairs)} levels, "
             f"{time.perf_counter() - t0:.0f} s")
     return out
@@ -135,11 +141,15 @@ def denoiser_error_ratio(net, cases, domain: str, amp: bool = False) -> dict:
 
 def finetune(domain: str, init, cases: list[dict], out, minutes: float = 0.0, steps: int = 0, lr: float = 1e-4,
              batch: int = 8, dsm_share: float = 0.2, ema: float = 0.998, holdout: int = 8, seed: int = 0,
-             amp: bool | None = None, settings: dict | None = None, device: str = "cpu", log=print) -> dict:
+             amp: bool | None = None, settings: dict | None = None, device: str = "cpu", save_minutes: float = 0.0,
+             log=print) -> dict:
     """Fine-tune the network in ``init`` on ``cases`` (:func:`collect`) for ``minutes`` of wall
     clock or ``steps``; write ``out/DOMAIN.safetensors`` (the EMA weights), ``DOMAIN_loss.csv``
     and ``DOMAIN_settings.json``; return a summary with the denoiser's error ratio on the last
-    ``holdout`` cases (training patients left out of the fine-tuning) before and after."""
+    ``holdout`` cases before and after (cases of the same patient or series as a held-out one,
+    ``group``, are left out of the fine-tuning too).
+    ``save_minutes`` > 0 also writes the weights (atomically) that often, so a run killed from
+    outside (a time box) keeps most of its work."""
     if domain not in DOMAINS:
         raise ValueError(f"--objective artifacts trains the priors the default sampler uses: domain image or xt, "
                          f"not {domain!r}")
@@ -148,7 +158,11 @@ def finetune(domain: str, init, cases: list[dict], out, minutes: float = 0.0, st
     cases = [c for c in cases if c["pairs"]]
     if len(cases) <= holdout:
         raise ValueError(f"{len(cases)} collected cases: need more than the {holdout} held out (collect longer)")
-    hold, train = cases[-holdout:], cases[:-holdout]
+    hold = cases[-holdout:]
+    held = {c.get("group", c["name"]) for c in hold}
+    train = [c for c in cases[:-holdout] if c.get("group", c["name"]) not in held]
+    if not train:
+        raise ValueError(f"every collected case shares its patient with one of the {holdout} held out (collect longer)")
     torch.manual_seed(seed)
     dev = torch.device(device)
     net = load_model(init, dev, expect_domain=domain).train().to(memory_format=torch.channels_last)
@@ -160,6 +174,11 @@ def finetune(domain: str, init, cases: list[dict], out, minutes: float = 0.0, st
     log(f"held-out error ratio |D(x) - truth|^2 / |x - truth|^2 by sigma, before: {before}")
     g = torch.Generator().manual_seed(seed)
     curve, step, t0 = [], 0, time.perf_counter()
+    out = Path(out)
+    info = {"objective": "artifacts", "domain": domain, "init": str(init), "lr": lr, "batch": batch,
+            "dsm_share": dsm_share, "ema": ema, "seed": seed, "cases": len(train), "holdout_cases": len(hold),
+            "holdout_error_ratio_before": before, **(settings or {})}
+    saved = t0
     lo, hi = np.log(0.005), np.log(0.3)
     while (not steps or step < steps) and (not minutes or time.perf_counter() - t0 < minutes * 60):
         c = train[int(torch.randint(len(train), (1,), generator=g))]
@@ -188,14 +207,14 @@ def finetune(domain: str, init, cases: list[dict], out, minutes: float = 0.0, st
         if step % 100 == 0:
             log(f"step {step}: artifact loss {np.mean([r[2] for r in curve[-100:]]):.4f}, "
                 f"{time.perf_counter() - t0:.0f} s")
+        if save_minutes and time.perf_counter() - saved > save_minutes * 60:
+            save_model(out / f"{domain}.safetensors", avg, domain, {**info, "steps": step, "partial": True})
+            saved = time.perf_counter()
     after = denoiser_error_ratio(avg, hold, domain, amp)
     log(f"after {step} steps: {after}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    info = {"objective": "artifacts", "domain": domain, "init": str(init), "steps": step, "lr": lr, "batch": batch,
-            "dsm_share": dsm_share, "ema": ema, "seed": seed, "cases": len(train), "holdout_cases": len(hold),
-            "holdout_error_ratio_before": before, "holdout_error_ratio_after": after, **(settings or {})}
+    info = {**info, "steps": step, "holdout_error_ratio_after": after}
     save_model(out / f"{domain}.safetensors", avg, domain, info)
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{domain}_loss.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["step", "seconds", "artifact_loss", "loss"])
@@ -230,6 +249,7 @@ def train_artifacts(a) -> dict:
     cases = collect(files, a.collect_minutes, seed=a.seed, config=config, device=device, max_cases=a.collect_cases,
                     log=log)
     return finetune(a.domain, init, cases, a.out or f"runs/{a.domain}_artifacts", minutes=a.minutes, steps=a.steps,
-                    lr=a.lr, seed=a.seed, device=device, log=log,
+                    lr=a.lr, batch=a.batch, holdout=a.holdout_cases, seed=a.seed, device=device,
+                    save_minutes=a.save_minutes, log=log,
                     settings={"data": str(a.data), "collect_minutes": a.collect_minutes,
                               "collect_cases": a.collect_cases, "accels": [6, 8, 10], "coils": 8, "noise": 0.005})

@@ -63,20 +63,27 @@ def _train_parser(sub):
     p.add_argument("--collect-minutes", type=float, default=10.0,
                    help="artifacts: minutes spent reconstructing training cases to learn from (default: %(default)s)")
     p.add_argument("--collect-cases", type=int, default=0, help="artifacts: at most this many cases (0: no limit)")
+    p.add_argument("--holdout-cases", type=int, default=8,
+                   help="artifacts: the last N collected cases (and their patients) are kept out of the fine-tuning "
+                        "to measure it (default: %(default)s)")
 
 
 def _pack_parser(sub):
     p = sub.add_parser("pack", help="write the training patients' frames into one small file for a machine "
                                     "without the data folder (and the validation patients into another)")
     p.add_argument("out", help="output folder: train.npz (training patients' frames), cycles.npz (training "
-                               "patients' whole cardiac cycles, for the xt prior), val.npz and val_cycles.npz "
-                               "(validation patients)")
+                               "patients' whole cardiac cycles, for the xt prior), art.npz (their middle slices at "
+                               "full size, for --objective artifacts), val.npz and val_cycles.npz (validation "
+                               "patients)")
     p.add_argument("--data", default="../shared/data/acdc_cine", help="folder of ACDC files or frame stacks")
-    p.add_argument("--max-mb", type=float, default=28.0, help="size limit of train.npz in MiB (default: %(default)s)")
-    p.add_argument("--cycles-mb", type=float, default=16.0,
+    p.add_argument("--max-mb", type=float, default=21.0, help="size limit of train.npz in MiB (default: %(default)s)")
+    p.add_argument("--cycles-mb", type=float, default=12.0,
                    help="size limit of cycles.npz in MiB (0: none written; default: %(default)s)")
     p.add_argument("--cycles-crop", type=int, default=64,
                    help="cycles.npz keeps the central N x N pixels of every phase (default: %(default)s)")
+    p.add_argument("--art-mb", type=float, default=14.0,
+                   help="size limit of art.npz (training patients' middle slices, whole cycles at full size: the "
+                        "cases of `train --objective artifacts`; 0: none written; default: %(default)s)")
     p.add_argument("--stride", type=int, default=0, help="keep every N-th cardiac phase (0: the smallest that fits)")
     p.add_argument("--val-series", type=int, default=3, help="validation cines kept whole for evaluation (default: 3)")
 
@@ -97,6 +104,8 @@ def _run_pack(a) -> int:
     if a.cycles_mb > 0:
         info["cycles"] = write_pack(train, out / "cycles.npz", a.cycles_mb, whole_cycles=True, crop=a.cycles_crop)
         info["val_cycles"] = write_pack(val, out / "val_cycles.npz", 2.0, whole_cycles=True, crop=a.cycles_crop)
+    if a.art_mb > 0:
+        info["art"] = write_pack(train, out / "art.npz", a.art_mb, whole_cycles=True, slices=(0,))
     cines, names = [], []
     for f in val[:a.val_series]:  # mid slice, first 12 phases, float16: the GPU run's reconstruction check
         stack = series_of(read_array(f))
@@ -124,6 +133,8 @@ def _run_train(a) -> int:
 
         if a.lr == TrainConfig().lr:  # not set: fine-tuning takes a smaller step
             a.lr = 1e-4
+        if a.batch == TrainConfig().batch:  # not set: 8 planes or frames of one case per step
+            a.batch = 8
         if not a.minutes and a.steps == TrainConfig().steps:
             a.steps = 0
             a.minutes = 9.0

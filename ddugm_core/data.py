@@ -120,7 +120,7 @@ def read_pack(path: Path) -> torch.Tensor:
 
 
 def write_pack(files: list[Path], out: Path, max_mb: float = 40.0, stride: int = 0, max_frames: int = 0,
-               whole_cycles: bool = False, crop: int = 0) -> dict:
+               whole_cycles: bool = False, crop: int = 0, slices: tuple = ()) -> dict:
     """Frames of ``files`` (whole patients) in one compressed ``.npz`` of at most ``max_mb`` MiB
     for a machine without the data folder.
 
@@ -130,11 +130,15 @@ def write_pack(files: list[Path], out: Path, max_mb: float = 40.0, stride: int =
     (neighbouring phases are nearly alike); with ``stride=0`` the smallest stride whose file
     fits ``max_mb`` is chosen. With ``whole_cycles`` (for the spatio-temporal plane prior,
     which needs every phase) every ``stride``-th series is kept instead, all its phases.
-    ``crop`` > 0 keeps the central ``crop`` x ``crop`` pixels (where the heart is). Returns
+    ``crop`` > 0 keeps the central ``crop`` x ``crop`` pixels (where the heart is). ``slices``
+    (offsets from the middle slice, e.g. ``(0,)``) keeps only those slices of each file. Returns
     what was written (frames, stride, size, quantisation error)."""
     series = []
     for path in files:
-        for s in series_of(read_array(path)):
+        stack = series_of(read_array(path))
+        if slices:
+            stack = [stack[z] for z in sorted({min(max(len(stack) // 2 + o, 0), len(stack) - 1) for o in slices})]
+        for s in stack:
             s = np.abs(s).astype(np.float32) if np.iscomplexobj(s) else s.astype(np.float32)
             scale = robust_scale(s)
             if np.isfinite(s).all() and scale > 0:

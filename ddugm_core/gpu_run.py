@@ -1,9 +1,10 @@
-"""One command for a short GPU window: ``python -m ddugm_core.gpu_run OUT [--minutes 9] [--train image,xt]``.
+"""One command for a short GPU window: ``python -m ddugm_core.gpu_run OUT [--minutes 9] [--train image_art,xt_art]``.
 
 Made for a machine that has PyTorch with CUDA, numpy, scipy, safetensors, tqdm and pyyaml,
 but neither the data folder, nor gadgetron / ismrmrd, nor a network: it needs only this
-tree and a training pack (``ddugm pack runs/pack``: ``runs/pack/train.npz`` with the training
-patients, ``runs/pack/val.npz`` with the validation patients; carry ``runs/pack`` along).
+tree and a training pack (``ddugm pack runs/pack``: ``train.npz``, ``cycles.npz`` and
+``art.npz`` with the training patients, ``val.npz`` and ``val_cycles.npz`` with the validation
+patients; carry ``runs/pack`` along).
 
 Stages, each time-boxed and independent of the others' failure (a stage that fails or runs
 out of time is recorded as such and the next one runs):
@@ -14,19 +15,27 @@ b. ``bench``: ``bench --device cuda`` on the three standard cases (eager); ``ben
    same with ``amp: false`` (float32 networks: bf16's PSNR against it);
 c. ``train``: the trainings side by side on the one GPU (small networks are launch-bound,
    so they share it well) for the time left: the image prior continued from the committed
-   weights, a wider image prior (nf 48) from scratch, the k-space prior continued, and the
-   spatio-temporal plane prior (``xt``; continued where one is committed) where the pack has
-   ``cycles.npz``;
-d. ``compare``: one-step denoising PSNR at sigma 0.02 / 0.05 / 0.1 and validation DSM loss of
+   weights (``image``), a wider image prior (nf 48) from scratch (``image_wide``), the k-space
+   prior continued (``kspace``), the spatio-temporal plane prior (``xt``; continued where one
+   is committed) where the pack has ``cycles.npz``, and the artifact fine-tuning of the
+   committed image and plane priors (``image_art``, ``xt_art``: ``train --objective
+   artifacts`` on cases reconstructed from the pack's ``art.npz``, 45 % of the time collecting,
+   40 % fine-tuning);
+d. ``outputs`` (right after training, so that a run cut short still brings the weights back):
+   the new weights as float16 safetensors with their settings in the metadata, their loss
+   curves in ``summary.json``;
+e. ``compare``: one-step denoising PSNR at sigma 0.02 / 0.05 / 0.1 and validation DSM loss of
    every new and committed network; DD-UGM PSNR on 3 validation cines at R = 8 with the
-   committed pair, the best new image prior with the new k-space prior, and each new prior
-   alone, with the default preset (pnp: image prior only) and the dual preset (both priors);
-   with a new plane prior also the default preset with it in place of the committed one
-   (``new_xt``, the committed image prior);
-e. ``compile``: ``bench --device cuda`` with ``compile: true`` (last: it may be long);
-f. OUT gets at most 8 files of at most 16 MiB: ``summary.json`` (every stage's status, times,
-   results), ``log.txt``, ``losses.json`` and the new weights as float16 safetensors with
-   their settings in the metadata.
+   default preset (image prior blended with the plane prior): the committed priors, each new
+   prior in place of its committed one, the best new image prior with the best new plane
+   prior (``best_pair``); with the dual preset (image + k-space priors): the committed pair,
+   the new k-space prior alone and with the best new image prior (``new``). Runs that would
+   leave the stage under a minute are skipped, and say so;
+f. ``compile``: ``bench --device cuda`` with ``compile: true`` (last: it may be long).
+
+OUT gets at most 8 files of at most 16 MiB: ``summary.json`` (every stage's status, times,
+results, loss curves), ``log.txt`` and the new weights. The training's time is what is left
+after the stages chosen to follow it (``--stages``) have their budgets.
 
 ``--dry-run`` runs the same stages on the CPU with tiny networks, a tiny budget and small
 bench cases: the test suite does that, so the script cannot rot between GPU windows.
@@ -179,8 +188,29 @@ def _xt_job(run: Run) -> dict:
                           *init])}
 
 
+TRAININGS = ("image", "image_wide", "kspace", "xt", "image_art", "xt_art")
+ART_SHARE = (0.45, 0.4)  # an artifact job's time: collecting cases, then fine-tuning (the rest: loading, measuring)
+
+
+def _art_jobs(run: Run) -> dict:
+    """The artifact fine-tuning (``train --objective artifacts``) of the committed image and plane
+    priors on cases reconstructed from the pack's ``art.npz`` (training patients' middle slices at
+    full size; ``cycles.npz``'s 64 x 64 crops where an older pack has no ``art.npz``)."""
+    data = run.pack / "art.npz" if (run.pack / "art.npz").is_file() else run.pack / "cycles.npz"
+    if not data.is_file():
+        return {}
+    common = ["--objective", "artifacts", "--data", data]
+    if run.dry:  # the shipped networks on a few tiny cases: the plumbing
+        common += ["--collect-cases", "3", "--collect-minutes", "1", "--holdout-cases", "1", "--threads", "1"]
+    else:
+        common += ["--batch", "32"]
+    return {f"{d}_art": (d, [*common, "--init", WEIGHTS / f"{d}.safetensors"]) for d in ("image", "xt")
+            if (WEIGHTS / f"{d}.safetensors").is_file()}
+
+
 def _train_jobs(run: Run) -> dict:
-    """name -> (domain, arguments): continue the committed nets, a wider image net, the plane prior."""
+    """name -> (domain, arguments): continue the committed nets, a wider image net, the plane prior,
+    and the artifact fine-tuning of the image and plane priors (``image_art``, ``xt_art``)."""
     data = ["--data", run.pack / "train.npz", "--val-data", run.pack / "val.npz"]
     if run.dry:
         tiny = ["--nf", "8", "--ch-mult", "1,2", "--attn", "", "--size", "16", "--batch", "4", "--threads", "1"]
@@ -189,9 +219,9 @@ def _train_jobs(run: Run) -> dict:
                                          "--sigma-mean", "-3.0"]),
                 "kspace": ("kspace", [*data, *tiny, "--sigma-min", "0.0005", "--sigma-dist", "lognormal",
                                       "--sigma-mean", "-4.6"]),
-                **_xt_job(run)}
+                **_xt_job(run), **_art_jobs(run)}
     image_net = ["--nf", "16", "--ch-mult", "1,2,2,2", "--attn", "16", "--size", "64"]
-    return {**_xt_job(run),
+    return {**_xt_job(run), **_art_jobs(run),
         # the committed image prior, continued; noise levels weighted towards those the default preset uses
         "image": ("image", [*data, *image_net, "--init", WEIGHTS / "image.safetensors", "--batch", "64", "--lr",
                             "2e-4", "--warmup", "50", "--sigma-dist", "lognormal", "--sigma-mean", "-3.0"]),
@@ -220,8 +250,12 @@ def stage_train(run: Run, budget: float, only: list | None = None) -> dict:
         out = run.work / f"train_{name}"
         if out.exists():
             shutil.rmtree(out)
-        cmd = [sys.executable, "-m", "ddugm_core.cli", "train", "--domain", domain, "--out", out, "--minutes",
-               f"{minutes:.3f}", "--steps", "10000000", "--log-every", "10" if run.dry else "100",
+        if "artifacts" in args:  # collect, then fine-tune, in the same time
+            timing = ["--collect-minutes", f"{ART_SHARE[0] * minutes:.3f}", "--minutes", f"{ART_SHARE[1] * minutes:.3f}"]
+        else:
+            timing = ["--minutes", f"{minutes:.3f}"]
+        cmd = [sys.executable, "-m", "ddugm_core.cli", "train", "--domain", domain, "--out", out, *timing,
+               "--steps", "10000000", "--log-every", "10" if run.dry else "100",
                "--save-minutes", "1", "--device", run.device, "--quiet", "--no-resume", *args]
         run.note(f"train {name}: {' '.join(map(str, cmd))}")
         log = open(run.work / f"train_{name}.log", "w")
@@ -243,6 +277,8 @@ def stage_train(run: Run, budget: float, only: list | None = None) -> dict:
             r.update(json.loads(text.strip().splitlines()[-1]))
         except (ValueError, IndexError):
             pass
+        if "steps" in r and "step" not in r:  # the artifact objective's summary
+            r["step"] = r["steps"]
         r["weights"] = str(out / f"{jobs[name][0]}.safetensors") if (out / f"{jobs[name][0]}.safetensors").is_file() \
             else None
         result["runs"][name] = r
@@ -265,7 +301,7 @@ def stage_compare(run: Run, trained: dict) -> dict:
     from .checkpoints import load_model
     from .data import FrameSampler, PlaneSampler, load_series
     from .evaluate import frame_metrics, make_truth, simulate_case
-    from .reconstruction import PRESETS, ReconConfig, Reconstructor
+    from .reconstruction import ReconConfig, Reconstructor
     from .sde import VESDE
     from .training import denoise_psnr, dsm_loss
 
@@ -299,46 +335,60 @@ def stage_compare(run: Run, trained: dict) -> dict:
     def score(name):  # mean denoised PSNR over the three sigmas
         return float(np.mean([v["denoised_db"] for v in result["denoise"][name].values()]))
 
-    images = [n for n in candidates if candidates[n][0] == "image" and n != "image_committed"]
-    best_image = max(images, key=score) if images else None
-    result["best_new_image"] = best_image
     with np.load(run.pack / "val.npz") as z:
         cines = [(str(n), np.asarray(c, np.float32)) for n, c in zip(z["cine_names"], z["cines"])]
     if run.dry:
         cines = [(n, c[:4, :32, :32]) for n, c in cines[:1]]
-    pairs = {"committed": ("image_committed", "kspace_committed")}
-    if best_image and "kspace" in candidates:
-        pairs["new"] = (best_image, "kspace")
-    if best_image:
-        pairs["new_image_only"] = (best_image, "kspace_committed")
-    if "kspace" in candidates:
-        pairs["new_kspace_only"] = ("image_committed", "kspace")
-    # the default preset blends the committed plane prior in wherever it is committed ("committed",
-    # "new", "new_image_only"); "new_xt" changes only the plane prior: the committed image prior + the new one
-    xt_pairs = {"new_xt": ("image_committed", "xt")} if "xt" in candidates else {}
-    psnrs, psnrs_dual = {}, {}
     small = {"steps": 2, "ls_iters": 3, "llr_iters": 3, "pnp_inner": 1} if run.dry else {}
-    # the default preset (pnp) uses only the image prior; the dual preset measures the k-space prior too
-    runs = [(p, pair, im, ks) for p in ("default", "dual") for pair, (im, ks) in pairs.items()
-            if not (p == "default" and pair == "new_kspace_only")]  # the default preset has no k-space network
-    runs += [("default", pair, im, xt) for pair, (im, xt) in xt_pairs.items()]
-    for preset, pair, im, second in runs:
-        table = psnrs if preset == "default" else psnrs_dual
+    committed_xt = candidates.get("xt_committed", (None, ""))[1]
+
+    def psnr_r8(preset, image, second):
+        """DD-UGM PSNR at R = 8 on the validation cines; ``second``: the plane prior (default preset)
+        or the k-space prior (dual preset)."""
         extra = {}
-        if domain_of(second) == "xt":
-            blend = float(PRESETS["default"]["pnp_xt_weight"]) or 0.5
-            extra = {"xt_weights": str(candidates[second][1]), "pnp_xt_weight": blend}
+        if preset == "default":
+            extra = {"xt_weights": str(candidates[second][1]) if second else str(committed_xt)}
             second = "kspace_committed"
-        cfg = ReconConfig(image_weights=str(candidates[im][1]), kspace_weights=str(candidates[second][1]),
+        cfg = ReconConfig(image_weights=str(candidates[image][1]), kspace_weights=str(candidates[second][1]),
                           device=run.device, preset=preset, **small, **extra)
         rec = Reconstructor(cfg)
         values = []
         for i, (name, cine) in enumerate(cines):
             case = simulate_case(name, make_truth(cine, seed=i), 8.0, 2 if run.dry else 8, 0.005, seed=i)
-            x = rec.recon(case.kspace, case.mask, None, seed=0)
-            values += frame_metrics(case.truth, x)["psnr"]
-        table[pair] = round(float(np.mean(values)), 3)
-        run.note(f"compare: DD-UGM ({preset} preset) R=8 on {len(cines)} validation cines, {pair}: {table[pair]} dB")
+            values += frame_metrics(case.truth, rec.recon(case.kspace, case.mask, None, seed=0))["psnr"]
+        return round(float(np.mean(values)), 3)
+
+    # the default preset (pnp: the image prior, blended with the plane prior where one is committed): the
+    # committed priors, then each new prior in place of its committed one, then the best new image prior
+    # with the best new plane prior; the dual preset (image + k-space priors) measures the k-space prior
+    new_images = [n for n in candidates if domain_of(n) == "image" and n != "image_committed"]
+    new_xts = [n for n in candidates if domain_of(n) == "xt" and n != "xt_committed"]
+    runs = [("default", "committed", "image_committed", None)]
+    runs += [("default", n, n, None) for n in new_images] + [("default", n, "image_committed", n) for n in new_xts]
+    psnrs, psnrs_dual = {}, {}
+    for preset, label, image, second in runs:
+        if run.left() < 60 and label != "committed":  # leave the compile bench and the summary their time
+            run.note(f"compare: {label} skipped (time)")
+            continue
+        psnrs[label] = psnr_r8(preset, image, second)
+        run.note(f"compare: DD-UGM (default preset) R=8 on {len(cines)} validation cines, {label}: {psnrs[label]} dB")
+        run.save()
+    best_image = max((n for n in new_images if n in psnrs), key=psnrs.get, default=None)
+    best_xt = max((n for n in new_xts if n in psnrs), key=psnrs.get, default=None)
+    result["best_new_image"], result["best_new_xt"] = best_image, best_xt
+    pairs = [("default", "best_pair", best_image, best_xt)] if best_image and best_xt else []
+    pairs.append(("dual", "committed", "image_committed", "kspace_committed"))
+    if "kspace" in candidates:
+        pairs.append(("dual", "new_kspace_only", "image_committed", "kspace"))
+        if best_image:
+            pairs.append(("dual", "new", best_image, "kspace"))
+    for preset, label, image, second in pairs:
+        if run.left() < 60:
+            run.note(f"compare: {preset} {label} skipped (time)")
+            continue
+        table = psnrs if preset == "default" else psnrs_dual
+        table[label] = psnr_r8(preset, image, second)
+        run.note(f"compare: DD-UGM ({preset} preset) R=8 on {len(cines)} validation cines, {label}: {table[label]} dB")
         run.save()
     result["ddugm_psnr_r8"] = psnrs
     result["ddugm_dual_psnr_r8"] = psnrs_dual
@@ -364,14 +414,13 @@ def stage_outputs(run: Run) -> dict:
         dst = run.out / f"{name}.safetensors"
         save_model(dst, net, domain, json.loads(meta.get("settings", "{}")), dtype=torch.float16)
         written.append(dst.name)
-        csv_path = Path(w).parent / "loss.csv"
+        csv_path = Path(w).parent / ("loss.csv" if "artifacts" not in meta.get("settings", "") else f"{domain}_loss.csv")
         if csv_path.is_file():
             losses[name] = list(csv.DictReader(open(csv_path)))
         den = Path(w).parent / "denoise.json"
         if den.is_file():
             losses[f"{name}_denoise"] = json.loads(den.read_text())
-    (run.out / "losses.json").write_text(json.dumps(losses, indent=1))
-    written.append("losses.json")
+    run.summary["losses"] = losses  # in summary.json: six trainings' weights + summary + log = 8 files
     return {"files": written}
 
 
@@ -393,11 +442,11 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run")
     ap.add_argument("--dry-run", action="store_true", help="tiny networks and cases: checks the script on a CPU")
     ap.add_argument("--train", default="",
-                    help="which trainings to run (comma-separated among image, image_wide, kspace, xt; default: "
-                         "all): fewer share the GPU for more steps each")
-    ap.add_argument("--stages", default="env,bench,bench_fp32,train,compare,compile,outputs",
+                    help=f"which trainings to run (comma-separated among {', '.join(TRAININGS)}; default: all): "
+                         "fewer share the GPU for more steps each")
+    ap.add_argument("--stages", default="env,bench,bench_fp32,train,outputs,compare,compile",
                     help="which stages to run, in their fixed order (default: all); e.g. compare alone measures "
-                         "the committed weights")
+                         "the committed weights, env,train,outputs,compare gives the training the benches' time")
     a = ap.parse_args(argv)
     out = Path(a.out)
     if out.exists():
@@ -422,20 +471,21 @@ def main(argv=None) -> int:
         "bench": lambda: stage_bench(run, False, budgets["bench"]),
         "bench_fp32": lambda: stage_bench(run, False, budgets["bench_fp32"], fp32=True),
         "train": lambda: stage_train(run, train_budget if a.dry_run else
-                                     max(30.0, run.left() - budgets["compare"] - budgets["compile"] - 20),
+                                     max(30.0, run.left() - sum(budgets[k] for k in ("compare", "compile")
+                                                                if k in chosen) - 20),
                                      [x.strip() for x in a.train.split(",") if x.strip()]),
+        "outputs": lambda: stage_outputs(run),  # the weights first: a run cut short still brings them back
         "compare": lambda: stage_compare(run, run.summary["stages"].get("train") or {}),
         "compile": lambda: stage_bench(run, True, min(budgets["compile"], run.left() - 20)),
-        "outputs": lambda: stage_outputs(run),
     }
     chosen = [x.strip() for x in a.stages.split(",") if x.strip()]
     unknown = sorted(set(chosen) - set(stages))
     if unknown:
         print(f"gpu_run: unknown stage(s) {unknown}; choose from {', '.join(stages)}", file=sys.stderr)
         return 2
-    unknown = sorted({x.strip() for x in a.train.split(",") if x.strip()} - {"image", "image_wide", "kspace", "xt"})
+    unknown = sorted({x.strip() for x in a.train.split(",") if x.strip()} - set(TRAININGS))
     if unknown:
-        print(f"gpu_run: unknown training(s) {unknown}; choose from image, image_wide, kspace, xt", file=sys.stderr)
+        print(f"gpu_run: unknown training(s) {unknown}; choose from {', '.join(TRAININGS)}", file=sys.stderr)
         return 2
     for name, fn in stages.items():
         if name in chosen:

@@ -100,6 +100,19 @@ def test_collect_from_a_pack_of_whole_cycles(tmp_path, tiny_config):
     write_pack(files, pack, whole_cycles=True, stride=1)
     cfg = tiny_config
     cfg.coil_refine = 0
-    cases = collect([pack], minutes=5, accels=(4.0,), coils=4, seed=1, config=cfg, log=lambda m: None)
-    assert [c["name"] for c in cases] == ["cycles_0", "cycles_1"]  # each series once
+    cases = collect([pack], minutes=5, accels=(4.0,), coils=4, seed=1, config=cfg, max_cases=3, log=lambda m: None)
+    assert [c["name"] for c in cases] == ["cycles_0", "cycles_1", "cycles_0_r1"]  # each series once a round
+    assert [c["group"] for c in cases] == ["cycles_0", "cycles_1", "cycles_0"]
     assert all(len(c["pairs"]) == 3 and c["pairs"][0][0].shape == (6, 24, 24) for c in cases)
+    assert not torch.equal(cases[0]["pairs"][0][0], cases[2]["pairs"][0][0])  # another mask, coils and noise
+
+
+def test_held_out_patients_stay_out_of_the_finetuning(tmp_path, tiny_weights):
+    """A held-out case's patient (``group``) is not trained on under another mask either."""
+    cases = _cases(np.random.default_rng(5), 6)
+    for i, c in enumerate(cases):
+        c["group"] = f"p{i % 3}"  # the last two cases' patients (p1, p2) also appear earlier
+    info = finetune("image", tiny_weights["image"], cases, tmp_path, steps=2, holdout=2, log=lambda m: None)
+    assert info["cases"] == 2 and info["holdout_cases"] == 2  # p0's two cases
+    with pytest.raises(ValueError, match="shares its patient"):
+        finetune("image", tiny_weights["image"], cases, tmp_path, steps=2, holdout=3, log=lambda m: None)

@@ -134,6 +134,32 @@ def test_cycles_pack_keeps_every_phase_for_the_plane_prior(frames_dir, tmp_path)
                  str(out / "val.npz"), "--out", str(xt), *TINY]) == 0
 
 
+def test_art_pack_keeps_each_patients_middle_slice_whole(tmp_path):
+    """art.npz (the cases of --objective artifacts on a GPU machine): of each training patient the
+    middle slice, every phase, at full size; the validation patients stay out."""
+    from ddugm_core.data import load_series
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):  # ACDC-like [T, Z, H, W]; slice z holds the value z + 1
+        cine = (np.arange(5)[None, :, None, None] + 1) * (0.5 + rng.random((6, 5, 20, 18)))
+        np.savez(data / f"case{i}.npz", cine=cine.astype(np.float32))
+    out = tmp_path / "pack"
+    assert main(["pack", str(out), "--data", str(data), "--cycles-crop", "8"]) == 0
+    info = json.loads((out / "pack.json").read_text())["art"]
+    assert info["size"] == [20, 18] and info["stride"] == 1 and info["whole_cycles"]
+    train = {p.stem for p in split_files(sorted(data.iterdir()))[0]}
+    assert set(np.load(out / "art.npz")["patients"]) == train and info["series"] == len(train)
+    for s in load_series([out / "art.npz"]):
+        assert s.shape == (6, 20, 18)
+    raw = np.load(data / f"{sorted(train)[0]}.npz")["cine"][:, 2]  # the middle slice
+    ref = raw / np.percentile(raw.mean(0), 99)
+    assert np.abs(load_series([out / "art.npz"])[0].abs().numpy() - ref).max() < ref.max() / 255 + 1e-6
+    assert main(["pack", str(tmp_path / "none"), "--data", str(data), "--art-mb", "0"]) == 0
+    assert not (tmp_path / "none" / "art.npz").exists()
+
+
 def test_training_stops_on_wall_clock_time_and_saves(frames_dir, tmp_path):
     import time as _time
 
@@ -181,14 +207,20 @@ def test_gpu_run_script_dry_run(tmp_path):
     assert s["stages"]["env"]["pytest_gpu"]["status"] == "ok" and s["stages"]["bench"]["status"] == "ok"
     assert s["stages"]["bench_fp32"]["status"] == "ok" and s["stages"]["bench_fp32"]["results"]
     assert all(r["exit"] == 0 and r["step"] > 0 for r in s["stages"]["train"]["runs"].values())
-    psnr = s["stages"]["compare"]["ddugm_psnr_r8"]
-    assert set(psnr) == {"committed", "new", "new_image_only", "new_xt"}  # new_xt: the plane prior blended in
-    assert set(s["stages"]["compare"]["ddugm_dual_psnr_r8"]) == {"committed", "new", "new_image_only", "new_kspace_only"}
+    trainings = {"image": "image", "image_wide": "image", "kspace": "kspace", "xt": "xt", "image_art": "image",
+                 "xt_art": "xt"}
+    assert set(s["stages"]["train"]["runs"]) == set(trainings)
+    art = s["stages"]["train"]["runs"]["xt_art"]
+    assert art["objective"] == "artifacts" and art["cases"] >= 1 and art["holdout_cases"] == 1
+    psnr = s["stages"]["compare"]["ddugm_psnr_r8"]  # each new prior in place of its committed one, the best pair
+    assert set(psnr) == {"committed", "best_pair"} | set(trainings) - {"kspace"}
+    assert s["stages"]["compare"]["best_new_xt"] in {"xt", "xt_art"}
+    assert set(s["stages"]["compare"]["ddugm_dual_psnr_r8"]) == {"committed", "new", "new_kspace_only"}
     assert all(np.isfinite(v) for v in psnr.values())
-    assert set(s["stages"]["train"]["runs"]) == {"image", "image_wide", "kspace", "xt"}
-    assert set(s["stages"]["compare"]["denoise"]) >= {"image", "image_wide", "kspace", "xt"}
-    for name, domain in (("image", "image"), ("image_wide", "image"), ("kspace", "kspace"), ("xt", "xt")):
+    assert set(s["stages"]["compare"]["denoise"]) >= set(trainings)
+    for name, domain in trainings.items():
         load_model(out / f"{name}.safetensors", expect_domain=domain)
+    assert set(s["losses"]) >= set(trainings) and len(s["losses"]["xt_art"]) == art["steps"]
     assert not s["output_problems"]
 
 
