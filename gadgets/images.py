@@ -83,7 +83,7 @@ def frames_to_images(x: np.ndarray, cine, geometry: Geometry, *, complex_output:
             data = np.clip(np.round(mag[f] * scale), 0, INT16_MAX).astype(np.int16)
         else:
             data = mag[f].astype(np.float32)
-        head = image_header(cine.headers[f], f, cine.key, geometry, data.shape, data.dtype,
+        head = image_header(cine.headers[f], cine.frame_offset + f, cine.key, geometry, data.shape, data.dtype,
                             ismrmrd.IMTYPE_COMPLEX if output == "complex" else ismrmrd.IMTYPE_MAGNITUDE,
                             first_index + f, series_index, cine.frame_axis)
         img = ismrmrd.Image(head=head)  # allocates [channels, z, y, x] from the header

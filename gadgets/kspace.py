@@ -50,6 +50,7 @@ class CineData:
     ref_mask: np.ndarray | None = None  # [ky, kx] bool
     notes: list = field(default_factory=list)
     frame_axis: str = "phase"  # the image header index that numbers the frames (phase | repetition)
+    frame_offset: int = 0  # the first frame's index (a block of a real-time series: its first repetition)
 
 
 # ------------------------------------------------------------------ noise prewhitening
@@ -199,14 +200,23 @@ def group_key(acq, axis: str = "phase") -> tuple:
     return tuple(int(getattr(acq.idx, k)) for k in group_names(axis))
 
 
+def block_of(acq, axis: str, block: int) -> int:
+    """The block of a real-time series (``block`` repetitions each; 0: one block) a line belongs to."""
+    return int(acq.idx.repetition) // block if block and axis == "repetition" else 0
+
+
 class AcquisitionCollector:
     """Collects the acquisitions of one group (slice, contrast, repetition, set, average; with
-    ``axis`` ``repetition`` the repetitions are the frames, and the key's repetition is the phase)."""
+    ``axis`` ``repetition`` the repetitions are the frames, and the key's repetition is the phase;
+    with ``block`` > 0 the group holds repetitions ``k * block`` to ``(k + 1) * block - 1``, ``k``
+    the key's last element)."""
 
-    def __init__(self, key: tuple, geometry: Geometry, axis: str = "phase"):
+    def __init__(self, key: tuple, geometry: Geometry, axis: str = "phase", block: int = 0):
         self.key = key
         self.geometry = geometry
         self.axis = axis
+        self.block = block if axis == "repetition" else 0
+        self.offset = key[-1] * self.block if self.block else 0  # the first frame's index
         self.lines = []  # (frame, row, grid [coil, nx], sampled [nx], header, is_image, is_ref)
         self.channels = None
         self.frames = 0  # largest frame index + 1 so far
@@ -237,7 +247,7 @@ class AcquisitionCollector:
         row = int(ky_to_grid(int(acq.idx.kspace_encode_step_1), g.ky_center, g.ny))
         is_ref = flag_set(acq.flags, CALIBRATION) or flag_set(acq.flags, CALIBRATION_AND_IMAGING)
         is_image = not flag_set(acq.flags, CALIBRATION)
-        frame = int(getattr(acq.idx, self.axis))
+        frame = self.frame_of(acq)
         self.lines.append((frame, row, grid, sampled, acq.getHead(), is_image, is_ref))
         self.frames = max(self.frames, frame + 1)
         self.samples += grid.shape[0] * grid.shape[1]
@@ -274,11 +284,16 @@ class AcquisitionCollector:
                 rc[row, sampled] += 1
             ref_mask = rc > 0
             ref[:, ref_mask] /= rc[ref_mask]
-        return CineData(self.key_dict(), k, mask, [best[p][1] for p in range(t)], ref, ref_mask, frame_axis=self.axis)
+        return CineData(self.key_dict(), k, mask, [best[p][1] for p in range(t)], ref, ref_mask, frame_axis=self.axis,
+                        frame_offset=self.offset)
+
+    def frame_of(self, acq) -> int:
+        """The line's frame in this group (its phase, or its repetition within the block)."""
+        return int(getattr(acq.idx, self.axis)) - self.offset
 
     def key_dict(self) -> dict:
-        """The group's indices by name (:func:`group_names`)."""
-        return dict(zip(group_names(self.axis), self.key))
+        """The group's indices by name (:func:`group_names`; ``block`` where a real-time series is split)."""
+        return dict(zip(group_names(self.axis) + (("block",) if self.block else ()), self.key))
 
     def describe(self) -> str:
         return ", ".join(f"{n}={v}" for n, v in self.key_dict().items())

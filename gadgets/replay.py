@@ -239,6 +239,9 @@ def add_parser(sub):
     p.add_argument("--output-type", default=None, help="magnitude | complex")
     p.add_argument("--frame-axis", default=None, help="phase (a cine) | repetition (a real-time series) | auto "
                                                       "(repetition where the header has 1 phase, several repetitions)")
+    p.add_argument("--realtime-block", default=None,
+                   help="a real-time series: repetitions per reconstruction, each block sent when it is complete (0: "
+                        "the whole series, split into even blocks only where the server's limits require)")
     p.add_argument("--seed", default=None)
     p.add_argument("--group", default="dataset", help="HDF5 group of the raw data (default: %(default)s)")
     p.add_argument("--quiet", action="store_true")
@@ -247,7 +250,8 @@ def add_parser(sub):
 def run(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(levelname)s %(message)s")
     overrides = {k: v for k, v in (("method", a.method), ("preset", a.preset), ("steps", a.steps), ("device", a.device),
-                                   ("output", a.output_type), ("seed", a.seed), ("frame_axis", a.frame_axis))
+                                   ("output", a.output_type), ("seed", a.seed), ("frame_axis", a.frame_axis),
+                                   ("realtime_block", a.realtime_block))
                  if v is not None}
     try:
         summary = replay(a.input, a.output, a.config, a.png, overrides, a.group, a.quiet)

@@ -47,6 +47,7 @@ from .kspace import (
     AcquisitionCollector,
     CineData,
     NoiseWhitener,
+    block_of,
     cine_from_recon_bit,
     finalize_images,
     flag_set,
@@ -180,13 +181,16 @@ def coil_maps_from_ref(cine: CineData, cfg: ReconConfig, device):
         return None
 
 
-def check_geometry(g: Geometry, limits: Limits, axis: str = "phase") -> None:
-    """The header's sizes against the operator's limits, before any buffer is made from them."""
+def check_geometry(g: Geometry, limits: Limits, axis: str = "phase", block: int = 0) -> None:
+    """The header's sizes against the operator's limits, before any buffer is made from them
+    (``block``: a real-time series reconstructed that many repetitions at a time)."""
     for what, (x, y) in (("encoded", g.enc_matrix[:2]), ("recon", g.recon_matrix[:2])):
         if max(x, y) > limits.max_matrix:
             raise ValueError(f"the header's {what} matrix {x} x {y} exceeds the server's limit max_matrix = "
                              f"{limits.max_matrix}")
     frames, what = (g.phases, "cardiac phases") if axis == "phase" else (g.repetitions, "repetitions (the frames)")
+    if axis == "repetition" and block:
+        frames, what = block, "repetitions per block (realtime_block)"
     if frames > limits.max_frames:
         raise ValueError(f"the header announces {frames} {what}, more than the server's limit "
                          f"max_frames = {limits.max_frames}")
@@ -195,21 +199,43 @@ def check_geometry(g: Geometry, limits: Limits, axis: str = "phase") -> None:
                          f"max_coils = {limits.max_coils}")
 
 
-def resolve_frame_axis(setting: str, g: Geometry, limits: Limits) -> str:
-    """The acquisition counter that numbers the frames: ``phase`` (a cine: cardiac phases) or
-    ``repetition`` (a real-time series, as real-time cine sequences label their frames). ``auto``
-    takes repetition where the header announces one phase and several repetitions, unless one
-    series of them would exceed the operator's limits (then each repetition alone, with a warning)."""
-    if setting != "auto" or not (g.phases == 1 and g.repetitions > 1):
-        return "phase" if setting == "auto" else setting
-    if g.repetitions > limits.max_frames or (g.coils or 1) * g.repetitions * g.ny * g.nx > limits.max_slice_elements:
-        log.warning("the header announces 1 cardiac phase and %d repetitions, more than one series may hold under the "
-                    "server's limits (max_frames %d, max_slice_elements %d): each repetition is reconstructed on its "
-                    "own", g.repetitions, limits.max_frames, limits.max_slice_elements)
-        return "phase"
-    log.info("the header announces 1 cardiac phase and %d repetitions: the repetitions are the frames (a real-time "
-             "series; frame_axis: phase keeps each repetition a separate image)", g.repetitions)
-    return "repetition"
+def frames_allowed(g: Geometry, limits: Limits) -> int:
+    """The most frames one slice may hold under the limits (frames and k-space samples)."""
+    return min(limits.max_frames, limits.max_slice_elements // max(1, (g.coils or 1) * g.ny * g.nx))
+
+
+def resolve_frame_axis(setting: str, g: Geometry, limits: Limits, block: int = 0) -> tuple[str, int]:
+    """The acquisition counter that numbers the frames, and the block size: ``phase`` (a cine:
+    cardiac phases; block 0) or ``repetition`` (a real-time series, as real-time cine sequences label
+    their frames). ``auto`` takes repetition where the header announces one phase and several
+    repetitions. A real-time series is reconstructed ``block`` repetitions at a time (the setting
+    ``realtime_block``); with 0 as one series, or, where that would exceed the operator's limits,
+    in the fewest blocks of even length that fit (each at least 2 repetitions: else repetition by
+    repetition, with a warning, under ``auto``)."""
+    if setting == "phase" or (setting == "auto" and not (g.phases == 1 and g.repetitions > 1)):
+        return "phase", 0
+    if block or g.repetitions <= 1:
+        return "repetition", block
+    most = frames_allowed(g, limits)
+    if g.repetitions <= most:
+        if setting == "auto":
+            log.info("the header announces 1 cardiac phase and %d repetitions: the repetitions are the frames (a "
+                     "real-time series; frame_axis: phase keeps each repetition a separate image)", g.repetitions)
+        return "repetition", 0
+    if most < 2:
+        if setting == "auto":
+            log.warning("the header announces 1 cardiac phase and %d repetitions, but the server's limits (max_frames "
+                        "%d, max_slice_elements %d) hold fewer than 2 of them at a time: each repetition is "
+                        "reconstructed on its own", g.repetitions, limits.max_frames, limits.max_slice_elements)
+            return "phase", 0
+        return "repetition", 0  # refused by name (check_geometry)
+    n = -(-g.repetitions // most)
+    block = -(-g.repetitions // n)
+    log.warning("the header announces %d repetitions (a real-time series), more than one reconstruction may hold under "
+                "the server's limits (max_frames %d, max_slice_elements %d): reconstructed in %d blocks of %d "
+                "repetitions, each sent when its last repetition arrives", g.repetitions, limits.max_frames,
+                limits.max_slice_elements, n, block)
+    return "repetition", block
 
 
 class ReconSession:
@@ -218,8 +244,8 @@ class ReconSession:
         self.header = header
         self.limits = limits or Limits()
         self.geometry: Geometry = geometry_from_header(header)
-        self.frame_axis = resolve_frame_axis(gs.frame_axis, self.geometry, self.limits)
-        check_geometry(self.geometry, self.limits, self.frame_axis)
+        self.frame_axis, self.block = resolve_frame_axis(gs.frame_axis, self.geometry, self.limits, gs.realtime_block)
+        check_geometry(self.geometry, self.limits, self.frame_axis, self.block)
         self.alive = alive
         self.buffered = 0  # k-space samples held by the collectors
         self.cfg, self.gs = cfg, gs
@@ -286,13 +312,13 @@ class ReconSession:
                             "reconstructed", acq.encoding_space_ref)
             self.ignored_spaces += 1
             return []
-        key = group_key(acq, self.frame_axis)
+        key = group_key(acq, self.frame_axis) + ((block_of(acq, self.frame_axis, self.block),) if self.block else ())
         if key in self.failed:
             return []  # this group already failed; its error is recorded once
         self._check_whitener()
         col = self.collectors.get(key)
         if col is None:
-            col = self.collectors[key] = AcquisitionCollector(key, self.geometry, self.frame_axis)
+            col = self.collectors[key] = AcquisitionCollector(key, self.geometry, self.frame_axis, self.block)
         try:
             self._check_size(col, acq)
             col.add(acq, self.whitener)
@@ -307,14 +333,16 @@ class ReconSession:
         if flag_set(flags, LAST_IN_MEASUREMENT):
             out += self.flush()
         elif flag_set(flags, LAST_IN_SLICE) and (self.frame_axis == "phase"
-                                                  or acq.idx.repetition + 1 >= self.geometry.repetitions):
-            out += self.flush(slice_=key[0])  # (real-time: the slice's last repetition; else the end of the stream)
+                                                  or acq.idx.repetition + 1 >= self.geometry.repetitions
+                                                  or (self.block and (acq.idx.repetition + 1) % self.block == 0)):
+            # real-time: the slice's last repetition, or its block's; else the end of the stream
+            out += self.flush(slice_=key[0])
         return out
 
     def _check_size(self, col: AcquisitionCollector, acq) -> None:
         """This line must not take the slice or the stream past the operator's limits."""
         lim, g = self.limits, self.geometry
-        frame = int(getattr(acq.idx, self.frame_axis))
+        frame = col.frame_of(acq)
         if frame >= lim.max_frames:
             what = "cardiac phase" if self.frame_axis == "phase" else "repetition (frame)"
             raise ValueError(f"{what} index {frame} exceeds the server's limit max_frames = {lim.max_frames}")

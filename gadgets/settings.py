@@ -52,6 +52,7 @@ class GadgetSettings:
     debug_dir: str = ""  # if set: save each slice's k-space, mask and images there (.npz)
     log_level: str = "INFO"  # DEBUG | INFO | WARNING | ERROR
     frame_axis: str = "auto"  # the acquisitions' counter that numbers the frames: phase (cine) | repetition (real-time) | auto
+    realtime_block: int = 0  # real-time series: repetitions per reconstruction (0: all, or even blocks within the limits)
 
     def validate(self):
         if self.output not in OUTPUTS:
@@ -62,6 +63,9 @@ class GadgetSettings:
             raise ValueError(f"series_index must be in [0, 65535], got {self.series_index}")
         if self.frame_axis not in FRAME_AXES:
             raise ValueError(f"frame_axis must be one of {FRAME_AXES}, got {self.frame_axis!r}")
+        if self.realtime_block < 0 or self.realtime_block == 1:
+            raise ValueError(f"realtime_block must be 0 (the whole series) or at least 2 repetitions, got "
+                             f"{self.realtime_block}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
 

@@ -203,13 +203,56 @@ def test_real_time_series_takes_its_repetitions_as_frames(tmp_path):
     assert ReconSession(hdr, cfg, gs).frame_axis == "phase"
     with pytest.raises(ValueError, match="frame_axis must be one of"):
         load_settings({"frame_axis": "time"})
+
+
+def test_a_real_time_series_over_the_limits_is_reconstructed_in_even_blocks(tmp_path):
+    """6 repetitions where the server holds 4 frames: two blocks of 3 (not 4 + 2, not repetition by
+    repetition), each sent when its last repetition arrives, numbered by repetition; the same as
+    asking for blocks of 3 (``realtime_block``); what cannot be done is refused by name."""
     from gadgets.settings import Limits
-    with pytest.raises(ValueError, match=r"announces 6 repetitions \(the frames\), more than the server's limit max_frames = 4"):
-        ReconSession(hdr, *load_settings({"device": "cpu", "frame_axis": "repetition"}), limits=Limits(max_frames=4))
-    # auto: a series longer than the limits allow is reconstructed repetition by repetition, not refused
-    assert ReconSession(hdr, *load_settings({"device": "cpu"}), limits=Limits(max_frames=4)).frame_axis == "phase"
-    small = Limits(max_slice_elements=3 * 5 * 32 * 32)
-    assert ReconSession(hdr, *load_settings({"device": "cpu"}), limits=small).frame_axis == "phase"
+
+    path = tmp_path / "rt.h5"
+    simulate(str(path), frames=6, size=32, coils=3, accel=3, acs=8, noise=0, slices=2, seed=3, real_time=True)
+    hdr, acqs = read_file(path)
+    base = {"method": "low_rank", "lowrank_iters": "10", "device": "cpu"}
+    runs = {}
+    for name, extra, limits in (("limits", {}, Limits(max_frames=4)), ("setting", {"realtime_block": "3"}, None),
+                                ("elements", {}, Limits(max_slice_elements=3 * 5 * 32 * 32)), ("whole", {}, None)):
+        s = ReconSession(hdr, *load_settings({**base, **extra}), limits=limits)
+        assert s.frame_axis == "repetition" and s.block == (0 if name == "whole" else 3), name
+        out, sent_at = [], []
+        for i, a in enumerate(acqs):
+            new = s.handle(a)
+            sent_at += [i] * len(new)
+            out += new
+        out += s.finish()
+        assert len(out) == 12 and not s.errors, name
+        runs[name] = out
+        if name == "limits":
+            ends = [max(i for i, a in enumerate(acqs) if a.idx.slice == sl and a.idx.repetition == r)
+                    for sl in range(2) for r in (2, 5)]
+            assert sent_at == [e for e in ends for _ in range(3)]  # each block as soon as it is complete
+            heads = [im.getHead() for im in out]
+            assert [(h.slice, h.repetition, h.phase) for h in heads] == [(sl, r, 0) for sl in range(2) for r in range(6)]
+            assert [im.image_index for im in out] == list(range(1, 13))
+    for a, b in zip(runs["limits"], runs["setting"]):
+        np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
+    for a, b in zip(runs["limits"], runs["elements"]):
+        np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
+    # a block is its own reconstruction: not the whole series' images
+    assert any(not np.allclose(np.asarray(a.data), np.asarray(b.data)) for a, b in zip(runs["limits"], runs["whole"]))
+    # the limits hold fewer than 2 repetitions: auto takes each repetition on its own; asked for, it is refused
+    assert ReconSession(hdr, *load_settings(base), limits=Limits(max_frames=1)).frame_axis == "phase"
+    with pytest.raises(ValueError, match=r"announces 6 repetitions \(the frames\), more than the server's limit max_frames = 1"):
+        ReconSession(hdr, *load_settings({**base, "frame_axis": "repetition"}), limits=Limits(max_frames=1))
+    with pytest.raises(ValueError, match=r"5 repetitions per block \(realtime_block\), more than the server's limit "
+                                         r"max_frames = 4"):
+        ReconSession(hdr, *load_settings({**base, "realtime_block": "5"}), limits=Limits(max_frames=4))
+    with pytest.raises(ValueError, match="realtime_block must be 0"):
+        load_settings({"realtime_block": "1"})
+    cine = tmp_path / "cine.h5"  # a cine (phases) is never split
+    simulate(str(cine), frames=6, size=32, coils=3, accel=3, acs=8, noise=0, seed=3)
+    assert ReconSession(read_file(cine)[0], *load_settings({**base, "realtime_block": "3"})).block == 0
 
 
 def test_recon_data_with_repetitions_along_n(tmp_path):

@@ -119,6 +119,28 @@ def test_truncated_stream_still_gives_a_readable_output_of_the_completed_slices(
     np.testing.assert_array_equal(items[0].value.data, _images(full.stdout)[1][0].value.data)
 
 
+def test_a_real_time_stream_in_blocks_sends_each_block_when_it_is_complete(tmp_path):
+    """``--realtime-block 2`` on 4 repetitions: two series of 2, numbered by repetition; a stream cut
+    inside the last repetition still gives the first block, whole."""
+    raw = tmp_path / "p.bin"
+    subprocess.run([sys.executable, "-m", "mrd.tools.phantom", "-m", "32", "-c", "2", "-r", "4", "-o", str(raw)],
+                   check=True, timeout=120)
+    opts = ("--method", "low_rank", "--device", "cpu", "--realtime-block", "2")
+    full = _ddugm(*opts, stdin=raw.read_bytes())
+    assert full.returncode == 0, full.stderr.decode()[-2000:]
+    items = _images(full.stdout)[1]
+    assert [(i.value.head.repetition, i.value.head.phase) for i in items] == [(r, 0) for r in range(4)]
+    assert "2 blocks" not in full.stderr.decode() and "block=1" in full.stderr.decode()  # asked for, not forced
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes(raw.read_bytes()[:-3000])
+    r = _ddugm("--input", cut, "--output", tmp_path / "o.mrd", *opts)
+    assert r.returncode == 2
+    got = _images((tmp_path / "o.mrd").read_bytes())[1]
+    assert [i.value.head.repetition for i in got] == [0, 1]
+    for a, b in zip(got, items):
+        np.testing.assert_array_equal(a.value.data, b.value.data)
+
+
 def test_bad_input_creates_no_output_file(tmp_path):
     bad = tmp_path / "bad.mrd"
     bad.write_bytes(b"this is not MRD" * 10)
