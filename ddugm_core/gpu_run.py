@@ -409,12 +409,12 @@ def stage_outputs(run: Run) -> dict:
         if not w:
             continue
         domain = domain_of(name)
-        meta = read_metadata(w)
+        settings = json.loads(read_metadata(w).get("settings", "{}"))
         net = load_model(w, "cpu", expect_domain=domain)
         dst = run.out / f"{name}.safetensors"
-        save_model(dst, net, domain, json.loads(meta.get("settings", "{}")), dtype=torch.float16)
+        save_model(dst, net, domain, settings, dtype=torch.float16)
         written.append(dst.name)
-        csv_path = Path(w).parent / ("loss.csv" if "artifacts" not in meta.get("settings", "") else f"{domain}_loss.csv")
+        csv_path = Path(w).parent / (f"{domain}_loss.csv" if settings.get("objective") == "artifacts" else "loss.csv")
         if csv_path.is_file():
             losses[name] = list(csv.DictReader(open(csv_path)))
         den = Path(w).parent / "denoise.json"
