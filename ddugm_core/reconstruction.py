@@ -42,7 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dual": {"steps": 10, "sigma_min": 0.01, "sigma_max": 0.3, "snr": 0.075, "kspace_sigma_scale": 0.1,
              "init": "l_plus_s", "lowrank_solver": "subspace", "correctors": False, "sampler": "ddugm",
              "pnp_xt_weight": 0.0},
-    "pnp": {"steps": 5, "sigma_min": 0.01, "sigma_max": 0.05, "snr": 0.075, "kspace_sigma_scale": 1.0,
+    "pnp": {"steps": 8, "sigma_min": 0.01, "sigma_max": 0.05, "snr": 0.075, "kspace_sigma_scale": 1.0,
             "init": "llr_ttv", "lowrank_solver": "subspace", "correctors": False, "sampler": "pnp",
             "pnp_xt_weight": 0.5},
 }

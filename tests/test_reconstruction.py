@@ -294,14 +294,14 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
     k = simulate_kspace(x, coil_maps(2, 24), variable_density_mask(4, 24, 3, seed=1))
     cfg = ReconConfig.from_dict({**tiny_config.to_dict(), "preset": "pnp", "steps": None, "llr_iters": 4,
                                  "pnp_inner": 2, "coil_refine_min_frames": 4})  # (these 4 frames are refined)
-    assert (cfg.resolved("sampler"), cfg.resolved("init"), cfg.sampler_settings().steps) == ("pnp", "llr_ttv", 5)
+    assert (cfg.resolved("sampler"), cfg.resolved("init"), cfg.sampler_settings().steps) == ("pnp", "llr_ttv", 8)
     seen = []
     out = Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine": 0})).recon(
         k, callback=lambda i, n: seen.append((i, n)))
     assert out.shape == (4, 24, 24) and np.isfinite(out).all()
-    assert seen[0] == (1, 9) and seen[-1] == (9, 9)
+    assert seen[0] == (1, 12) and seen[-1] == (12, 12)  # 4 start iterations + 8 levels
     # the coil-map refinement's rounds (estimated maps) count too: a caller's check is polled there
-    for method, work in (("ddugm", 9), ("llr_ttv", 4), ("l_plus_s", cfg.ls_iters), ("low_rank", 3)):
+    for method, work in (("ddugm", 12), ("llr_ttv", 4), ("l_plus_s", cfg.ls_iters), ("low_rank", 3)):
         seen.clear()
         Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine": 2, "coil_refine_iters": 3,
                                              "coil_refine_continue": 0})).recon(
@@ -346,12 +346,12 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
     for keep in (True, False):  # (the coil-map refinement's own LLR + TV rounds off: counted below)
         calls.clear()
         Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "pnp_keep_duals": keep, "coil_refine": 0})).recon(k)
-        assert len(calls) == 6 and calls[0] == {}
+        assert len(calls) == 9 and calls[0] == {}  # the start + one ADMM call per level
         assert ({"x", "z1", "u1", "z2", "u2"} <= set(calls[1])) == keep
     for cont in (0, 2):
         calls.clear()
         Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine": 3, "coil_refine_continue": cont})).recon(k)
-        assert len(calls) == 9 and calls[0] == {} and {"x", "z1"} <= set(calls[1])  # 3 refinement rounds, continued
+        assert len(calls) == 12 and calls[0] == {} and {"x", "z1"} <= set(calls[1])  # 3 refinement rounds, continued
         # the start after them: afresh (0), or continuing their iterates (coil_refine_continue)
         assert ({"x", "z1", "u1", "z2", "u2"} <= set(calls[3])) == (cont > 0)
     iters = []
@@ -359,7 +359,7 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
     seen.clear()
     Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine": 3, "coil_refine_iters": 2,
                                          "coil_refine_continue": 3})).recon(k, callback=lambda i, n: seen.append((i, n)))
-    assert iters == [2, 2, 2, 3] + [cfg.pnp_inner] * 5 and seen[-1] == (6 + 3 + 5, 6 + 3 + 5)
+    assert iters == [2, 2, 2, 3] + [cfg.pnp_inner] * 8 and seen[-1] == (6 + 3 + 8, 6 + 3 + 8)
     for bad, msg in [({"coil_refine": -1}, "coil_refine"), ({"coil_refine_window": 0}, "coil_refine"),
                      ({"coil_refine_continue": -1}, "coil_refine_continue"), ({"lowrank_momentum": 1.0}, "lowrank_momentum"),
                      ({"lowrank_momentum": -0.1}, "lowrank_momentum"), ({"coil_refine_min_frames": -1}, "coil_refine_min"),
