@@ -335,8 +335,8 @@ class ReconSession:
         elif flag_set(flags, LAST_IN_SLICE) and (self.frame_axis == "phase"
                                                   or acq.idx.repetition + 1 >= self.geometry.repetitions
                                                   or (self.block and (acq.idx.repetition + 1) % self.block == 0)):
-            # real-time: the slice's last repetition, or its block's; else the end of the stream
-            out += self.flush(slice_=key[0])
+            # real-time: the slice's last repetition, or its block's (that block only); else the end of the stream
+            out += self.flush(slice_=key[0], block=key[-1] if self.block else None)
         return out
 
     def _check_size(self, col: AcquisitionCollector, acq) -> None:
@@ -365,10 +365,12 @@ class ReconSession:
                 log.warning("%s; reconstructing without prewhitening", e)
                 self.whitener = NoiseWhitener()
 
-    def flush(self, slice_: int | None = None) -> list:
-        """Reconstruct buffered groups (all, or those of one slice)."""
+    def flush(self, slice_: int | None = None, block: int | None = None) -> list:
+        """Reconstruct buffered groups (all, or those of one slice; of a real-time series in
+        blocks, of one block)."""
         out = []
-        for key in sorted(k for k in self.collectors if slice_ is None or k[0] == slice_):
+        for key in sorted(k for k in self.collectors if (slice_ is None or k[0] == slice_)
+                          and (block is None or k[-1] == block)):
             col = self.collectors.pop(key)
             self.buffered -= col.samples
             try:

@@ -237,6 +237,15 @@ def test_a_real_time_series_over_the_limits_is_reconstructed_in_even_blocks(tmp_
             assert [im.image_index for im in out] == list(range(1, 13))
     for a, b in zip(runs["limits"], runs["setting"]):
         np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
+    # a line of the next block that arrives before the block's last one stays for the next block
+    end = max(i for i, a in enumerate(acqs) if a.idx.slice == 0 and a.idx.repetition == 2)
+    early = min(i for i, a in enumerate(acqs) if a.idx.slice == 0 and a.idx.repetition == 3)
+    moved = acqs[:end] + [acqs[early]] + acqs[end:early] + acqs[early + 1:]
+    s = ReconSession(hdr, *load_settings(base), limits=Limits(max_frames=4))
+    out = [im for a in moved for im in s.handle(a)] + s.finish()
+    assert not s.errors and len(out) == 12
+    for a, b in zip(out, runs["limits"]):
+        np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
     for a, b in zip(runs["limits"], runs["elements"]):
         np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
     # a block is its own reconstruction: not the whole series' images
