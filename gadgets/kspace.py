@@ -195,14 +195,11 @@ def group_names(axis: str = "phase") -> tuple:
     return tuple("phase" if (k == "repetition" and axis == "repetition") else k for k in GROUP_KEYS)
 
 
-def group_key(acq, axis: str = "phase") -> tuple:
-    """The group an acquisition belongs to (:func:`group_names`)."""
-    return tuple(int(getattr(acq.idx, k)) for k in group_names(axis))
-
-
-def block_of(acq, axis: str, block: int) -> int:
-    """The block of a real-time series (``block`` repetitions each; 0: one block) a line belongs to."""
-    return int(acq.idx.repetition) // block if block and axis == "repetition" else 0
+def group_key(acq, axis: str = "phase", block: int = 0) -> tuple:
+    """The group an acquisition belongs to (:func:`group_names`); a real-time series split into
+    blocks of ``block`` repetitions adds the block's number (repetition // block)."""
+    key = tuple(int(getattr(acq.idx, k)) for k in group_names(axis))
+    return key + (int(acq.idx.repetition) // block,) if block and axis == "repetition" else key
 
 
 class AcquisitionCollector:

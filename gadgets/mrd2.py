@@ -344,8 +344,8 @@ def run(a: argparse.Namespace) -> int:
     try:
         overrides = {k: v for k, v in (("method", a.method), ("preset", a.preset), ("steps", a.steps),
                                        ("device", a.device), ("output", a.output_type),
-                                       ("frame_axis", a.frame_axis),
-                                   ("realtime_block", a.realtime_block)) if v is not None}
+                                       ("frame_axis", a.frame_axis), ("realtime_block", a.realtime_block))
+                     if v is not None}
         summary = stream(inp, a.output or sys.stdout.buffer, a.config, overrides)  # no output file for a bad input
     finally:
         if a.input:

@@ -47,7 +47,6 @@ from .kspace import (
     AcquisitionCollector,
     CineData,
     NoiseWhitener,
-    block_of,
     cine_from_recon_bit,
     finalize_images,
     flag_set,
@@ -312,7 +311,7 @@ class ReconSession:
                             "reconstructed", acq.encoding_space_ref)
             self.ignored_spaces += 1
             return []
-        key = group_key(acq, self.frame_axis) + ((block_of(acq, self.frame_axis, self.block),) if self.block else ())
+        key = group_key(acq, self.frame_axis, self.block)
         if key in self.failed:
             return []  # this group already failed; its error is recorded once
         self._check_whitener()
