@@ -44,7 +44,7 @@ PRESETS: dict[str, dict[str, Any]] = {
              "pnp_xt_weight": 0.0},
     "pnp": {"steps": 8, "sigma_min": 0.01, "sigma_max": 0.05, "snr": 0.075, "kspace_sigma_scale": 1.0,
             "init": "llr_ttv", "lowrank_solver": "subspace", "correctors": False, "sampler": "pnp",
-            "pnp_xt_weight": 0.5},
+            "pnp_xt_weight": 0.6},
 }
 PRESETS["default"] = PRESETS["pnp"]  # chosen by measurement on the validation split (README, "Settings")
 
@@ -76,7 +76,7 @@ class ReconConfig:
     pnp_phase: str = "mean"             # pnp: the cine turned so its sum is real before each denoising ("none": as it is)
     pnp_keep_duals: bool = True         # pnp: carry the ADMM iterates from the start and between levels
     pnp_xt_planes: str = "alternate"    # pnp: plane prior on x-t planes at even levels, y-t at odd ones, or "both" each level
-    pnp_reg_scale: float = 0.4          # pnp: LLR and temporal-TV weights in the sampler's ADMM, x those of the start
+    pnp_reg_scale: float = 0.15         # pnp: LLR and temporal-TV weights in the sampler's ADMM, x those of the start
     lowrank_iters: int = 20             # iterations of the low-rank-only method (and of its warm start),
     lowrank_momentum: float = 0.8       #   heavy-ball extrapolation between them (0: plain alternation)
     ls_iters: int = 50                  # L+S baseline (Otazo 2015): max iterations,

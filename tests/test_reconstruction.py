@@ -371,10 +371,10 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
 
 
 def test_pnp_with_the_plane_prior(tiny_config, tiny_weights, tmp_path):
-    """pnp_xt_weight > 0 (the default preset's 0.5) loads the spatio-temporal plane prior (any
+    """pnp_xt_weight > 0 (the default preset's 0.6) loads the spatio-temporal plane prior (any
     frame count: 5 frames is not a multiple of its divisor) and keeps it out of the models
     otherwise; a missing file is a clear error naming the setting."""
-    assert ReconConfig().resolved("pnp_xt_weight") == 0.5 and ReconConfig(preset="dual").resolved("pnp_xt_weight") == 0
+    assert ReconConfig().resolved("pnp_xt_weight") == 0.6 and ReconConfig(preset="dual").resolved("pnp_xt_weight") == 0
     x = cine_phantom(5, 24, seed=3)
     k = simulate_kspace(x, coil_maps(2, 24), variable_density_mask(5, 24, 3, seed=1))
     base = {**tiny_config.to_dict(), "preset": "pnp", "steps": 2, "llr_iters": 3, "pnp_inner": 2}
