@@ -31,6 +31,7 @@ from .sampler import PHASES, XT_PLANES, PnPSettings, SamplerSettings, ddugm_samp
 METHODS = ("ddugm", "low_rank", "l_plus_s", "llr_ttv", "zero_filled")
 INITS = ("zero_filled", "low_rank", "l_plus_s", "llr_ttv")  # where the sampler starts
 SAMPLERS = ("ddugm", "pnp")
+TTV_REFERENCE_ACCEL = 8.0  # the acceleration at which ttv_lambda is the temporal-TV weight
 
 #: Sampling schedules. "paper" is the published one; "dual" the fast warm-started dual-domain
 #: one; "pnp" the image prior with LLR + temporal TV; "default" is whichever measured best
@@ -77,6 +78,7 @@ class ReconConfig:
     pnp_keep_duals: bool = True         # pnp: carry the ADMM iterates from the start and between levels
     pnp_xt_planes: str = "alternate"    # pnp: plane prior on x-t planes at even levels, y-t at odd ones, or "both" each level
     pnp_reg_scale: float = 0.15         # pnp: LLR and temporal-TV weights in the sampler's ADMM, x those of the start
+    start_reg_scale: float = 2.0        # DD-UGM's LLR + TV start and its coil-map rounds: weights x those of the llr_ttv method
     lowrank_iters: int = 20             # iterations of the low-rank-only method (and of its warm start),
     lowrank_momentum: float = 0.8       #   heavy-ball extrapolation between them (0: plain alternation)
     ls_iters: int = 50                  # L+S baseline (Otazo 2015): max iterations,
@@ -85,8 +87,9 @@ class ReconConfig:
     ls_tol: float = 0.0025              #   stop when the relative update is below this
     llr_iters: int = 50                 # locally low-rank + temporal TV (ADMM): iterations,
     llr_block: int = 8                  #   tile size of the locally low-rank penalty,
-    llr_lambda: float = 0.001           #   its singular-value threshold (per unit noise singular value),
-    ttv_lambda: float = 0.01            #   temporal TV weight (normalised image units),
+    llr_lambda: float = 0.0005          #   its singular-value threshold (per unit noise singular value),
+    ttv_lambda: float = 0.005           #   temporal TV weight (normalised image units) at acceleration R = 8,
+    ttv_accel_power: float = 1.5        #   and at R: ttv_lambda * (R / 8) ** ttv_accel_power (0: the same at every R),
     ttv_cyclic: bool = False            #   temporal TV ties the last frame to the first (a whole-cycle cine),
     llr_rho: float = 0.2                #   ADMM penalty,
     llr_cg_iters: int = 3               #   conjugate-gradient steps per x-update
@@ -109,6 +112,13 @@ class ReconConfig:
     device: str = "auto"
     amp: bool = True                    # bf16 network calls where bf16 is fast (CUDA; CPUs with AVX512-BF16/AMX)
     compile: bool = False               # torch.compile the networks (CUDA: CUDA graphs); compiles per frame size
+
+    def ttv_weight(self, accel: float = TTV_REFERENCE_ACCEL) -> float:
+        """The temporal-TV weight of LLR + TV at acceleration ``accel`` (samples of the full grid
+        per acquired sample): ``ttv_lambda`` at R = 8, scaled by (R / 8) ** ``ttv_accel_power``.
+        The aliasing that the temporal TV removes grows with R; one weight for every R
+        over-smooths at R = 4 what it leaves aliased at R = 12 (README "Classical baselines")."""
+        return self.ttv_lambda * (max(float(accel), 1.0) / TTV_REFERENCE_ACCEL) ** self.ttv_accel_power
 
     # ------------------------------------------------------------------ loading and checks
     @classmethod
@@ -157,9 +167,9 @@ class ReconConfig:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.pnp_gamma < 0 or self.pnp_inner < 1 or not 0 <= self.resolved("pnp_xt_weight") <= 1:
             raise ValueError("pnp_gamma must be >= 0, pnp_inner >= 1 and pnp_xt_weight in [0, 1]")
-        if self.pnp_eta < 0 or self.pnp_ensemble not in (1, 2, 4) or self.pnp_reg_scale < 0:
-            raise ValueError(f"pnp_eta and pnp_reg_scale must be >= 0 and pnp_ensemble 1, 2 or 4, got "
-                             f"{self.pnp_eta}, {self.pnp_reg_scale}, {self.pnp_ensemble}")
+        if self.pnp_eta < 0 or self.pnp_ensemble not in (1, 2, 4) or self.pnp_reg_scale < 0 or self.start_reg_scale < 0:
+            raise ValueError(f"pnp_eta, pnp_reg_scale and start_reg_scale must be >= 0 and pnp_ensemble 1, 2 or 4, "
+                             f"got {self.pnp_eta}, {self.pnp_reg_scale}, {self.start_reg_scale}, {self.pnp_ensemble}")
         if self.pnp_xt_planes not in XT_PLANES:
             raise ValueError(f"pnp_xt_planes must be one of {XT_PLANES}, got {self.pnp_xt_planes!r}")
         if self.pnp_phase not in PHASES:
@@ -177,9 +187,9 @@ class ReconConfig:
         if self.ls_iters < 1 or not 0 <= self.ls_lambda_l < 1 or self.ls_lambda_s < 0 or self.ls_tol < 0:
             raise ValueError("ls_iters must be >= 1, ls_lambda_l in [0, 1), ls_lambda_s >= 0, ls_tol >= 0")
         if self.llr_iters < 1 or self.llr_block < 1 or self.llr_cg_iters < 1 or self.llr_rho <= 0 \
-                or self.llr_lambda < 0 or self.ttv_lambda < 0:
+                or self.llr_lambda < 0 or self.ttv_lambda < 0 or not 0 <= self.ttv_accel_power <= 4:
             raise ValueError("llr_iters, llr_block and llr_cg_iters must be >= 1, llr_rho > 0, "
-                             "llr_lambda and ttv_lambda >= 0")
+                             "llr_lambda and ttv_lambda >= 0, ttv_accel_power in [0, 4]")
         if self.virtual_coils < 0:
             raise ValueError(f"virtual_coils must be >= 0 (0: no compression), got {self.virtual_coils}")
         if not 0 <= self.virtual_coils_energy < 1:
@@ -426,12 +436,16 @@ class Reconstructor:
             maps = estimate_coil_maps(k, m, cfg.coil_calib, cfg.coil_threshold)
 
         scale = self._scale(k, m, maps)
+        accel = float(m.numel() / m.sum())  # samples of the full grid per acquired one (m: [frame, ky, kx])
         kn = k / scale
         dc = DataConsistency(kn, m, maps, cg_iters=cfg.dc_iters, lam=cfg.dc_lambda, mode=cfg.dc_mode)
         s = cfg.sampler_settings()
         refinable = maps is not None and (estimated if refine_maps is None else bool(refine_maps)) \
             and k.shape[1] >= cfg.coil_refine_min_frames  # few frames sample the coil covariance too little
         refine = cfg.coil_refine if refinable and method != "zero_filled" else 0  # (zero-filled: the plain adjoint)
+        # DD-UGM starts from a more strongly regularised LLR + TV than the llr_ttv method's own
+        # optimum (the sampler then continues at pnp_reg_scale of it; chosen on validation)
+        reg = cfg.start_reg_scale if method == "ddugm" else 1.0
         # the LLR + TV after the rounds (the method, or DD-UGM's start) continues their ADMM iterates
         continuing = bool(refine and cfg.coil_refine_continue)
         llr_iters = cfg.coil_refine_continue if continuing else cfg.llr_iters
@@ -445,7 +459,7 @@ class Reconstructor:
             carry = {}  # each round's ADMM continues from the previous one's iterates
             for r in range(refine):
                 cb = None if callback is None else (lambda i, n, r=r: callback(r * per_round + i, total))
-                first = self._classical("llr_ttv", dc, cb, carry, iters=per_round)
+                first = self._classical("llr_ttv", dc, cb, carry, iters=per_round, accel=accel, reg=reg)
                 maps = refine_coil_maps(kn, m, first, maps, cfg.coil_refine_window)
                 dc = DataConsistency(kn, m, maps, cg_iters=cfg.dc_iters, lam=cfg.dc_lambda, mode=cfg.dc_mode)
             if callback is not None:
@@ -457,7 +471,7 @@ class Reconstructor:
             x = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window, callback, s.lowrank_solver,
                                    cfg.lowrank_momentum)
         elif method in ("l_plus_s", "llr_ttv"):
-            x = self._classical(method, dc, callback, carry if continuing else None, llr_iters)
+            x = self._classical(method, dc, callback, carry if continuing else None, llr_iters, accel)
         else:
             scores = self.load_models()
             gen = torch.Generator(self.device).manual_seed(int(seed))
@@ -473,14 +487,14 @@ class Reconstructor:
                 x0 = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window, warm_cb, s.lowrank_solver,
                                         cfg.lowrank_momentum)
             elif init in ("l_plus_s", "llr_ttv"):
-                x0 = self._classical(init, dc, warm_cb, admm, llr_iters)
+                x0 = self._classical(init, dc, warm_cb, admm, llr_iters, accel, reg)
             else:
                 x0 = dc.image(baselines.zero_filled(dc))
             k0 = fft2c(x0)
             weight = KWeight(kspace_weight(*k0.shape[-2:], device=self.device))
             tr = None if trace is None else (lambda rec: trace({**rec, "scale": scale, "weight": weight}))
             if cfg.resolved("sampler") == "pnp":
-                x = pnp_sample(x0, dc, scores["image"], self.pnp_settings(), progress, tr, scores.get("xt"), gen, admm)
+                x = pnp_sample(x0, dc, scores["image"], self.pnp_settings(accel, reg), progress, tr, scores.get("xt"), gen, admm)
             else:
                 x = ddugm_sample(k0, dc, scores["kspace"], scores["image"], weight, s, gen, progress, tr)
         if maps is not None:
@@ -500,23 +514,27 @@ class Reconstructor:
             return classical.get(cfg.resolved("init"), 0) + cfg.sampler_settings().steps
         return 0
 
-    def pnp_settings(self) -> PnPSettings:
+    def pnp_settings(self, accel: float = TTV_REFERENCE_ACCEL, reg: float = 1.0) -> PnPSettings:
+        """The pnp sampler's settings for data at acceleration ``accel`` (the temporal-TV weight
+        depends on it, :meth:`ReconConfig.ttv_weight`), from a start whose LLR + TV weights are
+        ``reg`` x the llr_ttv method's (``start_reg_scale``)."""
         cfg, s = self.config, self.config.sampler_settings()
         return PnPSettings(steps=s.steps, sigma_max=s.sigma_max, sigma_min=s.sigma_min, gamma=cfg.pnp_gamma,
                            inner=cfg.pnp_inner, xt_weight=float(cfg.resolved("pnp_xt_weight")),
                            eta=cfg.pnp_eta, ensemble=cfg.pnp_ensemble, keep_duals=bool(cfg.pnp_keep_duals),
                            xt_planes=cfg.pnp_xt_planes, phase=cfg.pnp_phase,
-                           llr={"lambda_llr": cfg.llr_lambda * cfg.pnp_reg_scale,
-                                "lambda_tv": cfg.ttv_lambda * cfg.pnp_reg_scale, "block": cfg.llr_block,
+                           llr={"lambda_llr": cfg.llr_lambda * reg * cfg.pnp_reg_scale,
+                                "lambda_tv": cfg.ttv_weight(accel) * reg * cfg.pnp_reg_scale, "block": cfg.llr_block,
                                 "cyclic": bool(cfg.ttv_cyclic),
                                 "rho": cfg.llr_rho, "cg_iters": cfg.llr_cg_iters})
 
     def _classical(self, method: str, dc: DataConsistency, callback, state: Optional[dict] = None,
-                   iters: Optional[int] = None) -> torch.Tensor:
+                   iters: Optional[int] = None, accel: float = TTV_REFERENCE_ACCEL, reg: float = 1.0) -> torch.Tensor:
         cfg = self.config
         if method == "l_plus_s":
             return baselines.l_plus_s(dc, cfg.ls_iters, cfg.ls_lambda_l, cfg.ls_lambda_s, cfg.ls_tol, callback)
-        return baselines.llr_ttv(dc, iters or cfg.llr_iters, cfg.llr_lambda, cfg.ttv_lambda, cfg.llr_block, cfg.llr_rho,
+        return baselines.llr_ttv(dc, iters or cfg.llr_iters, reg * cfg.llr_lambda, reg * cfg.ttv_weight(accel),
+                                 cfg.llr_block, cfg.llr_rho,
                                  cfg.llr_cg_iters, callback=callback, state=state, cyclic=bool(cfg.ttv_cyclic))
 
     def _scale(self, k, m, maps) -> torch.Tensor:

@@ -238,7 +238,8 @@ def test_config_yaml_roundtrip_and_validation(tmp_path):
                       ("method: magic", "method must be"), ("init: magic", "init must be"),
                       ("ls_lambda_l: 1.5", "ls_lambda_l"), ("ls_lambda_s: -1", "ls_lambda_s"),
                       ("lowrank_solver: svd", "lowrank_solver"), ("llr_rho: 0", "llr_rho"),
-                      ("ttv_lambda: -1", "ttv_lambda"), ("llr_block: 0", "llr_block"), ("init: llr", "init must be")]:
+                      ("ttv_lambda: -1", "ttv_lambda"), ("ttv_accel_power: -1", "ttv_accel_power"),
+                      ("llr_block: 0", "llr_block"), ("init: llr", "init must be")]:
         p.write_text(text)
         with pytest.raises(ValueError, match=msg):
             ReconConfig.from_yaml(p)
@@ -354,6 +355,27 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
         assert len(calls) == 12 and calls[0] == {} and {"x", "z1"} <= set(calls[1])  # 3 refinement rounds, continued
         # the start after them: afresh (0), or continuing their iterates (coil_refine_continue)
         assert ({"x", "z1", "u1", "z2", "u2"} <= set(calls[3])) == (cont > 0)
+    # with ttv_accel_power the temporal-TV weight follows the data's acceleration (samples of the
+    # grid per acquired one): ttv_lambda at R = 8, x (R / 8) ** power, in the start, the
+    # refinement rounds and (times pnp_reg_scale) the sampler; power 0: the same at every R.
+    scaled = ReconConfig.from_dict({**cfg.to_dict(), "ttv_accel_power": 1.5, "ttv_lambda": 0.004})
+    assert scaled.ttv_weight(8) == 0.004 and scaled.ttv_weight(2) == pytest.approx(0.004 / 8)
+    assert ReconConfig.from_dict({**scaled.to_dict(), "ttv_accel_power": 0}).ttv_weight(2) == 0.004
+    accel = 4 * 24 / float(np.abs(k).sum(axis=(0, 3)).astype(bool).sum())  # k: [coil, frame, ky, kx]
+    calls.clear()
+    monkeypatch.setattr(bl, "llr_ttv",
+                        lambda *a, **kw: (calls.append(a[3] if len(a) > 3 else kw["lambda_tv"]), real(*a, **kw))[1])
+    Reconstructor(ReconConfig.from_dict({**scaled.to_dict(), "coil_refine": 1, "coil_refine_iters": 2})).recon(k)
+    # DD-UGM's start and map rounds at start_reg_scale x the llr_ttv method's weights
+    w = 0.004 * (accel / 8) ** 1.5
+    assert scaled.start_reg_scale == 2.0
+    assert len(calls) == 10 and calls[:2] == [pytest.approx(2 * w)] * 2
+    assert calls[2:] == [pytest.approx(2 * w * scaled.pnp_reg_scale)] * 8
+    calls.clear()
+    Reconstructor(ReconConfig.from_dict({**scaled.to_dict(), "coil_refine": 1, "coil_refine_iters": 2})).recon(
+        k, method="llr_ttv")
+    assert calls == [pytest.approx(w)] * 2
+    assert accel > 2
     iters = []
     monkeypatch.setattr(bl, "llr_ttv", lambda *a, **kw: (iters.append(a[1]), real(*a, **kw))[1])
     seen.clear()
