@@ -205,7 +205,8 @@ def pnp_sample(x0: torch.Tensor, dc: DataConsistency, score_i: Optional[Score], 
         if trace is not None:
             trace({"step": i, "sigma": sigma, "image_input": x_in})
         planes = "both" if s.xt_planes == "both" else ("xt", "yt")[i % 2]
-        denoised = pnp_denoise(x_in, sigma, score_i, score_xt, w, s.ensemble, planes, s.phase)
+        # gamma 0: no prior in the objective, so no network call (the classical continuation)
+        denoised = pnp_denoise(x_in, sigma, score_i, score_xt, w, s.ensemble, planes, s.phase) if s.gamma > 0 else None
         x = llr_ttv(dc, s.inner, **(s.llr or {}), seed=i + 1, x0=x, anchor=denoised, gamma=s.gamma,
                     state=state)
         if callback is not None:

@@ -145,6 +145,14 @@ def test_pnp_sampler_moves_towards_what_the_prior_denoises_to():
     bad = pnp_sample(x0, dc, wrong, settings)
     assert seen[-1] == (3, 3)
     assert err(good) < 0.8 * err(x0) < err(bad)
+    # gamma 0: no prior in the objective, so no network is called (the classical continuation:
+    # the same ADMM iterations as with a prior whose anchor weighs nothing)
+    def boom(x, s):
+        raise AssertionError("a network was called at gamma 0")
+    none = PnPSettings(steps=3, sigma_max=0.05, sigma_min=0.01, gamma=0.0, inner=4, llr=llr)
+    plain = pnp_sample(x0, dc, boom, none)
+    ignored = pnp_sample(x0, dc, wrong, none)
+    assert torch.equal(plain, ignored) and err(good) < err(plain)
 
 
 def test_plane_score_scores_rows_and_columns_of_any_cine():
