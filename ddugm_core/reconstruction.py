@@ -78,7 +78,11 @@ class ReconConfig:
     pnp_keep_duals: bool = True         # pnp: carry the ADMM iterates from the start and between levels
     pnp_xt_planes: str = "alternate"    # pnp: plane prior on x-t planes at even levels, y-t at odd ones, or "both" each level
     pnp_reg_scale: float = 0.15         # pnp: LLR and temporal-TV weights in the sampler's ADMM, x those of the start
-    start_reg_scale: float = 2.0        # DD-UGM's LLR + TV start and its coil-map rounds: weights x those of the llr_ttv method
+    start_reg_scale: float = 2.0        # the LLR + TV start (of DD-UGM and of the continued llr_ttv) and its coil-map
+                                        #   rounds: weights x llr_lambda / ttv_lambda
+    llr_continue_iters: int = 40        # llr_ttv: after that start, this many ADMM iterations more (0: no continuation:
+                                        #   llr_iters at llr_lambda / ttv_lambda themselves, the earlier llr_ttv)
+    llr_continue_scale: float = 0.3     #   at these weights x llr_lambda / ttv_lambda (DD-UGM's sampler without its priors)
     lowrank_iters: int = 20             # iterations of the low-rank-only method (and of its warm start),
     lowrank_momentum: float = 0.8       #   heavy-ball extrapolation between them (0: plain alternation)
     ls_iters: int = 50                  # L+S baseline (Otazo 2015): max iterations,
@@ -167,6 +171,9 @@ class ReconConfig:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.pnp_gamma < 0 or self.pnp_inner < 1 or not 0 <= self.resolved("pnp_xt_weight") <= 1:
             raise ValueError("pnp_gamma must be >= 0, pnp_inner >= 1 and pnp_xt_weight in [0, 1]")
+        if self.llr_continue_iters < 0 or self.llr_continue_scale < 0:
+            raise ValueError(f"llr_continue_iters and llr_continue_scale must be >= 0 (iterations 0: no continuation), "
+                             f"got {self.llr_continue_iters} and {self.llr_continue_scale}")
         if self.pnp_eta < 0 or self.pnp_ensemble not in (1, 2, 4) or self.pnp_reg_scale < 0 or self.start_reg_scale < 0:
             raise ValueError(f"pnp_eta, pnp_reg_scale and start_reg_scale must be >= 0 and pnp_ensemble 1, 2 or 4, "
                              f"got {self.pnp_eta}, {self.pnp_reg_scale}, {self.start_reg_scale}, {self.pnp_ensemble}")
@@ -443,9 +450,11 @@ class Reconstructor:
         refinable = maps is not None and (estimated if refine_maps is None else bool(refine_maps)) \
             and k.shape[1] >= cfg.coil_refine_min_frames  # few frames sample the coil covariance too little
         refine = cfg.coil_refine if refinable and method != "zero_filled" else 0  # (zero-filled: the plain adjoint)
-        # DD-UGM starts from a more strongly regularised LLR + TV than the llr_ttv method's own
-        # optimum (the sampler then continues at pnp_reg_scale of it; chosen on validation)
-        reg = cfg.start_reg_scale if method == "ddugm" else 1.0
+        # DD-UGM starts from a more strongly regularised LLR + TV than the plain ADMM's own optimum
+        # (the sampler then continues at pnp_reg_scale of it; chosen on validation); the llr_ttv
+        # method starts the same way and continues at llr_continue_scale without any prior
+        continued = method == "llr_ttv" and cfg.llr_continue_iters > 0
+        reg = cfg.start_reg_scale if method == "ddugm" or continued else 1.0
         # the LLR + TV after the rounds (the method, or DD-UGM's start) continues their ADMM iterates
         continuing = bool(refine and cfg.coil_refine_continue)
         llr_iters = cfg.coil_refine_continue if continuing else cfg.llr_iters
@@ -470,13 +479,24 @@ class Reconstructor:
         elif method == "low_rank":
             x = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window, callback, s.lowrank_solver,
                                    cfg.lowrank_momentum)
-        elif method in ("l_plus_s", "llr_ttv"):
+        elif method in ("l_plus_s", "llr_ttv") and not continued:
             x = self._classical(method, dc, callback, carry if continuing else None, llr_iters, accel)
+        elif continued:
+            # the start, then the ADMM goes on (its iterates carried) at the lower weights: the
+            # sampler's own continuation without a prior (README "Classical baselines")
+            n_more = cfg.llr_continue_iters
+            state = carry if continuing else {}
+            cb1 = cb2 = None
+            if callback is not None:
+                cb1 = lambda i, n: callback(i, n + n_more)  # noqa: E731
+                cb2 = lambda i, n: callback(llr_iters + i, llr_iters + n)  # noqa: E731
+            x = self._classical("llr_ttv", dc, cb1, state, llr_iters, accel, reg)
+            x = self._classical("llr_ttv", dc, cb2, state, n_more, accel, cfg.llr_continue_scale, seed=1)
         else:
             scores = self.load_models()
             gen = torch.Generator(self.device).manual_seed(int(seed))
             init = cfg.resolved("init")
-            offset = self._iterations(init, llr_iters)  # (0 for the zero-filled start)
+            offset = self._iterations(init, llr_iters, start=True)  # (0 for the zero-filled start)
             # one progress count over the warm start and the sampler
             progress = None if callback is None else (lambda i, n: callback(offset + i, offset + n))
             warm_cb = None if callback is None else (lambda i, n: callback(i, n + s.steps))
@@ -504,10 +524,13 @@ class Reconstructor:
             return x.cpu().numpy()
         return x.to(out_device) if out_device is not None else x
 
-    def _iterations(self, method: str, llr_iters: int) -> int:
-        """The progress count of ``method`` (what its callback's ``n`` is)."""
+    def _iterations(self, method: str, llr_iters: int, start: bool = False) -> int:
+        """The progress count of ``method`` (what its callback's ``n`` is), or with ``start`` of
+        that classical method as DD-UGM's start (the llr_ttv start has no continuation)."""
         cfg = self.config
         classical = {"low_rank": cfg.lowrank_iters, "l_plus_s": cfg.ls_iters, "llr_ttv": llr_iters}
+        if method == "llr_ttv" and not start:
+            return llr_iters + cfg.llr_continue_iters
         if method in classical:
             return classical[method]
         if method == "ddugm":
@@ -529,13 +552,16 @@ class Reconstructor:
                                 "rho": cfg.llr_rho, "cg_iters": cfg.llr_cg_iters})
 
     def _classical(self, method: str, dc: DataConsistency, callback, state: Optional[dict] = None,
-                   iters: Optional[int] = None, accel: float = TTV_REFERENCE_ACCEL, reg: float = 1.0) -> torch.Tensor:
+                   iters: Optional[int] = None, accel: float = TTV_REFERENCE_ACCEL, reg: float = 1.0,
+                   seed: int = 0) -> torch.Tensor:
+        """L+S, or ``iters`` ADMM iterations of LLR + TV at ``reg`` x the weights of
+        ``llr_lambda`` and ``ttv_weight(accel)`` (from ``state``'s iterates where it holds them)."""
         cfg = self.config
         if method == "l_plus_s":
             return baselines.l_plus_s(dc, cfg.ls_iters, cfg.ls_lambda_l, cfg.ls_lambda_s, cfg.ls_tol, callback)
         return baselines.llr_ttv(dc, iters or cfg.llr_iters, reg * cfg.llr_lambda, reg * cfg.ttv_weight(accel),
-                                 cfg.llr_block, cfg.llr_rho,
-                                 cfg.llr_cg_iters, callback=callback, state=state, cyclic=bool(cfg.ttv_cyclic))
+                                 cfg.llr_block, cfg.llr_rho, cfg.llr_cg_iters, seed=seed,
+                                 callback=callback, state=state, cyclic=bool(cfg.ttv_cyclic))
 
     def _scale(self, k, m, maps) -> torch.Tensor:
         """Robust percentile of the time-averaged coil-combined image (no reference used)."""

@@ -57,8 +57,11 @@ def test_llr_ttv_fully_sampled_is_the_least_squares_image_without_regularisation
     k = simulate_kspace(x, maps, np.ones((4, 24), bool))
     plain = ReconConfig.from_dict({**tiny_config.to_dict(), "llr_lambda": 0.0, "ttv_lambda": 0.0, "llr_iters": 10})
     assert rel(Reconstructor(plain).recon(k, coil_maps=maps, method="llr_ttv"), x) < 1e-3
-    # the default regularisation moves a fully sampled image only a little
-    assert 1e-3 < rel(Reconstructor(tiny_config).recon(k, coil_maps=maps, method="llr_ttv"), x) < 0.05
+    # the default regularisation moves a fully sampled image only a little (the continued method,
+    # which ends at 0.3 x the weights, less than the plain ADMM)
+    once = ReconConfig.from_dict({**tiny_config.to_dict(), "llr_continue_iters": 0})
+    assert 1e-3 < rel(Reconstructor(once).recon(k, coil_maps=maps, method="llr_ttv"), x) < 0.05
+    assert 1e-4 < rel(Reconstructor(tiny_config).recon(k, coil_maps=maps, method="llr_ttv"), x) < 1e-3
 
 
 def test_scaling_kspace_scales_result(tiny_config):
@@ -302,7 +305,8 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
     assert out.shape == (4, 24, 24) and np.isfinite(out).all()
     assert seen[0] == (1, 12) and seen[-1] == (12, 12)  # 4 start iterations + 8 levels
     # the coil-map refinement's rounds (estimated maps) count too: a caller's check is polled there
-    for method, work in (("ddugm", 12), ("llr_ttv", 4), ("l_plus_s", cfg.ls_iters), ("low_rank", 3)):
+    for method, work in (("ddugm", 12), ("llr_ttv", 4 + cfg.llr_continue_iters), ("l_plus_s", cfg.ls_iters),
+                         ("low_rank", 3)):
         seen.clear()
         Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine": 2, "coil_refine_iters": 3,
                                              "coil_refine_continue": 0})).recon(
@@ -371,9 +375,16 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
     assert scaled.start_reg_scale == 2.0
     assert len(calls) == 10 and calls[:2] == [pytest.approx(2 * w)] * 2
     assert calls[2:] == [pytest.approx(2 * w * scaled.pnp_reg_scale)] * 8
+    # the llr_ttv method: the same start (map round and ADMM at start_reg_scale x), then
+    # llr_continue_iters more at llr_continue_scale x; with 0 of them, the plain ADMM at 1 x
     calls.clear()
     Reconstructor(ReconConfig.from_dict({**scaled.to_dict(), "coil_refine": 1, "coil_refine_iters": 2})).recon(
         k, method="llr_ttv")
+    assert calls == [pytest.approx(2 * w)] * 2 + [pytest.approx(scaled.llr_continue_scale * w)]
+    assert scaled.llr_continue_scale == 0.3 and scaled.llr_continue_iters == 40
+    calls.clear()
+    Reconstructor(ReconConfig.from_dict({**scaled.to_dict(), "coil_refine": 1, "coil_refine_iters": 2,
+                                         "llr_continue_iters": 0})).recon(k, method="llr_ttv")
     assert calls == [pytest.approx(w)] * 2
     assert accel > 2
     iters = []
@@ -382,12 +393,25 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
     Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine": 3, "coil_refine_iters": 2,
                                          "coil_refine_continue": 3})).recon(k, callback=lambda i, n: seen.append((i, n)))
     assert iters == [2, 2, 2, 3] + [cfg.pnp_inner] * 8 and seen[-1] == (6 + 3 + 8, 6 + 3 + 8)
+    # the continued llr_ttv: one progress count over the rounds, the start and the continuation,
+    # whose iterates carry on from the start's (and the start's from the rounds')
+    iters.clear(), seen.clear()
+    monkeypatch.setattr(bl, "llr_ttv", lambda *a, **kw: (iters.append((a[1], set(kw.get("state") or {}))),
+                                                          real(*a, **kw))[1])
+    rec = Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine": 2, "coil_refine_iters": 2,
+                                               "coil_refine_continue": 3, "llr_continue_iters": 4}))
+    rec.recon(k, method="llr_ttv", callback=lambda i, n: seen.append((i, n)))
+    assert [n for n, _ in iters] == [2, 2, 3, 4] and all({"x", "u1", "u2"} <= st for _, st in iters[1:])
+    assert seen[-1] == (4 + 3 + 4, 4 + 3 + 4) and all(n == 11 for _, n in seen)
+    assert [i for i, _ in seen] == list(range(1, 12))
     for bad, msg in [({"coil_refine": -1}, "coil_refine"), ({"coil_refine_window": 0}, "coil_refine"),
                      ({"coil_refine_continue": -1}, "coil_refine_continue"), ({"lowrank_momentum": 1.0}, "lowrank_momentum"),
                      ({"lowrank_momentum": -0.1}, "lowrank_momentum"), ({"coil_refine_min_frames": -1}, "coil_refine_min"),
                      ({"sampler": "dps"}, "sampler must be"), ({"pnp_gamma": -1.0}, "pnp_gamma"),
                      ({"pnp_eta": -0.1}, "pnp_eta"), ({"pnp_ensemble": 3}, "pnp_ensemble"),
-                     ({"pnp_reg_scale": -1.0}, "pnp_reg_scale"), ({"pnp_xt_planes": "xy"}, "pnp_xt_planes")]:
+                     ({"pnp_reg_scale": -1.0}, "pnp_reg_scale"), ({"pnp_xt_planes": "xy"}, "pnp_xt_planes"),
+                     ({"llr_continue_iters": -1}, "llr_continue_iters"),
+                     ({"llr_continue_scale": -0.1}, "llr_continue_scale")]:
         with pytest.raises(ValueError, match=msg):
             ReconConfig.from_dict({**tiny_config.to_dict(), **bad})
 
