@@ -479,19 +479,16 @@ class Reconstructor:
         elif method == "low_rank":
             x = baselines.low_rank(dc, cfg.lowrank_iters, s.rank, s.window, callback, s.lowrank_solver,
                                    cfg.lowrank_momentum)
-        elif method in ("l_plus_s", "llr_ttv") and not continued:
-            x = self._classical(method, dc, callback, carry if continuing else None, llr_iters, accel)
-        elif continued:
-            # the start, then the ADMM goes on (its iterates carried) at the lower weights: the
-            # sampler's own continuation without a prior (README "Classical baselines")
-            n_more = cfg.llr_continue_iters
-            state = carry if continuing else {}
-            cb1 = cb2 = None
-            if callback is not None:
-                cb1 = lambda i, n: callback(i, n + n_more)  # noqa: E731
-                cb2 = lambda i, n: callback(llr_iters + i, llr_iters + n)  # noqa: E731
-            x = self._classical("llr_ttv", dc, cb1, state, llr_iters, accel, reg)
-            x = self._classical("llr_ttv", dc, cb2, state, n_more, accel, cfg.llr_continue_scale, seed=1)
+        elif method in ("l_plus_s", "llr_ttv"):
+            # llr_ttv: the start, then (continued) the ADMM goes on from its iterates at the lower
+            # weights, the sampler's own continuation without a prior (README "Classical baselines")
+            more = cfg.llr_continue_iters if continued else 0
+            state = carry if continuing else ({} if more else None)
+            first = callback if callback is None or not more else (lambda i, n: callback(i, n + more))
+            x = self._classical(method, dc, first, state, llr_iters, accel, reg)
+            if more:
+                then = None if callback is None else (lambda i, n: callback(llr_iters + i, llr_iters + n))
+                x = self._classical(method, dc, then, state, more, accel, cfg.llr_continue_scale, seed=1)
         else:
             scores = self.load_models()
             gen = torch.Generator(self.device).manual_seed(int(seed))
