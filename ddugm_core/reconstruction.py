@@ -537,7 +537,7 @@ class Reconstructor:
     def pnp_settings(self, accel: float = TTV_REFERENCE_ACCEL, reg: float = 1.0) -> PnPSettings:
         """The pnp sampler's settings for data at acceleration ``accel`` (the temporal-TV weight
         depends on it, :meth:`ReconConfig.ttv_weight`), from a start whose LLR + TV weights are
-        ``reg`` x the llr_ttv method's (``start_reg_scale``)."""
+        ``reg`` x ``llr_lambda`` and ``ttv_weight(accel)`` (``start_reg_scale``)."""
         cfg, s = self.config, self.config.sampler_settings()
         return PnPSettings(steps=s.steps, sigma_max=s.sigma_max, sigma_min=s.sigma_min, gamma=cfg.pnp_gamma,
                            inner=cfg.pnp_inner, xt_weight=float(cfg.resolved("pnp_xt_weight")),
