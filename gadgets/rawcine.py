@@ -15,21 +15,50 @@ import numpy as np
 from ddugm_core.evaluate import RAW_SUFFIXES
 from ddugm_core.reconstruction import ReconConfig
 
-from .kspace import CineData
+from .kspace import IGNORED, NOISE, CineData, flag_set
 from .replay import ReplayError, read_file
 from .session import ReconSession, slice_name
 from .settings import GadgetSettings
 
 
-class _Collecting(ReconSession):
-    """A session that keeps each slice's k-space instead of reconstructing it."""
+def _imaging(acq) -> bool:
+    """An acquisition of the first encoding space's image data (not noise, calibration, navigator...)."""
+    flags = int(acq.flags)
+    return not flag_set(flags, NOISE) and not any(flag_set(flags, b) for b in IGNORED) and acq.encoding_space_ref == 0
 
-    def __init__(self, header):
+
+class _Collecting(ReconSession):
+    """A session that keeps each slice's k-space instead of reconstructing it; with ``only_slice``
+    the image data of every other slice is dropped as it comes (the noise scan still whitens)."""
+
+    def __init__(self, header, only_slice: int | None = None):
         super().__init__(header, ReconConfig(), GadgetSettings())
         self.cines: list[CineData] = []
+        self.only_slice = only_slice
+
+    def _acquisition(self, acq) -> list:
+        if self.only_slice is not None and acq.idx.slice != self.only_slice and _imaging(acq):
+            return []
+        return super()._acquisition(acq)
 
     def _reconstruct(self, cine: CineData, natural: str) -> list:
         self.cines.append(cine)
+        return []
+
+
+class _SliceIndex:
+    """A first pass over a file that only notes which slices hold image data (nothing is buffered)."""
+
+    def __init__(self, header):
+        self.slices: set[int] = set()
+        self.collectors: dict = {}
+
+    def handle(self, acq) -> list:
+        if _imaging(acq):
+            self.slices.add(int(acq.idx.slice))
+        return []
+
+    def finish(self) -> list:
         return []
 
 
@@ -67,21 +96,29 @@ def full_mask(cine: CineData, where: str) -> np.ndarray:
 def read_raw_cines(source, slices: str = "all", group: str = "dataset") -> list[tuple[str, np.ndarray, np.ndarray]]:
     """``(name, kspace [coil, frame, ky, kx] complex64, sampled [ky, kx] bool)`` for every slice
     (``slices`` ``mid``: the middle slice of each file) of the fully sampled raw ``source``
-    (a file or a folder of them). Errors (ValueError / FileNotFoundError) name the file and slice."""
+    (a file or a folder of them). Errors (ValueError / FileNotFoundError) name the file and slice.
+
+    ``mid`` reads a file twice: a first pass notes which slices hold image data, the second
+    buffers only the middle one of them, so a many-slice scan costs the memory and time of one."""
     if slices not in ("mid", "all"):
         raise ValueError(f"slices must be mid or all, got {slices!r}")
     out = []
     for f in raw_files(source):
-        _, session, _, broken = read_file(f, _Collecting, group)
+        only = None
+        if slices == "mid":
+            _, index, _, broken = read_file(f, _SliceIndex, group)
+            if broken:
+                raise ReplayError(broken)
+            present = sorted(index.slices)
+            only = present[len(present) // 2] if present else None
+        _, session, _, broken = read_file(f, lambda h, only=only: _Collecting(h, only), group)
         if broken:
             raise ReplayError(broken)
         if session.errors:
             raise ValueError(f"{f}: " + "; ".join(session.errors))
         cines = sorted(session.cines, key=lambda c: tuple(c.key.values()))
-        if slices == "mid" and cines:
-            picked = sorted({c.key["slice"] for c in cines})
-            mid = picked[len(picked) // 2]
-            cines = [next(c for c in cines if c.key["slice"] == mid)]
+        if slices == "mid":
+            cines = cines[:1]  # only the middle slice was kept; of its contrasts / sets, the first
         for c in cines:
             where = f"{f.name} {slice_name(c.key)}"
             if c.kspace.shape[1] < 2:

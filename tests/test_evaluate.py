@@ -290,3 +290,20 @@ def test_a_folder_of_raw_files(tmp_path):
     np.save(d / "stack.npy", np.zeros((2, 8, 8), np.float32))
     with pytest.raises(ValueError, match="both ISMRMRD raw files"):
         is_raw_source(d)
+
+
+def test_raw_mid_slice_buffers_only_that_slice(tmp_path, monkeypatch):
+    """``--slices mid`` keeps the k-space of the middle slice only (a many-slice scan costs the
+    memory of one), and gives the same data as reading every slice and picking it."""
+    from gadgets import rawcine
+
+    raw = _raw(tmp_path, truth=False, frames=3, size=16, coils=2, slices=4)
+    everything = rawcine.read_raw_cines(raw)
+    assert [n for n, *_ in everything] == [f"cine_slice{z}" for z in range(4)]
+    kept = []
+    real = rawcine._Collecting._reconstruct
+    monkeypatch.setattr(rawcine._Collecting, "_reconstruct", lambda self, cine, natural: kept.append(cine.key["slice"])
+                        or real(self, cine, natural))
+    (name, k, sampled), = rawcine.read_raw_cines(raw, slices="mid")
+    assert name == "cine_slice2" and kept == [2]  # the middle of slices 0..3, as before: the upper one
+    assert np.array_equal(k, everything[2][1]) and np.array_equal(sampled, everything[2][2])
