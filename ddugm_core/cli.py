@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from .networks import NetConfig
+
+
+def finite_float(text: str) -> float:
+    """argparse type of every number option: NaN and inf pass every range check and would end
+    as NaN data or images, so they are refused here, naming the option."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
 
 
 def _ints(text: str) -> tuple:
@@ -27,10 +40,10 @@ def _train_parser(sub):
     p.add_argument("--size", type=int, default=d.size, help="training crop size in pixels (default: %(default)s)")
     p.add_argument("--frames", type=int, default=d.frames,
                    help="xt: cardiac phases per training plane (wraps around the cycle; default: %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--ema", type=float, default=d.ema)
-    p.add_argument("--sigma-min", type=float, default=d.sigma_min)
-    p.add_argument("--sigma-max", type=float, default=d.sigma_max)
+    p.add_argument("--lr", type=finite_float, default=d.lr)
+    p.add_argument("--ema", type=finite_float, default=d.ema)
+    p.add_argument("--sigma-min", type=finite_float, default=d.sigma_min)
+    p.add_argument("--sigma-max", type=finite_float, default=d.sigma_max)
     p.add_argument("--nf", type=int, default=d.net.nf, help="base width (published: 128)")
     p.add_argument("--ch-mult", type=_ints, default=d.net.ch_mult, help="e.g. 1,2,2,2 (published: 1,1,2,2,2,2,2)")
     p.add_argument("--res-blocks", type=int, default=d.net.num_res_blocks)
@@ -44,15 +57,15 @@ def _train_parser(sub):
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
-    p.add_argument("--minutes", type=float, default=d.minutes,
+    p.add_argument("--minutes", type=finite_float, default=d.minutes,
                    help="stop after this much wall-clock time; the schedule then runs on time (0: all --steps)")
-    p.add_argument("--save-minutes", type=float, default=d.save_minutes, help="also save the state this often")
+    p.add_argument("--save-minutes", type=finite_float, default=d.save_minutes, help="also save the state this often")
     p.add_argument("--warmup", type=int, default=d.warmup, help="learning-rate warm-up steps")
     p.add_argument("--schedule", choices=["cosine", "constant"], default=d.schedule)
     p.add_argument("--sigma-dist", choices=["loguniform", "lognormal"], default=d.sigma_dist,
                    help="training noise levels: log-uniform on [sigma-min, sigma-max] or log-normal (EDM) clipped to it")
-    p.add_argument("--sigma-mean", type=float, default=d.sigma_mean, help="lognormal: mean of ln sigma")
-    p.add_argument("--sigma-std", type=float, default=d.sigma_std, help="lognormal: std of ln sigma")
+    p.add_argument("--sigma-mean", type=finite_float, default=d.sigma_mean, help="lognormal: mean of ln sigma")
+    p.add_argument("--sigma-std", type=finite_float, default=d.sigma_std, help="lognormal: std of ln sigma")
     p.add_argument("--val-data", default="", help="validation frames (folder, file or pack; default: the "
                                                   "validation patients of --data)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -60,7 +73,7 @@ def _train_parser(sub):
                    help="dsm: denoising score matching on Gaussian noise (training from scratch or --init); "
                         "artifacts: fine-tune --init (default: the shipped weights) on the default sampler's own "
                         "inputs on simulated training cases (image or xt; README)")
-    p.add_argument("--collect-minutes", type=float, default=10.0,
+    p.add_argument("--collect-minutes", type=finite_float, default=10.0,
                    help="artifacts: minutes spent reconstructing training cases to learn from (default: %(default)s)")
     p.add_argument("--collect-cases", type=int, default=0, help="artifacts: at most this many cases (0: no limit)")
     p.add_argument("--holdout-cases", type=int, default=8,
@@ -76,12 +89,12 @@ def _pack_parser(sub):
                                "full size, for --objective artifacts), val.npz and val_cycles.npz (validation "
                                "patients)")
     p.add_argument("--data", default="../shared/data/acdc_cine", help="folder of ACDC files or frame stacks")
-    p.add_argument("--max-mb", type=float, default=21.0, help="size limit of train.npz in MiB (default: %(default)s)")
-    p.add_argument("--cycles-mb", type=float, default=12.0,
+    p.add_argument("--max-mb", type=finite_float, default=21.0, help="size limit of train.npz in MiB (default: %(default)s)")
+    p.add_argument("--cycles-mb", type=finite_float, default=12.0,
                    help="size limit of cycles.npz in MiB (0: none written; default: %(default)s)")
     p.add_argument("--cycles-crop", type=int, default=64,
                    help="cycles.npz keeps the central N x N pixels of every phase (default: %(default)s)")
-    p.add_argument("--art-mb", type=float, default=14.0,
+    p.add_argument("--art-mb", type=finite_float, default=14.0,
                    help="size limit of art.npz (training patients' middle slices, whole cycles at full size: the "
                         "cases of `train --objective artifacts`; 0: none written; default: %(default)s)")
     p.add_argument("--stride", type=int, default=0, help="keep every N-th cardiac phase (0: the smallest that fits)")

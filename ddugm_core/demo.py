@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import finite_float
+
 METHOD_NAMES = {"zero_filled": "zero-filled", "low_rank": "low-rank only", "llr_ttv": "LLR + temp. TV",
                 "ddugm": "DD-UGM"}
 
@@ -19,13 +21,13 @@ def add_parser(sub):
     p = sub.add_parser("demo", help="reconstruct the built-in cine phantom (no data needed) and compare methods")
     p.add_argument("--out", default="demo_out", help="output folder (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--accel", type=float, default=8.0, help="acceleration R (default: %(default)s)")
+    p.add_argument("--accel", type=finite_float, default=8.0, help="acceleration R (default: %(default)s)")
     p.add_argument("--coils", type=int, default=8, help="receive coils; 1 = single coil (default: %(default)s)")
     p.add_argument("--frames", type=int, default=12, help="cardiac phases (default: %(default)s)")
     p.add_argument("--size", type=int, default=80, help="matrix size (default: %(default)s)")
     p.add_argument("--mask", choices=["random", "lattice"], default="random",
                    help="variable-density random lines per frame, or the paper's shifted lattice")
-    p.add_argument("--noise", type=float, default=0.002, help="k-space noise std, phantom units (default: %(default)s)")
+    p.add_argument("--noise", type=finite_float, default=0.002, help="k-space noise std, phantom units (default: %(default)s)")
     p.add_argument("--config", default=None, help="reconstruction settings YAML (ReconConfig)")
     p.add_argument("--preset", default=None, help="sampling preset: default (= pnp), pnp, dual or paper")
     p.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import finite_float
 from .metrics import hfen, psnr, ssim
 
 DEFAULT_DATA = "../shared/data/acdc_cine"
@@ -245,7 +246,7 @@ def add_parser(sub):
     p.add_argument("--accels", default="4,8,12", help="accelerations R, comma separated (default: %(default)s)")
     p.add_argument("--coils", type=int, default=None,
                    help=f"simulated receive coils (default: {SIM_COILS}; raw data bring their own)")
-    p.add_argument("--noise", type=float, default=None,
+    p.add_argument("--noise", type=finite_float, default=None,
                    help="complex k-space noise std per real component, in units of the normalised image "
                         f"(99th percentile of the time average = 1) (default: {SIM_NOISE}; raw data: 0, their "
                         "own noise only, any value is added to it)")

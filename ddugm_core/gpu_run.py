@@ -434,9 +434,11 @@ def check_outputs(out: Path) -> list:
 
 
 def main(argv=None) -> int:
+    from .cli import finite_float
+
     ap = argparse.ArgumentParser(prog="python -m ddugm_core.gpu_run", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="output folder (at most 8 files, each at most 16 MiB)")
-    ap.add_argument("--minutes", type=float, default=9.0,
+    ap.add_argument("--minutes", type=finite_float, default=9.0,
                     help="wall-clock budget of the whole run (default 9: a device call may run 10 minutes)")
     ap.add_argument("--pack", default="runs/pack", help="folder with train.npz and val.npz (ddugm pack)")
     ap.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass, fields
@@ -156,6 +157,10 @@ class ReconConfig:
             raise ValueError(f"{path}: {e}") from None
 
     def validate(self) -> None:
+        odd = [f.name for f in fields(self) if isinstance(getattr(self, f.name), float)
+               and not math.isfinite(getattr(self, f.name))]
+        if odd:  # NaN passes every range check below and ends as a NaN image or a solver's failure
+            raise ValueError("settings must be finite numbers: " + ", ".join(f"{k} = {getattr(self, k)}" for k in odd))
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.preset not in PRESETS:
@@ -427,11 +432,24 @@ class Reconstructor:
         Returns a numpy array for numpy input, else a tensor on the input's device.
         trace: passed to the sampler (:func:`~ddugm_core.sampler.ddugm_sample`), each record with
         ``scale`` (the normalisation: states are in the input's units divided by it) and ``weight``.
+        A reconstruction that breaks down numerically (NaN or inf; settings far outside their range)
+        raises FloatingPointError naming the method, never returns such an image.
         """
-        cfg = self.config
-        method = method or cfg.method
+        method = method or self.config.method
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        try:
+            x = self._recon(kspace, mask, coil_maps, seed, method, callback, trace, refine_maps)
+        except torch.linalg.LinAlgError as e:  # an SVD / eigendecomposition of non-finite values
+            raise FloatingPointError(f"the {method} reconstruction broke down numerically ({str(e).splitlines()[0][:120]}): "
+                                     "settings far outside their usual range (weights, iterations) can do this") from None
+        if not bool(torch.isfinite(torch.view_as_real(torch.as_tensor(x))).all()):  # never a silent NaN / inf image
+            raise FloatingPointError(f"the {method} reconstruction produced non-finite values (NaN or inf): "
+                                     "settings far outside their usual range (weights, iterations) can do this")
+        return x
+
+    def _recon(self, kspace, mask, coil_maps, seed, method, callback, trace, refine_maps):
+        cfg = self.config
         as_numpy = isinstance(kspace, np.ndarray)
         out_device = None if as_numpy else getattr(kspace, "device", None)
         k, m, maps = prepare_inputs(kspace, mask, coil_maps, self.device)

@@ -33,6 +33,8 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 
+from ddugm_core.cli import finite_float
+
 from .protocol import (
     CONFIG_FILE,
     CONFIG_TEXT,
@@ -378,7 +380,7 @@ def add_parser(sub):
                                                   "(default: $DDUGM_CONFIG, else config/recon.yaml)")
     p.add_argument("--device", default=None, help="override the device (auto, cpu, cuda, cuda:N)")
     p.add_argument("--preset", default=None, help="override the preset (default, pnp, dual, paper)")
-    p.add_argument("--idle-timeout", type=float, default=None, help="seconds a silent client is kept mid-stream "
+    p.add_argument("--idle-timeout", type=finite_float, default=None, help="seconds a silent client is kept mid-stream "
                                                                     "(server setting idle_timeout, default 3600)")
     p.add_argument("--max-connections", type=int, default=None, help="open connections; more are refused "
                                                                      "(server setting max_connections, default 16)")

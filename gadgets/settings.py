@@ -38,6 +38,7 @@ OUTPUTS = ("magnitude", "complex", "int16")
 #: (every ``*_weights`` key of ReconConfig, so that a new prior's weights file can never slip past)
 PATH_KEYS = ("config", "debug_dir") + tuple(f.name for f in fields(ReconConfig) if f.name.endswith("_weights"))
 MAX_YAML_BYTES = 1 << 20
+MAX_TIMEOUT_S = 1e6  # server timeouts: about 11.6 days at most (an infinite one overflows the socket layer)
 SENDS = ("auto", "images", "image_array")
 FRAME_AXES = ("auto", "phase", "repetition")
 
@@ -104,8 +105,9 @@ class Limits:
                 raise ValueError(f"server setting {name} must be a positive integer, got {v!r}")
         for name in ("handshake_timeout", "idle_timeout", "shutdown_grace"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"server setting {name} must be a positive number of seconds, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= MAX_TIMEOUT_S:
+                raise ValueError(f"server setting {name} must be a positive number of seconds, at most "
+                                 f"{MAX_TIMEOUT_S:g} (socket timeouts are finite), got {v!r}")
         if not isinstance(self.allow_compile, bool):
             raise ValueError(f"server setting allow_compile must be true or false, got {self.allow_compile!r}")
 

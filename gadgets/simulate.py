@@ -18,6 +18,7 @@ import ismrmrd.xsd as x
 import numpy as np
 import torch
 
+from ddugm_core.cli import finite_float
 from ddugm_core.masks import variable_density_mask
 from ddugm_core.operators import fft2c
 from ddugm_core.phantom import cine_phantom, coil_maps
@@ -226,12 +227,12 @@ def add_parser(sub):
     p.add_argument("--size", type=int, default=64, help="phantom matrix (default: %(default)s)")
     p.add_argument("--slices", type=int, default=1)
     p.add_argument("--coils", type=int, default=8)
-    p.add_argument("--accel", type=float, default=4.0, help="undersampling factor R per phase (default: %(default)s)")
+    p.add_argument("--accel", type=finite_float, default=4.0, help="undersampling factor R per phase (default: %(default)s)")
     p.add_argument("--acs", type=int, default=12, help="fully sampled centre lines, flagged as embedded ACS")
-    p.add_argument("--noise", type=float, default=0.002, help="complex noise std per sample, image max ~1")
+    p.add_argument("--noise", type=finite_float, default=0.002, help="complex noise std per sample, image max ~1")
     p.add_argument("--oversampling", type=int, default=2, choices=[1, 2], help="readout oversampling (default: 2)")
-    p.add_argument("--partial-fourier", type=float, default=1.0, help="fraction of phase-encoding lines (0.5-1]")
-    p.add_argument("--asymmetric-echo", type=float, default=1.0, help="fraction of the readout acquired (0.5-1]")
+    p.add_argument("--partial-fourier", type=finite_float, default=1.0, help="fraction of phase-encoding lines (0.5-1]")
+    p.add_argument("--asymmetric-echo", type=finite_float, default=1.0, help="fraction of the readout acquired (0.5-1]")
     p.add_argument("--no-noise-scan", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--truth", default=None, help="also save the ground-truth images (.npy)")

@@ -126,7 +126,8 @@ def main():
     row("IMAGE message claiming 8 GiB", short(r), sec, f"server RSS {before:.0f} -> {rss_mb(proc.pid):.0f} MB")
     r, sec = exchange(port, _props(), xml, raw=struct.pack("<HI", 5, 0xFFFFFFFF))
     row("TEXT message claiming 4 GiB", short(r), sec, f"server up: {proc.poll() is None}")
-    for props in ({"steps": 100000}, {"compile": "true"}, {"lowrank_iters": 100000}, {"window": 64}):
+    for props in ({"steps": 100000}, {"compile": "true"}, {"lowrank_iters": 100000}, {"window": 64},
+                  {"pnp_gamma": "nan"}, {"llr_lambda": "inf"}):
         r, sec = exchange(port, _props(**props), xml, acqs)
         row("client setting " + ", ".join(f"`{k}={v}`" for k, v in props.items()), short(r), sec,
             f"server up: {proc.poll() is None}")

@@ -126,6 +126,8 @@ def test_properties_and_yaml_merge_and_validate(tmp_path):
     ({"fallback": "maybe"}, "fallback must be true or false"),
     ({"colour": "red"}, "unknown setting 'colour'"),
     ({"config": "/nonexistent.yaml"}, "a client may not set"),
+    ({"pnp_gamma": "nan"}, "finite numbers: pnp_gamma = nan"),  # NaN passes every range check
+    ({"llr_continue_scale": "inf"}, "finite numbers: llr_continue_scale = inf"),
 ])
 def test_invalid_settings_are_named(props, message):
     with pytest.raises(ValueError, match=message):
@@ -140,6 +142,21 @@ def test_shipped_yaml_matches_the_library_defaults():
     assert cfg == ReconConfig() and gs == GadgetSettings()
     assert load_limits(default_yaml()) == Limits()
     assert parse_scalar("steps", "null", "Optional[int]") is None
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e7, 0, -1])
+def test_server_timeouts_must_be_finite_and_positive(tmp_path, value):
+    """An infinite timeout would overflow the socket layer at the first connection; NaN was
+    never > 0. The operator's YAML (``.inf``) and overrides alike are refused at start, by name."""
+    from gadgets.settings import load_limits
+
+    y = tmp_path / "op.yaml"
+    y.write_text("server:\n  idle_timeout: .inf\n")
+    with pytest.raises(ValueError, match="idle_timeout must be a positive number of seconds, at most"):
+        load_limits(y)
+    with pytest.raises(ValueError, match="handshake_timeout must be a positive number"):
+        load_limits(None, {"handshake_timeout": value})
+    assert load_limits(None, {"handshake_timeout": 1e6}).handshake_timeout == 1e6
 
 
 # ---------------------------------------------------------------- the session

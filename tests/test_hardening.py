@@ -608,3 +608,21 @@ def test_recon_of_a_file_that_breaks_mid_way_writes_the_completed_slices(tmp_pat
     with pytest.raises(ReplayError, match="nothing written"):
         replay(str(raw), str(out2), overrides={"method": "zero_filled", "device": "cpu"}, quiet=True)
     assert not out2.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["demo", "--accel", "nan"], ["demo", "--noise", "inf"], ["evaluate", "--noise", "nan"],
+    ["train", "--domain", "image", "--lr", "nan"], ["simulate", "x.h5", "--noise", "nan"],
+    ["serve", "--idle-timeout", "inf"],
+])
+def test_number_options_refuse_nan_and_inf(argv, capsys, tmp_path, monkeypatch):
+    """NaN passes every range check (``simulate --noise nan`` used to write a raw file of NaN
+    samples): every number option of the ``ddugm`` commands refuses it, naming the option."""
+    from gadgets.cli import main as ddugm
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        ddugm(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {argv[-2]}: must be a finite number, got {argv[-1]!r}" in err
+    assert not (tmp_path / "x.h5").exists()

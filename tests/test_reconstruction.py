@@ -411,9 +411,32 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
                      ({"pnp_eta": -0.1}, "pnp_eta"), ({"pnp_ensemble": 3}, "pnp_ensemble"),
                      ({"pnp_reg_scale": -1.0}, "pnp_reg_scale"), ({"pnp_xt_planes": "xy"}, "pnp_xt_planes"),
                      ({"llr_continue_iters": -1}, "llr_continue_iters"),
-                     ({"llr_continue_scale": -0.1}, "llr_continue_scale")]:
+                     ({"llr_continue_scale": -0.1}, "llr_continue_scale"),
+                     ({"llr_continue_scale": float("nan")}, "finite numbers: llr_continue_scale = nan"),
+                     ({"pnp_gamma": float("inf"), "ttv_lambda": float("nan")}, "pnp_gamma = inf, ttv_lambda = nan")]:
         with pytest.raises(ValueError, match=msg):
             ReconConfig.from_dict({**tiny_config.to_dict(), **bad})
+
+
+def test_a_numerical_breakdown_is_an_error_not_an_image(tiny_config, monkeypatch):
+    """NaN / inf in the result, or an SVD that fails on them (a weight so large that float32
+    overflows), raise FloatingPointError naming the method: never a NaN image to a scanner."""
+    x = cine_phantom(4, 16, seed=1)
+    k = simulate_kspace(x, coil_maps(2, 16), variable_density_mask(4, 16, 2, seed=1))
+    rec = Reconstructor(ReconConfig.from_dict({**tiny_config.to_dict(), "llr_iters": 2, "llr_continue_iters": 1}))
+    assert np.isfinite(rec.recon(k, method="llr_ttv")).all()
+    huge = {**tiny_config.to_dict(), "preset": "pnp", "steps": 2, "llr_iters": 2, "pnp_inner": 2, "pnp_xt_weight": 0.0,
+            "pnp_gamma": 1e30}  # finite, but the ADMM's float32 overflows
+    with pytest.raises(FloatingPointError, match="the ddugm reconstruction (broke down numerically|produced non-finite)"):
+        Reconstructor(ReconConfig.from_dict(huge)).recon(k)
+    real = Reconstructor._recon
+    for poison in ("nan", "inf"):
+        monkeypatch.setattr(Reconstructor, "_recon", lambda self, *a, p=poison: real(self, *a) + float(p))
+        with pytest.raises(FloatingPointError, match="the llr_ttv reconstruction produced non-finite values"):
+            rec.recon(k, method="llr_ttv")
+    monkeypatch.setattr(Reconstructor, "_recon", lambda self, *a: (_ for _ in ()).throw(torch.linalg.LinAlgError("eigh")))
+    with pytest.raises(FloatingPointError, match="the ddugm reconstruction broke down numerically"):
+        rec.recon(k)
 
 
 def test_pnp_with_the_plane_prior(tiny_config, tiny_weights, tmp_path):
