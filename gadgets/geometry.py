@@ -1,6 +1,7 @@
 """What the ISMRMRD header says about the encoding: matrices, fields of view, k-space centres."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -72,7 +73,7 @@ def geometry_from_header(header, encoding: int = 0) -> Geometry:
     asi = getattr(header, "acquisitionSystemInformation", None)
     bw = getattr(asi, "relativeReceiverNoiseBandwidth", None) if asi is not None else None
     coils = getattr(asi, "receiverChannels", None) if asi is not None else None
-    return Geometry(
+    g = Geometry(
         enc_matrix=enc_matrix, enc_fov=fov(ef),
         recon_matrix=(int(rm.x), int(rm.y), int(rm.z or 1)), recon_fov=fov(rf),
         ky_center=int(ky_center), ky_max=int(ky_max),
@@ -81,3 +82,9 @@ def geometry_from_header(header, encoding: int = 0) -> Geometry:
         trajectory=str(traj), coils=int(coils) if coils else None,
         repetitions=(rep[2] + 1) if rep is not None else 1,
     )
+    over = g.readout_oversampling
+    if not math.isfinite(over) or g.nx < 2:  # an infinite or absurd field of view would crop the readout to 1 pixel
+        raise ValueError(f"the header's readout fields of view (encoded {g.enc_fov[0]} mm, recon {g.recon_fov[0]} mm) "
+                         f"give a readout oversampling of {over}, which leaves {g.nx} of the {enc_matrix[0]} readout "
+                         "points: not a usable encoding")
+    return g

@@ -426,3 +426,24 @@ def test_maps_from_reference_lines_are_refined(sim, monkeypatch):
         out += s.finish()
         assert len(out) == 12 and not s.errors
         assert from_ref == [True, True] and len(rounds) == expected  # 2 slices x 2 rounds
+
+
+@pytest.mark.parametrize("fov, ok", [("INF", False), ("1e6", False), ("NaN", True), ("-5", True)])
+def test_header_fields_of_view_that_would_crop_the_readout_are_refused(sim, fov, ok):
+    """An infinite or absurd encoded field of view used to crop the readout to one pixel (a
+    silent one-column image); unusable values (NaN, negative) fall back to the matrices."""
+    import re
+
+    from gadgets.geometry import geometry_from_header
+
+    ds = open_dataset(str(sim[0]))
+    xml = ds.read_xml_header()
+    ds.close()
+    xml = xml.decode() if isinstance(xml, bytes) else xml
+    bad = re.sub(r"(<encodedSpace>.*?<fieldOfView_mm>\s*<x>)[^<]*", lambda m: m.group(1) + fov, xml, count=1, flags=re.S)
+    hdr = ismrmrd.xsd.CreateFromDocument(bad)
+    if ok:
+        assert geometry_from_header(hdr).nx == 48
+    else:
+        with pytest.raises(ValueError, match=r"readout fields of view \(encoded .* mm.*leaves 1 of the 96 readout"):
+            geometry_from_header(hdr)
