@@ -22,7 +22,7 @@ class Geometry:
     @property
     def readout_oversampling(self) -> float:
         """Encoded over reconstructed field of view along the readout (2 for Siemens' default)."""
-        if self.recon_fov[0] > 0 and self.enc_fov[0] > 0:
+        if 0 < self.recon_fov[0] < math.inf and 0 < self.enc_fov[0] < math.inf:  # (NaN fails both)
             return max(1.0, self.enc_fov[0] / self.recon_fov[0])
         if self.recon_matrix[0] > 0:
             return max(1.0, self.enc_matrix[0] / self.recon_matrix[0])
@@ -64,6 +64,9 @@ def geometry_from_header(header, encoding: int = 0) -> Geometry:
         raise ValueError(f"encoded matrix {enc_matrix[:2]} is too small for a 2D reconstruction")
     if enc_matrix[2] > 1:
         raise ValueError(f"3D encoding (encoded matrix z = {enc_matrix[2]}) is not supported: DD-UGM is a 2D cine method")
+    recon_matrix = (int(rm.x), int(rm.y), int(rm.z or 1))
+    if any(v < 0 or v == 1 for v in recon_matrix[:2]):  # (0: not given, the encoded grid is kept)
+        raise ValueError(f"recon matrix {recon_matrix[:2]} is too small for a 2D reconstruction")
     fov = (lambda f: (float(f.x), float(f.y), float(f.z)) if f is not None else (0.0, 0.0, 0.0))
     ky = _limit(e.encodingLimits, "kspace_encoding_step_1")
     ph = _limit(e.encodingLimits, "phase")
@@ -75,7 +78,7 @@ def geometry_from_header(header, encoding: int = 0) -> Geometry:
     coils = getattr(asi, "receiverChannels", None) if asi is not None else None
     g = Geometry(
         enc_matrix=enc_matrix, enc_fov=fov(ef),
-        recon_matrix=(int(rm.x), int(rm.y), int(rm.z or 1)), recon_fov=fov(rf),
+        recon_matrix=recon_matrix, recon_fov=fov(rf),
         ky_center=int(ky_center), ky_max=int(ky_max),
         phases=(ph[2] + 1) if ph is not None else 1,
         noise_bandwidth=float(bw) if bw else 0.793,

@@ -428,10 +428,11 @@ def test_maps_from_reference_lines_are_refined(sim, monkeypatch):
         assert from_ref == [True, True] and len(rounds) == expected  # 2 slices x 2 rounds
 
 
-@pytest.mark.parametrize("fov, ok", [("INF", False), ("1e6", False), ("NaN", True), ("-5", True)])
+@pytest.mark.parametrize("fov, ok", [("1e6", False), ("1e300", False), ("INF", True), ("NaN", True), ("-5", True)])
 def test_header_fields_of_view_that_would_crop_the_readout_are_refused(sim, fov, ok):
-    """An infinite or absurd encoded field of view used to crop the readout to one pixel (a
-    silent one-column image); unusable values (NaN, negative) fall back to the matrices."""
+    """An absurd (or infinite) encoded field of view used to crop the readout to one pixel (a
+    silent one-column image): an error now; values that are no field of view (inf, NaN,
+    negative) fall back to the matrices' ratio."""
     import re
 
     from gadgets.geometry import geometry_from_header
@@ -447,3 +448,26 @@ def test_header_fields_of_view_that_would_crop_the_readout_are_refused(sim, fov,
     else:
         with pytest.raises(ValueError, match=r"readout fields of view \(encoded .* mm.*leaves 1 of the 96 readout"):
             geometry_from_header(hdr)
+
+
+def test_header_recon_space_oddities(sim):
+    """An infinite recon field of view used to switch the oversampling removal off (a squeezed
+    image); it now falls back to the matrices like a missing one. A recon matrix of 1 is refused
+    (0 still means: not given, the encoded grid is kept)."""
+    import re
+
+    from gadgets.geometry import geometry_from_header
+
+    ds = open_dataset(str(sim[0]))
+    xml = ds.read_xml_header()
+    ds.close()
+    xml = xml.decode() if isinstance(xml, bytes) else xml
+
+    def recon_space(tag, value):
+        out = re.sub(rf"(<reconSpace>.*?<{tag}>\s*<x>)[^<]*", lambda m: m.group(1) + value, xml, count=1, flags=re.S)
+        assert out != xml
+        return geometry_from_header(ismrmrd.xsd.CreateFromDocument(out))
+
+    assert recon_space("fieldOfView_mm", "INF").nx == 48 == recon_space("matrixSize", "0").nx
+    with pytest.raises(ValueError, match=r"recon matrix \(1, 48\) is too small"):
+        recon_space("matrixSize", "1")
