@@ -16,6 +16,7 @@ lines where they belong, leaving the rest zero and unmarked in the mask.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +55,11 @@ class CineData:
 
 
 # ------------------------------------------------------------------ noise prewhitening
+def _usable_dwell(dwell_us) -> bool:
+    """A dwell time that can scale the noise (a header's 0, NaN or inf is ignored: no scaling)."""
+    return bool(dwell_us) and math.isfinite(dwell_us) and dwell_us > 0
+
+
 class NoiseWhitener:
     """Prewhitening from noise-only readouts: ``y' = L^-1 y * sqrt(dwell_data / dwell_noise)``
     with ``C = L L^H`` the coil noise covariance, so the data's noise is white with unit
@@ -72,7 +78,7 @@ class NoiseWhitener:
         s = d @ d.conj().T
         self._sum = s if self._sum is None else self._sum + s
         self._n += d.shape[1]
-        self.dwell_us = float(dwell_us) if dwell_us else self.dwell_us
+        self.dwell_us = float(dwell_us) if _usable_dwell(dwell_us) else self.dwell_us
         self._matrix = None
 
     @property
@@ -87,6 +93,8 @@ class NoiseWhitener:
         if self._matrix is None:
             cov = self.covariance
             c = cov.shape[0]
+            if not np.isfinite(cov).all():
+                raise ValueError("noise scan: it holds non-finite samples (NaN or inf); cannot prewhiten")
             dead = np.nonzero(np.real(np.diag(cov)) <= 0)[0].tolist()
             if dead:
                 raise ValueError(f"noise scan: channel(s) {dead} carry no noise; cannot prewhiten")
@@ -103,7 +111,7 @@ class NoiseWhitener:
         w = self.matrix()
         if data.shape[0] != w.shape[0]:
             raise ValueError(f"data have {data.shape[0]} channels but the noise scan had {w.shape[0]}")
-        scale = np.sqrt(dwell_us / self.dwell_us) if (dwell_us and self.dwell_us) else 1.0
+        scale = np.sqrt(dwell_us / self.dwell_us) if (_usable_dwell(dwell_us) and self.dwell_us) else 1.0
         out = np.tensordot(w * scale, data, axes=(1, 0))
         return out.astype(np.complex64)
 

@@ -93,6 +93,30 @@ def test_dead_channel_in_noise_scan_is_reported():
         w.apply(d, 5.0)
 
 
+def test_non_finite_noise_scan_or_dwell_times():
+    """A NaN / inf sample in the noise scan is reported as such (the session then reconstructs
+    without prewhitening), not as the data's "kspace contains NaN"; a dwell time of 0, NaN or inf
+    in a header scales nothing."""
+    rng = np.random.default_rng(0)
+    d = (rng.standard_normal((3, 100)) + 1j * rng.standard_normal((3, 100))).astype(np.complex64)
+    bad = d.copy()
+    bad[2, 7] = np.nan
+    w = NoiseWhitener()
+    w.add(bad, 5.0)
+    with pytest.raises(ValueError, match="noise scan: it holds non-finite samples"):
+        w.apply(d, 5.0)
+    plain = NoiseWhitener()
+    plain.add(d, 5.0)
+    for dwell in (0.0, float("nan"), float("inf"), -1.0):
+        odd = NoiseWhitener()
+        odd.add(d, dwell)
+        assert odd.dwell_us is None
+        np.testing.assert_allclose(odd.apply(d, 2.5), plain.apply(d, 5.0), rtol=1e-5)  # no scaling: 5 / 5
+        out = plain.apply(d, dwell)
+        assert np.isfinite(out).all()
+        np.testing.assert_allclose(out, plain.apply(d, 5.0), rtol=1e-5)
+
+
 def test_finalize_crops_phase_oversampling_and_resizes_to_recon_matrix():
     g = geo(ny=80, enc_fov_y=375.0, recon_matrix=(32, 32, 1))  # 80 lines over 375 mm -> 64 over 300 mm
     x = np.ones((2, 80, 64), np.complex64)
