@@ -9,6 +9,7 @@ set of weights serves any scanner's units. Magnitude frames get a random smooth 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +134,7 @@ def write_pack(files: list[Path], out: Path, max_mb: float = 40.0, stride: int =
     ``crop`` > 0 keeps the central ``crop`` x ``crop`` pixels (where the heart is). ``slices``
     (offsets from the middle slice, e.g. ``(0,)``) keeps only those slices of each file. Returns
     what was written (frames, stride, size, quantisation error)."""
-    series = []
+    series, skipped = [], []
     for path in files:
         stack = series_of(read_array(path))
         if slices:
@@ -143,6 +144,9 @@ def write_pack(files: list[Path], out: Path, max_mb: float = 40.0, stride: int =
             scale = robust_scale(s)
             if np.isfinite(s).all() and scale > 0:
                 series.append((path.stem, s / scale))
+            else:
+                skipped.append(path.name)
+    _report_skipped(skipped)
     if not series:
         raise ValueError("no usable series to pack")
     size = (crop, crop) if crop else series[0][1].shape[-2:]
@@ -181,6 +185,13 @@ def write_pack(files: list[Path], out: Path, max_mb: float = 40.0, stride: int =
                      f"{'series' if whole_cycles else 'phase'}")
 
 
+def _report_skipped(names: list) -> None:
+    """Series left out of training (non-finite values, or all zero) are said, never dropped silently."""
+    if names:
+        shown = ", ".join(sorted(set(names))[:5]) + (", ..." if len(set(names)) > 5 else "")
+        print(f"ddugm: {len(names)} series left out (non-finite values or all zero): {shown}", file=sys.stderr)
+
+
 def load_frames(files: list[Path]) -> torch.Tensor:
     """All frames of ``files``, normalised per series, as complex64 ``[N, H, W]``.
 
@@ -196,7 +207,7 @@ def load_series(files: list[Path]) -> list[torch.Tensor]:
     """Every series of ``files`` (one slice, all cardiac phases), normalised as
     :func:`load_frames` does, as complex64 ``[T, H, W]`` tensors of their own sizes. A training
     pack contributes its series as stored (every ``stride``-th phase: see :func:`write_pack`)."""
-    out = []
+    out, skipped = [], []
     for path in files:
         if is_pack(path):
             frames = read_pack(path)
@@ -209,6 +220,9 @@ def load_series(files: list[Path]) -> list[torch.Tensor]:
             scale = robust_scale(s)
             if np.isfinite(s).all() and scale > 0:
                 out.append(torch.from_numpy(s / scale).to(torch.complex64))
+            else:
+                skipped.append(path.name)
+    _report_skipped(skipped)
     if not out:
         raise ValueError("no usable series (all empty or non-finite)")
     return out

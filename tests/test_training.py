@@ -65,6 +65,22 @@ def test_ddp_two_processes_gloo(frames_dir, tmp_path):
     assert (out / "image.safetensors").is_file()
 
 
+def test_unusable_series_are_said_not_dropped_silently(frames_dir, tmp_path, capsys):
+    """A series with NaN (or all zero) is left out of training and packs, and stderr names its file."""
+    from ddugm_core.data import list_series_files, load_series, write_pack
+
+    bad = np.random.default_rng(1).random((5, 20, 18)).astype(np.float32)
+    bad[2, 3, 4] = np.nan
+    np.save(frames_dir / "broken.npy", bad)
+    np.save(frames_dir / "empty.npy", np.zeros((5, 20, 18), np.float32))
+    files = list_series_files(frames_dir)
+    assert len(load_series(files)) == 4
+    err = capsys.readouterr().err
+    assert "2 series left out (non-finite values or all zero): broken.npy, empty.npy" in err
+    write_pack(files, tmp_path / "p.npz", stride=1)
+    assert "broken.npy" in capsys.readouterr().err
+
+
 def test_splits_are_whole_files():
     from ddugm_core.data import split_of
 
