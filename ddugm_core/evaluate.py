@@ -489,24 +489,29 @@ def trace_noise(series, rec, accels: list[float], a) -> int:
                 t = ref / rec_["scale"]
                 rms = lambda d: float(torch.sqrt(torch.mean(d.real ** 2 + d.imag ** 2) / 2))  # noqa: E731
                 row = table.setdefault((r, rec_["step"]), {"sigma": rec_["sigma"], "kspace_sigma": rec_.get("kspace_sigma"),
-                                                           "image": [], "kspace": []})
+                                                           "image": [], "kspace": [], "anchor": []})
                 row["image"].append(rms(rec_["image_input"] - t))
+                if rec_.get("anchor") is not None:  # pnp: the denoised frames that anchor the ADMM
+                    row["anchor"].append(rms(rec_["anchor"] - t))
                 if "kspace_input" in rec_:  # the pnp sampler has no k-space network
                     w = rec_["weight"].weight
                     row["kspace"].append(rms((rec_["kspace_input"] - rec_["weight"](fft2c(t)))[..., w > 0]))
 
             rec.recon(case.kspace, case.mask, case.maps, seed=a.seed, method="ddugm", trace=record)
     rows = [{"accel": r, "step": st, "sigma": v["sigma"], "image_rms": float(np.mean(v["image"])),
-             "kspace_sigma": v["kspace_sigma"], "kspace_rms": float(np.mean(v["kspace"])) if v["kspace"] else None}
+             "kspace_sigma": v["kspace_sigma"], "kspace_rms": float(np.mean(v["kspace"])) if v["kspace"] else None,
+             "anchor_rms": float(np.mean(v["anchor"])) if v["anchor"] else None}
             for (r, st), v in sorted(table.items())]
     (out / "trace.json").write_text(json.dumps({"settings": {k: v for k, v in vars(a).items() if k != "func"},
                                                 "series": [n for n, _ in series], "rows": rows}, indent=2))
     print(f"noise model of the sampler on {len(series)} series (RMS per real component, normalised units)")
-    print("| R | step | sigma (image) | image input error | sigma (k-space) | weighted k-space input error |")
-    print("|---|---|---|---|---|---|")
+    print("| R | step | sigma (image) | image input error | denoised (anchor) error | sigma (k-space) | "
+          "weighted k-space input error |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         ks = "– | –" if row["kspace_rms"] is None else f"{row['kspace_sigma']:.4f} | {row['kspace_rms']:.4f}"
-        print(f"| {row['accel']:g} | {row['step']} | {row['sigma']:.4f} | {row['image_rms']:.4f} | {ks} |")
+        an = "–" if row["anchor_rms"] is None else f"{row['anchor_rms']:.4f}"
+        print(f"| {row['accel']:g} | {row['step']} | {row['sigma']:.4f} | {row['image_rms']:.4f} | {an} | {ks} |")
     return 0
 
 

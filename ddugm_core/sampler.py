@@ -202,11 +202,11 @@ def pnp_sample(x0: torch.Tensor, dc: DataConsistency, score_i: Optional[Score], 
     state = (state if state is not None else {}) if s.keep_duals else None
     for i, sigma in enumerate(sigmas.tolist()):
         x_in = x + (s.eta * sigma) * _randn(x, generator) if s.eta > 0 else x
-        if trace is not None:
-            trace({"step": i, "sigma": sigma, "image_input": x_in})
         planes = "both" if s.xt_planes == "both" else ("xt", "yt")[i % 2]
         # gamma 0: no prior in the objective, so no network call (the classical continuation)
         denoised = pnp_denoise(x_in, sigma, score_i, score_xt, w, s.ensemble, planes, s.phase) if s.gamma > 0 else None
+        if trace is not None:  # the networks' input and their denoised anchor (None without a prior)
+            trace({"step": i, "sigma": sigma, "image_input": x_in, "anchor": denoised})
         x = llr_ttv(dc, s.inner, **(s.llr or {}), seed=i + 1, x0=x, anchor=denoised, gamma=s.gamma,
                     state=state)
         if callback is not None:

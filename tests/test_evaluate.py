@@ -175,13 +175,15 @@ def test_trace_measures_the_noise_each_network_sees(series_dir, fast_yaml, tmp_p
     assert rows[0]["sigma"] > rows[1]["sigma"] and all(r["image_rms"] > 0 and r["kspace_rms"] > 0 for r in rows)
     # the image input after the warm start: its error is that of the classical estimate, far below sigma_max 0.3
     assert rows[0]["image_rms"] < rows[0]["sigma"]
-    assert "| 3 | 0 |" in capsys.readouterr().out
+    assert "| 3 | 0 |" in capsys.readouterr().out and all(r["anchor_rms"] is None for r in rows)
     assert main(args) == 2  # estimated maps: another phase convention than the truth
     # the pnp sampler: image inputs only (no k-space network)
     args[args.index(str(dual))] = str(fast_yaml)
     assert main(args + ["--maps", "true"]) == 0
     rows = json.loads((tmp_path / "trace.json").read_text())["rows"]
     assert len(rows) == 2 and all(r["kspace_rms"] is None and r["image_rms"] > 0 for r in rows)
+    # and the error of the denoised frames that anchor the ADMM (the dual sampler has none)
+    assert all(r["anchor_rms"] > 0 for r in rows) and rows[0]["anchor_rms"] != rows[0]["image_rms"]
 
 
 # ---------------------------------------------------------------------- the user's own fully sampled raw data
