@@ -241,6 +241,9 @@ class AcquisitionCollector:
         pre, post = int(acq.discard_pre), int(acq.discard_post)
         center = int(acq.center_sample)
         if pre or post:
+            if pre < 0 or post < 0 or pre + post >= data.shape[1]:
+                raise ValueError(f"discard_pre {pre} and discard_post {post} leave none of the line's {data.shape[1]} "
+                                 "readout samples")
             data = data[:, pre:data.shape[1] - post]
             center -= pre
         if flag_set(acq.flags, REVERSE):

@@ -495,3 +495,24 @@ def test_header_recon_space_oddities(sim):
     assert recon_space("fieldOfView_mm", "INF").nx == 48 == recon_space("matrixSize", "0").nx
     with pytest.raises(ValueError, match=r"recon matrix \(1, 48\) is too small"):
         recon_space("matrixSize", "1")
+
+
+def test_discarding_the_whole_readout_is_named(sim):
+    """discard_pre + discard_post covering the whole line used to end as "the mask samples
+    nothing"; the error now names the two fields (that slice only: the other is reconstructed)."""
+    from gadgets.session import ScanErrors
+
+    hdr, acqs = read_file(sim[0])
+    cfg, gs = load_settings({"method": "zero_filled", "device": "cpu"})
+    s = ReconSession(hdr, cfg, gs)
+    out = []
+    for a in acqs:
+        if a.idx.slice == 0 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            a.discard_pre = a.number_of_samples
+        out += s.handle(a)
+    try:
+        out += s.finish()
+    except ScanErrors:  # the session reports the failed slice at the end (the gadget sends it as an error)
+        pass
+    assert len(out) == 6 and len(s.errors) == 1
+    assert "slice=0" in s.errors[0] and "discard_pre 96 and discard_post 0 leave none of the line's 96" in s.errors[0]
