@@ -18,6 +18,7 @@ data; the methods get the same data undersampled by the same masks, and estimate
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -317,8 +318,9 @@ def run(a, raw_reader=None) -> int:
     if bad:
         raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(ALL_METHODS)}")
     raw = _resolve_source(a, raw_reader)
-    if any(r < 1 for r in accels) or (a.coils is not None and a.coils < 1) or a.noise < 0:
-        raise ValueError("need accelerations >= 1, --coils >= 1 and --noise >= 0")
+    if any(not 1 <= r < math.inf for r in accels) or (a.coils is not None and a.coils < 1) or a.noise < 0:
+        raise ValueError(f"need finite accelerations >= 1 (got {', '.join(f'{r:g}' for r in accels)}), --coils >= 1 "
+                         "and --noise >= 0")
     base = ReconConfig.from_yaml(a.config) if a.config else ReconConfig()
     over = {} if a.device == "auto" else {"device": a.device}
     cfg_default = ReconConfig.from_dict({**base.to_dict(), **over, "method": "ddugm"})

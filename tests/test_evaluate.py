@@ -109,7 +109,9 @@ def test_evaluate_paper_preset_subset(series_dir, fast_yaml, tmp_path, monkeypat
 @pytest.mark.parametrize("extra, message", [(["--methods", "magic"], "unknown method"),
                                             (["--accels", "x"], "--accels"),
                                             (["--data", "/nonexistent/folder"], "not found"),
-                                            (["--coils", "0"], "--coils >= 1")])
+                                            (["--coils", "0"], "--coils >= 1"),
+                                            (["--accels", "4,nan"], "need finite accelerations >= 1 (got 4, nan)"),
+                                            (["--accels", "inf"], "need finite accelerations >= 1 (got inf)")])
 def test_evaluate_errors_are_named(extra, message, tmp_path, capsys):
     assert main(["evaluate", "--out", str(tmp_path), "--quiet", "--split", "all"] + extra) == 2
     assert message in capsys.readouterr().err
