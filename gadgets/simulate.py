@@ -115,6 +115,8 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
         raise ValueError("need coils >= 1, frames >= 1, slices >= 1 and size >= 16")
     if accel < 1:
         raise ValueError(f"accel must be >= 1, got {accel}")
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0 (a standard deviation), got {noise}")
     if oversampling not in (1, 2):
         raise ValueError(f"oversampling must be 1 or 2, got {oversampling}")
     if not 0.5 < partial_fourier <= 1 or not 0.5 < asymmetric_echo <= 1:

@@ -195,3 +195,15 @@ def test_block_reader_gives_what_ismrmrd_reads(tmp_path):
                 assert np.array_equal(a.data, b.data) and np.array_equal(a.traj, b.traj)
         ds.close()
     assert ref[1].traj.shape == (8, 2) and ref[1].data.shape == (3, 8)
+
+
+@pytest.mark.parametrize("kw, message", [({"noise": -1.0}, "noise must be >= 0"), ({"accel": 0.5}, "accel must be >= 1"),
+                                         ({"partial_fourier": 0.2}, "partial_fourier and asymmetric_echo"),
+                                         ({"size": 8}, "size >= 16")])
+def test_simulate_refuses_bad_settings_by_name(tmp_path, kw, message):
+    from gadgets.simulate import simulate
+
+    args = dict(frames=2, size=16, coils=2, accel=2, acs=4, noise=0.002, slices=1, seed=1)
+    with pytest.raises(ValueError, match=message):
+        simulate(str(tmp_path / "x.h5"), **{**args, **kw})
+    assert not (tmp_path / "x.h5").exists()
