@@ -232,6 +232,9 @@ def train_artifacts(a) -> dict:
     if a.domain not in DOMAINS:  # before minutes of collecting
         raise ValueError(f"--objective artifacts trains the priors the default sampler uses: --domain image or xt, "
                          f"not {a.domain!r}")
+    if a.collect_minutes <= 0 or a.collect_cases < 0 or a.holdout_cases < 1:
+        raise ValueError(f"need --collect-minutes > 0, --collect-cases >= 0 and --holdout-cases >= 1, got "
+                         f"{a.collect_minutes}, {a.collect_cases}, {a.holdout_cases}")
     if Path(a.data).is_file() and is_pack(Path(a.data)):  # a pack holds training patients only (ddugm pack)
         files = [Path(a.data)]
     else:

@@ -108,6 +108,8 @@ def _run_pack(a) -> int:
 
     from .data import list_series_files, read_array, robust_scale, series_of, split_files, write_pack
 
+    if not a.max_mb > 0 or a.cycles_mb < 0 or a.art_mb < 0 or a.cycles_crop < 0 or a.stride < 0 or a.val_series < 0:
+        raise ValueError("need --max-mb > 0, and --cycles-mb, --art-mb, --cycles-crop, --stride, --val-series >= 0")
     train, val = split_files(list_series_files(a.data))
     if not val:
         raise ValueError(f"{a.data}: need at least 2 files to keep validation patients out of the pack")

@@ -94,8 +94,13 @@ class TrainConfig:
             raise ValueError("minutes must be >= 0 and save_minutes > 0")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
-        if self.sigma_dist not in ("loguniform", "lognormal") or self.sigma_std <= 0:
-            raise ValueError(f"sigma_dist must be loguniform or lognormal (sigma_std > 0), got {self.sigma_dist!r}")
+        if self.sigma_dist not in ("loguniform", "lognormal"):
+            raise ValueError(f"sigma_dist must be loguniform or lognormal, got {self.sigma_dist!r}")
+        if self.sigma_std <= 0:
+            raise ValueError(f"sigma_std must be > 0, got {self.sigma_std}")
+        if not self.lr > 0 or self.warmup < 0 or self.log_every < 1 or self.save_every < 1:
+            raise ValueError(f"need lr > 0, warmup >= 0, log_every >= 1 and save_every >= 1, got {self.lr}, "
+                             f"{self.warmup}, {self.log_every}, {self.save_every}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

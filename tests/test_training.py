@@ -51,6 +51,17 @@ def test_train_rejects_bad_settings(frames_dir, tmp_path, capsys):
                  "--ch-mult", "1,2,2", "--quiet"]) == 2
     assert "multiple of 4" in capsys.readouterr().err
     assert main(["train", "--domain", "image", "--data", str(tmp_path / "missing"), "--quiet"]) == 2
+    base = ["train", "--domain", "image", "--data", str(frames_dir), "--out", str(tmp_path / "o"), "--steps", "1",
+            "--quiet"]
+    for extra, message in [(["--warmup", "-5"], "warmup >= 0"), (["--lr", "0"], "need lr > 0"),
+                           (["--sigma-std", "-1"], "sigma_std must be > 0, got -1.0"),
+                           (["--objective", "artifacts", "--holdout-cases", "0"], "--holdout-cases >= 1"),
+                           (["--objective", "artifacts", "--collect-minutes", "-1"], "--collect-minutes > 0")]:
+        assert main(base + extra) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+    assert main(["pack", str(tmp_path / "p"), "--data", str(frames_dir), "--max-mb", "0"]) == 2
+    assert "--max-mb > 0" in capsys.readouterr().err
 
 
 def test_ddp_two_processes_gloo(frames_dir, tmp_path):
