@@ -450,8 +450,16 @@ def main(argv=None) -> int:
                     help="which stages to run, in their fixed order (default: all); e.g. compare alone measures "
                          "the committed weights, env,train,outputs,compare gives the training the benches' time")
     a = ap.parse_args(argv)
+    if not a.minutes > 0:
+        print(f"gpu_run: --minutes must be > 0, got {a.minutes}", file=sys.stderr)
+        return 2
     out = Path(a.out)
     if out.exists():
+        # only an earlier run's output is replaced: never a folder that merely shares the name
+        if not out.is_dir() or (any(out.iterdir()) and not (out / "summary.json").is_file()):
+            print(f"gpu_run: {out} exists and is not an earlier gpu_run output (no summary.json); "
+                  "choose a new folder", file=sys.stderr)
+            return 2
         shutil.rmtree(out)
     pack = Path(a.pack)
     if not (pack / "train.npz").is_file() or not (pack / "val.npz").is_file():

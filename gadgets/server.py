@@ -370,12 +370,23 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _port(text: str) -> int:
+    """argparse type of --port: a TCP port number."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0 to 65535, got {v}")
+    return v
+
+
 def add_parser(sub):
     p = sub.add_parser("serve", help="persistent reconstruction server for Gadgetron <connect> and MRD clients")
     p.add_argument("--host", action="append", default=None,
                    help="address to listen on, repeatable (default: localhost = 127.0.0.1 and ::1, loopback only; "
                         "'::' for every IPv4 and IPv6 address, 0.0.0.0 for every IPv4 one)")
-    p.add_argument("--port", type=int, default=18000, help="port (default: %(default)s)")
+    p.add_argument("--port", type=_port, default=18000, help="port (default: %(default)s; 0: any free one)")
     p.add_argument("--config", default=None, help="the operator's YAML settings, with its server: limits "
                                                   "(default: $DDUGM_CONFIG, else config/recon.yaml)")
     p.add_argument("--device", default=None, help="override the device (auto, cpu, cuda, cuda:N)")

@@ -626,3 +626,14 @@ def test_number_options_refuse_nan_and_inf(argv, capsys, tmp_path, monkeypatch):
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"argument {argv[-2]}: must be a finite number, got {argv[-1]!r}" in err
     assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize("port, message", [("70000", "a TCP port is 0 to 65535, got 70000"),
+                                           ("-1", "a TCP port is 0 to 65535, got -1"), ("http", "not a port number")])
+def test_serve_port_out_of_range_is_named(port, message, capsys):
+    """It used to end in an OverflowError traceback from bind()."""
+    from gadgets.cli import main as ddugm
+
+    with pytest.raises(SystemExit) as e:
+        ddugm(["serve", "--port", port])
+    assert e.value.code == 2 and message in capsys.readouterr().err

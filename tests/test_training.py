@@ -212,6 +212,25 @@ def test_learning_rate_warms_up_then_decays():
     assert learning_rate(cfg, 50, 0.5) < learning_rate(cfg, 50, 0.25)
 
 
+def test_gpu_run_never_deletes_a_folder_that_is_not_its_output(tmp_path, capsys):
+    """OUT is replaced only where it holds an earlier run (summary.json): a mistyped OUT naming a
+    folder of one's own is refused, untouched; so is a budget that is not positive."""
+    from ddugm_core.gpu_run import main as gpu_main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert gpu_main([str(mine), "--pack", str(tmp_path / "nopack")]) == 2
+    assert "not an earlier gpu_run output" in capsys.readouterr().err and (mine / "notes.txt").is_file()
+    assert gpu_main([str(tmp_path / "new"), "--minutes", "0"]) == 2
+    assert "--minutes must be > 0" in capsys.readouterr().err
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "summary.json").write_text("{}")
+    assert gpu_main([str(earlier), "--pack", str(tmp_path / "nopack")]) == 2  # no pack: stops after clearing it
+    assert "train.npz and val.npz are needed" in capsys.readouterr().err and not earlier.exists()
+
+
 def test_gpu_run_script_dry_run(tmp_path):
     """The GPU window's one command, on the CPU with tiny networks: every stage runs, the outputs
     fit what the device tool brings back (at most 8 files of at most 16 MiB) and the weights load."""
