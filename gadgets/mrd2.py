@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import ismrmrd
 import ismrmrd.xsd as x
@@ -336,6 +337,9 @@ def _convert(src: str, output: str | None) -> int:
 
 def run(a: argparse.Namespace) -> int:
     logging.basicConfig(level=a.log_level.upper(), format="%(levelname)s %(message)s", stream=sys.stderr)
+    src = a.from_ismrmrd or a.input
+    if src and a.output and Path(a.output).exists() and Path(src).exists() and Path(a.output).samefile(src):
+        raise ValueError(f"{a.output}: the output would replace the input file; name another output file")
     if a.from_ismrmrd:
         n = _convert(a.from_ismrmrd, a.output)
         log.info("%d acquisitions written as MRD v2", n)

@@ -144,6 +144,8 @@ def replay(inp: str, out: str, config: str | None = None, png: str | None = None
     limits = load_limits(config)
     cfg, gs = load_settings(None, config, operator=overrides, limits=limits)  # bad settings fail before reading
     src = Path(inp)
+    if Path(out).exists() and src.exists() and Path(out).samefile(src):  # (links too)
+        raise ReplayError(f"{out}: the output would replace the raw input file; name another output file")
     gs.send = "images"
     header_xml, session, images, broken = read_file(src, lambda h: ReconSession(h, cfg, gs, limits=limits), group, quiet)
     summary = {"input": str(src), "output": str(out), "images": len(images), "slices": len(session.timings),

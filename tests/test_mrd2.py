@@ -183,3 +183,23 @@ def test_conversion_of_a_raw_file_that_breaks_part_way_leaves_no_output(tmp_path
     assert out.read_bytes() == b"an earlier conversion" and sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "c.mrd"]
     monkeypatch.undo()
     assert mrd2._convert(str(raw), str(out)) > 10 and _images(out.read_bytes())[0] is not None
+
+
+def test_an_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path):
+    """``--output`` naming the input (or a link to it) used to truncate the data being read, and
+    ``ddugm recon in.h5 in.h5`` replaced a raw file by its images: both are refused, untouched."""
+    raw = tmp_path / "raw.h5"
+    simulate(str(raw), frames=3, size=16, coils=2, accel=2, acs=4, noise=0.002, slices=1, seed=1)
+    before = raw.read_bytes()
+    link = tmp_path / "link.h5"
+    link.symlink_to(raw)
+    r = _ddugm("--from-ismrmrd", raw, "--output", link, "--method", "zero_filled")
+    assert r.returncode == 2 and "the output would replace the input file" in r.stderr.decode()
+    v2 = tmp_path / "in.mrd"
+    assert _ddugm("--from-ismrmrd", raw, "--output", v2).returncode == 0
+    v2_bytes = v2.read_bytes()
+    r = _ddugm("--input", v2, "--output", v2, "--method", "zero_filled")
+    assert r.returncode == 2 and "the output would replace the input file" in r.stderr.decode()
+    with pytest.raises(Exception, match="the output would replace the raw input file"):
+        replay(str(raw), str(link), overrides={"method": "zero_filled"}, quiet=True)
+    assert raw.read_bytes() == before and v2.read_bytes() == v2_bytes
