@@ -139,6 +139,8 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
         return np.tensordot(mixing, n, axes=(1, 0)).astype(np.complex64)
 
     p = Path(out)
+    if p.exists() and images and Path(images).exists() and p.samefile(images):
+        raise ValueError(f"{out}: the output would replace the --images file; name another output file")
     if p.exists():
         p.unlink()
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -207,3 +207,14 @@ def test_simulate_refuses_bad_settings_by_name(tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
         simulate(str(tmp_path / "x.h5"), **{**args, **kw})
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_simulate_never_overwrites_its_images(tmp_path):
+    from gadgets.simulate import simulate
+
+    imgs = tmp_path / "cine.npy"
+    np.save(imgs, np.random.default_rng(0).random((3, 16, 16)).astype(np.float32))
+    before = imgs.read_bytes()
+    with pytest.raises(ValueError, match="would replace the --images file"):
+        simulate(str(imgs), images=str(imgs), size=16, coils=2, accel=2, acs=4, noise=0.002, slices=1, seed=1)
+    assert imgs.read_bytes() == before
