@@ -108,8 +108,12 @@ def load_training_state(directory, net, ema, optimizer) -> int:
     with safe_open(str(path), framework="pt") as f:
         info = json.loads(f.metadata()["info"])
     tensors = load_file(str(path))
-    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    try:
+        net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    except RuntimeError:  # missing / unexpected keys or shapes: another network's state
+        raise ValueError(f"{path} holds the state of a network with other settings than this run's (width, "
+                         "levels, attention, domain): pass --no-resume to start afresh there, or another --out") from None
     state: dict = {}
     for k, v in tensors.items():
         if k.startswith("opt."):

@@ -311,3 +311,18 @@ def test_train_xt_prior_and_load_it(frames_dir, tmp_path):
         load_model(out / "xt.safetensors", expect_domain="image")
     assert main(["train", "--domain", "xt", "--frames", "7", "--data", str(frames_dir), "--out", str(out), *TINY,
                  "--no-resume"]) == 2  # 7 frames is not a multiple of the network's divisor (2)
+
+
+def test_resuming_another_networks_state_is_a_clear_error(frames_dir, tmp_path, capsys):
+    """An --out holding the state of a network with other settings used to end in a
+    load_state_dict traceback; now an error that says what to do (nothing is overwritten)."""
+    out = tmp_path / "o"
+    assert main(["train", "--domain", "image", "--data", str(frames_dir), "--out", str(out), *TINY]) == 0
+    state = (out / "state.safetensors").read_bytes()
+    wider = [*TINY]
+    wider[wider.index("--nf") + 1] = "12"
+    assert main(["train", "--domain", "image", "--data", str(frames_dir), "--out", str(out), *wider]) == 2
+    assert "holds the state of a network with other settings" in capsys.readouterr().err
+    assert (out / "state.safetensors").read_bytes() == state
+    assert main(["train", "--domain", "image", "--data", str(frames_dir), "--out", str(out), *wider,
+                 "--no-resume"]) == 0
