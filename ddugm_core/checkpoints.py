@@ -36,8 +36,11 @@ def save_model(path, net: NCSNpp, domain: str, settings: dict | None = None, dty
 
 
 def read_metadata(path) -> dict:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a file of another kind
+        raise ValueError(f"{path} is not a safetensors file ({str(e).splitlines()[0][:100]})") from None
     if meta.get("format") != "ddugm-score-model/1":
         raise ValueError(f"{path} is not a DD-UGM score model file (metadata format={meta.get('format')!r})")
     return meta

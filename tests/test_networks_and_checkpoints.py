@@ -77,6 +77,11 @@ def test_non_model_file_rejected(tmp_path):
     save_file({"a": torch.zeros(2)}, str(p))
     with pytest.raises(ValueError, match="not a DD-UGM score model"):
         load_model(p)
+    for content in (b"# not weights\n" * 10, b"", b"\xff" * 64):  # any other file: one clear line, no traceback
+        q = tmp_path / "weights.safetensors"
+        q.write_bytes(content)
+        with pytest.raises(ValueError, match="is not a safetensors file"):
+            load_model(q)
 
 
 @pytest.mark.parametrize("domain", ["image", "kspace", "xt"])
