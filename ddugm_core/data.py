@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -72,13 +73,21 @@ def split_files(files: list[Path], val_every: int = 10) -> tuple[list[Path], lis
 
 
 def read_array(path: Path) -> np.ndarray:
-    if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    with np.load(path, allow_pickle=False) as z:
-        for key in ("cine", "frames", "images", "x"):
-            if key in z.files:
-                return z[key]
-        return z[z.files[0]]
+    """The frames of a ``.npy`` file, or of an ``.npz`` (its ``cine``, ``frames``, ``images`` or
+    ``x`` array, else its first); a file that is not one (object arrays included: nothing is
+    unpickled) is a ValueError naming it."""
+    try:
+        if Path(path).suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        with np.load(path, allow_pickle=False) as z:
+            for key in ("cine", "frames", "images", "x"):
+                if key in z.files:
+                    return z[key]
+            if not z.files:
+                raise ValueError("it holds no array")
+            return z[z.files[0]]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable numpy array file ({str(e).splitlines()[0][:120]})") from None
 
 
 def series_of(arr: np.ndarray) -> list[np.ndarray]:

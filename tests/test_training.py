@@ -326,3 +326,20 @@ def test_resuming_another_networks_state_is_a_clear_error(frames_dir, tmp_path, 
     assert (out / "state.safetensors").read_bytes() == state
     assert main(["train", "--domain", "image", "--data", str(frames_dir), "--out", str(out), *wider,
                  "--no-resume"]) == 0
+
+
+def test_unreadable_array_files_are_named(tmp_path):
+    """An object array (nothing is unpickled), a broken or empty .npz: a ValueError naming the
+    file, from the training / evaluation reader and from ``simulate --images`` alike."""
+    from ddugm_core.data import read_array
+    from gadgets.simulate import load_images
+
+    files = {"obj.npy": lambda p: np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True),
+             "broken.npz": lambda p: p.write_bytes(b"PK not a zip"), "empty.npz": lambda p: np.savez(p)}
+    for name, make in files.items():
+        p = tmp_path / name
+        make(p)
+        with pytest.raises(ValueError, match=f"{name}: (not a readable numpy array file|.*holds no array)"):
+            read_array(p)
+        with pytest.raises(ValueError, match=f"{name}: (not a readable numpy array file|empty .npz)"):
+            load_images(str(p), 4, 16, 1, 0)
