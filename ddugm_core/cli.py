@@ -188,7 +188,7 @@ def main(argv=None) -> int:
         if a.cmd == "pack":
             return _run_pack(a)
         return mods[a.cmd].run(a)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, and paths that cannot be used (a folder named as a file, ...)
         print(f"ddugm {a.cmd}: error: {e}", file=sys.stderr)
         return 2
 

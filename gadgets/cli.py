@@ -34,7 +34,7 @@ def main(argv=None) -> int:
 
             return core_evaluate.run(a, raw_reader=read_raw_cines)
         return COMMANDS[a.cmd].run(a)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, and paths that cannot be used (a folder named as a file, ...)
         print(f"ddugm {a.cmd}: error: {e}", file=sys.stderr)
         return 2
 

@@ -146,6 +146,10 @@ def replay(inp: str, out: str, config: str | None = None, png: str | None = None
     src = Path(inp)
     if Path(out).exists() and src.exists() and Path(out).samefile(src):  # (links too)
         raise ReplayError(f"{out}: the output would replace the raw input file; name another output file")
+    if Path(out).is_dir():
+        raise ReplayError(f"{out} is a folder: name the output file (e.g. {Path(out) / 'images.h5'})")
+    if png and Path(png).exists() and not Path(png).is_dir():
+        raise ReplayError(f"--png {png} is a file: it names the folder the PNGs are written to")
     gs.send = "images"
     header_xml, session, images, broken = read_file(src, lambda h: ReconSession(h, cfg, gs, limits=limits), group, quiet)
     summary = {"input": str(src), "output": str(out), "images": len(images), "slices": len(session.timings),

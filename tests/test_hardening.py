@@ -637,3 +637,25 @@ def test_serve_port_out_of_range_is_named(port, message, capsys):
     with pytest.raises(SystemExit) as e:
         ddugm(["serve", "--port", port])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_unusable_output_paths_are_one_line_errors(tmp_path, capsys):
+    """A folder named as an output file, or a file named as an output folder: exit 2 and one
+    line naming the path (these ended in tracebacks), and nothing of the user's is touched."""
+    from gadgets.cli import main as ddugm
+
+    raw = tmp_path / "raw.h5"
+    simulate(str(raw), frames=3, size=16, coils=2, accel=2, acs=4, noise=0.002, slices=1, seed=1)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for argv in (["recon", str(raw), str(folder), "--method", "zero_filled"],
+                 ["recon", str(raw), str(tmp_path / "o.h5"), "--method", "zero_filled", "--png", str(a_file)],
+                 ["simulate", str(folder)], ["stream", "--from-ismrmrd", str(raw), "--output", str(folder)],
+                 ["demo", "--out", str(a_file), "--size", "16", "--frames", "2", "--steps", "1", "--quiet"]):
+        assert ddugm(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"ddugm {argv[0]}: error:" in err and "Traceback" not in err, (argv, err)
+    assert a_file.read_text() == "keep" and list(folder.iterdir()) == [] and not (tmp_path / "o.h5").exists()
+    assert not list(tmp_path.glob("*.part"))  # no half-written file left beside it
