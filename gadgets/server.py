@@ -364,9 +364,10 @@ def _listen(host: str, port: int) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
         sock.bind((host, port))
         sock.listen(64)
-    except OSError:
+    except OSError as e:
         sock.close()
-        raise
+        # the address in the message (a host that does not resolve, a port in use, a privileged port)
+        raise OSError(e.errno, f"cannot listen on {host} port {port}: {e.strerror or e}") from None
     return sock
 
 
