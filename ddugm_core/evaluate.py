@@ -317,6 +317,10 @@ def run(a, raw_reader=None) -> int:
     bad = [m for m in methods if m not in ALL_METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(ALL_METHODS)}")
+    negative = [f"--{k.replace('_', '-')} {getattr(a, k)}" for k in ("max_series", "max_frames", "paper_series")
+                if getattr(a, k) < 0]
+    if negative:  # (a negative --max-frames used to drop the last frame, --max-series -1 kept one series)
+        raise ValueError(f"need --max-series, --max-frames and --paper-series >= 0 (0: all), got {', '.join(negative)}")
     raw = _resolve_source(a, raw_reader)
     if any(not 1 <= r < math.inf for r in accels) or (a.coils is not None and a.coils < 1) or a.noise < 0:
         raise ValueError(f"need finite accelerations >= 1 (got {', '.join(f'{r:g}' for r in accels)}), --coils >= 1 "

@@ -111,7 +111,9 @@ def test_evaluate_paper_preset_subset(series_dir, fast_yaml, tmp_path, monkeypat
                                             (["--data", "/nonexistent/folder"], "not found"),
                                             (["--coils", "0"], "--coils >= 1"),
                                             (["--accels", "4,nan"], "need finite accelerations >= 1 (got 4, nan)"),
-                                            (["--accels", "inf"], "need finite accelerations >= 1 (got inf)")])
+                                            (["--accels", "inf"], "need finite accelerations >= 1 (got inf)"),
+                                            (["--max-frames", "-1"], "got --max-frames -1"),
+                                            (["--max-series", "-2"], "got --max-series -2")])
 def test_evaluate_errors_are_named(extra, message, tmp_path, capsys):
     assert main(["evaluate", "--out", str(tmp_path), "--quiet", "--split", "all"] + extra) == 2
     assert message in capsys.readouterr().err
