@@ -143,6 +143,8 @@ def _run_pack(a) -> int:
 def _run_train(a) -> int:
     from .training import TrainConfig, train
 
+    if a.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: torch's default), got {a.threads}")
     if a.objective == "artifacts":
         from .artifacts import train_artifacts
 

@@ -52,7 +52,21 @@ class NetConfig:
         for k in ("ch_mult", "attn_resolutions"):
             if k in known:
                 known[k] = tuple(int(v) for v in known[k])
-        return cls(**known)
+        cfg = cls(**known)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """ValueError naming what cannot build a network (a width of 0 used to fail deep inside torch)."""
+        if self.nf < 1 or self.num_res_blocks < 1 or self.in_channels < 1 or self.image_size < 1:
+            raise ValueError(f"need nf, num_res_blocks, in_channels and image_size >= 1, got {self.nf}, "
+                             f"{self.num_res_blocks}, {self.in_channels}, {self.image_size}")
+        if not self.ch_mult or any(int(m) < 1 for m in self.ch_mult) or any(int(r) < 1 for r in self.attn_resolutions):
+            raise ValueError(f"ch_mult needs at least one level, every multiplier and attention resolution >= 1, "
+                             f"got {tuple(self.ch_mult)} and {tuple(self.attn_resolutions)}")
+        if not 0 <= self.dropout < 1 or not 0 < self.fourier_scale < math.inf:
+            raise ValueError(f"need dropout in [0, 1) and a finite fourier_scale > 0, got {self.dropout}, "
+                             f"{self.fourier_scale}")
 
     @property
     def divisor(self) -> int:

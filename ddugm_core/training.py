@@ -77,6 +77,7 @@ class TrainConfig:
     net: NetConfig = field(default_factory=lambda: NetConfig(nf=16, attn_resolutions=(12,)))
 
     def validate(self) -> None:
+        self.net.validate()
         if self.domain not in DOMAINS:
             raise ValueError(f"domain must be one of {DOMAINS}, got {self.domain!r}")
         for name in ("steps", "batch", "size", "frames"):

@@ -56,7 +56,10 @@ def test_train_rejects_bad_settings(frames_dir, tmp_path, capsys):
     for extra, message in [(["--warmup", "-5"], "warmup >= 0"), (["--lr", "0"], "need lr > 0"),
                            (["--sigma-std", "-1"], "sigma_std must be > 0, got -1.0"),
                            (["--objective", "artifacts", "--holdout-cases", "0"], "--holdout-cases >= 1"),
-                           (["--objective", "artifacts", "--collect-minutes", "-1"], "--collect-minutes > 0")]:
+                           (["--objective", "artifacts", "--collect-minutes", "-1"], "--collect-minutes > 0"),
+                           (["--nf", "0"], "need nf, num_res_blocks"), (["--res-blocks", "-1"], "num_res_blocks"),
+                           (["--ch-mult", "0,1"], "ch_mult needs at least one level"),
+                           (["--threads", "-1"], "--threads must be >= 0")]:
         assert main(base + extra) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # refused before anything was written
