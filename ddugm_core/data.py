@@ -72,22 +72,27 @@ def split_files(files: list[Path], val_every: int = 10) -> tuple[list[Path], lis
     return split_of(files, "train", val_every), split_of(files, "validation", val_every)
 
 
-def read_array(path: Path) -> np.ndarray:
-    """The frames of a ``.npy`` file, or of an ``.npz`` (its ``cine``, ``frames``, ``images`` or
-    ``x`` array, else its first); a file that is not one (object arrays included: nothing is
-    unpickled) is a ValueError naming it."""
+def read_named_array(path: Path, keys=("cine", "frames", "images", "x")) -> tuple:
+    """``(name, array)`` of a ``.npz`` file (the first of ``keys`` it holds, else its first
+    array), or ``(None, array)`` of a ``.npy`` file; a file that is not one (object arrays
+    included: nothing is unpickled) is a ValueError naming it."""
     try:
         if Path(path).suffix == ".npy":
-            return np.load(path, allow_pickle=False)
+            return None, np.load(path, allow_pickle=False)
         with np.load(path, allow_pickle=False) as z:
-            for key in ("cine", "frames", "images", "x"):
+            for key in keys:
                 if key in z.files:
-                    return z[key]
+                    return key, z[key]
             if not z.files:
                 raise ValueError("it holds no array")
-            return z[z.files[0]]
+            return z.files[0], z[z.files[0]]
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a readable numpy array file ({str(e).splitlines()[0][:120]})") from None
+
+
+def read_array(path: Path) -> np.ndarray:
+    """The frames of a ``.npy`` or ``.npz`` file (:func:`read_named_array`)."""
+    return read_named_array(path)[1]
 
 
 def series_of(arr: np.ndarray) -> list[np.ndarray]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import zipfile
 from pathlib import Path
 
 import ismrmrd
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from ddugm_core.cli import finite_float
+from ddugm_core.data import read_named_array
 from ddugm_core.masks import variable_density_mask
 from ddugm_core.operators import fft2c
 from ddugm_core.phantom import cine_phantom, coil_maps
@@ -39,22 +39,10 @@ def load_images(path: str | None, frames: int, size: int, slices: int, seed: int
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"images file {path!r} not found")
-    acdc = False
     if p.suffix not in (".npz", ".npy"):
         raise ValueError(f"{path}: expected a .npy or .npz file")
-    try:
-        if p.suffix == ".npz":
-            with np.load(p, allow_pickle=False) as z:
-                names = list(z.keys())
-                if not names:
-                    raise ValueError(f"{path}: empty .npz")
-                acdc = "images" not in z and "cine" in z
-                arr = z["images"] if "images" in z else z["cine"] if "cine" in z else z[names[0]]
-        else:
-            arr = np.load(p, allow_pickle=False)
-    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        msg = str(e).splitlines()[0][:120]
-        raise ValueError(msg if msg.startswith(str(path)) else f"{path}: not a readable numpy array file ({msg})") from None
+    key, arr = read_named_array(p, ("images", "cine"))
+    acdc = key == "cine"
     arr = np.asarray(arr)
     if arr.ndim == 4 and acdc:
         arr = np.moveaxis(arr, 1, 0)  # ACDC layout [T, Z, y, x] -> [Z, T, y, x]
