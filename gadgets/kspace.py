@@ -244,6 +244,10 @@ class AcquisitionCollector:
             if pre < 0 or post < 0 or pre + post >= data.shape[1]:
                 raise ValueError(f"discard_pre {pre} and discard_post {post} leave none of the line's {data.shape[1]} "
                                  "readout samples")
+            if not pre <= center < data.shape[1] - post:
+                raise ValueError(f"discard_pre {pre} and discard_post {post} remove the echo centre (center_sample "
+                                 f"{center}) from the line's {data.shape[1]} readout samples: the k-space centre "
+                                 "would be missing")
             data = data[:, pre:data.shape[1] - post]
             center -= pre
         if flag_set(acq.flags, REVERSE):
