@@ -110,10 +110,13 @@ def _run_pack(a) -> int:
 
     if not a.max_mb > 0 or a.cycles_mb < 0 or a.art_mb < 0 or a.cycles_crop < 0 or a.stride < 0 or a.val_series < 0:
         raise ValueError("need --max-mb > 0, and --cycles-mb, --art-mb, --cycles-crop, --stride, --val-series >= 0")
+    out = Path(a.out)
+    if Path(a.data).is_dir() and out.is_dir() and out.resolve() == Path(a.data).resolve():
+        raise ValueError(f"{a.out} is the data folder: the packs would be read as patients next time; "
+                         "choose another output folder")
     train, val = split_files(list_series_files(a.data))
     if not val:
         raise ValueError(f"{a.data}: need at least 2 files to keep validation patients out of the pack")
-    out = Path(a.out)
     info = {"train": write_pack(train, out / "train.npz", a.max_mb, a.stride),
             "val": write_pack(val, out / "val.npz", 3.0, 0)}
     if a.cycles_mb > 0:

@@ -31,6 +31,11 @@ def list_series_files(source) -> list[Path]:
     files = sorted(p for p in source.iterdir() if p.suffix in SUFFIXES)
     if not files:
         raise ValueError(f"no .npz/.npy files in {source}")
+    packs = [p.name for p in files if is_pack(p)]
+    if packs:  # read as series they would change the folder's split and mix patients of every split
+        raise ValueError(f"{source} holds training packs ({', '.join(packs[:3])}{', ...' if len(packs) > 3 else ''}) "
+                         "written by `ddugm pack`: name a pack file itself, not its folder, and keep packs out of "
+                         "data folders")
     return files
 
 
@@ -120,10 +125,15 @@ PACK_FORMAT = "ddugm-frame-pack/1"
 
 
 def is_pack(path: Path) -> bool:
+    """Whether ``path`` is a training pack (:func:`write_pack`); a file numpy cannot read is not
+    one (its reader then names the problem)."""
     if Path(path).suffix != ".npz":
         return False
-    with np.load(path, allow_pickle=False) as z:
-        return "format" in z.files and str(z["format"]) == PACK_FORMAT
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return "format" in z.files and str(z["format"]) == PACK_FORMAT
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+        return False
 
 
 def read_pack(path: Path) -> torch.Tensor:

@@ -141,6 +141,30 @@ def test_pack_keeps_validation_patients_out_and_fits(frames_dir, tmp_path):
     assert frames.shape[0] == info["train"]["frames"] and float(frames.max()) > 0.5
 
 
+def test_packs_never_mix_into_a_data_folder(frames_dir, tmp_path, capsys):
+    """`ddugm pack DATA --data DATA` wrote its packs among the patients: the next read took them
+    for series, and the changed file names switched the folder's split (validation and test
+    patients into training) without a word. Now the pack refuses its data folder, and a folder
+    holding a pack is refused by name wherever series are listed (train, pack, evaluate)."""
+    from ddugm_core.data import list_series_files
+
+    before = sorted(p.name for p in frames_dir.iterdir())
+    assert main(["pack", str(frames_dir), "--data", str(frames_dir), "--max-mb", "1"]) == 2
+    assert "is the data folder" in capsys.readouterr().err
+    assert sorted(p.name for p in frames_dir.iterdir()) == before
+    out = tmp_path / "pack"
+    assert main(["pack", str(out), "--data", str(frames_dir), "--max-mb", "1", "--cycles-mb", "0", "--art-mb", "0"]) == 0
+    (out / "train.npz").rename(frames_dir / "train.npz")
+    with pytest.raises(ValueError, match=r"holds training packs \(train.npz\) written by `ddugm pack`"):
+        list_series_files(frames_dir)
+    assert main(["train", "--domain", "image", "--data", str(frames_dir), "--out", str(tmp_path / "t"), *TINY]) == 2
+    assert "holds training packs" in capsys.readouterr().err
+    assert len(list_series_files(frames_dir / "train.npz")) == 1  # the pack itself stays a valid source
+    (frames_dir / "broken.npz").write_bytes(b"not a zip")  # not a pack: its reader names it later
+    with pytest.raises(ValueError, match="holds training packs"):
+        list_series_files(frames_dir)
+
+
 def test_cycles_pack_keeps_every_phase_for_the_plane_prior(frames_dir, tmp_path):
     """cycles.npz: training patients only, whole cardiac cycles (every phase) of a central crop,
     read back series by series; the xt prior trains from it."""
