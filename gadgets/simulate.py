@@ -118,6 +118,10 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
     ns, nt, ny, nx = imgs.shape
     if acs > ny:
         raise ValueError(f"acs ({acs}) exceeds the {ny} phase-encoding lines")
+    per_frame = max(1, int(round(ny / accel)))
+    if accel > 1 and acs >= per_frame:  # the mask would be the centre band alone in every frame
+        raise ValueError(f"acs ({acs}) takes all of the {per_frame} lines a frame gets at accel {accel:g} "
+                         f"({ny} lines): no line outside the centre would be sampled; lower acs or accel")
     rng = np.random.default_rng(seed)
     nxo = nx * oversampling
     maps = coil_maps(coils, (ny, nxo), seed=seed).astype(np.complex64) if coils > 1 else np.ones((1, ny, nxo), np.complex64)
@@ -177,7 +181,7 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
     lines_total = 0
     for s in range(ns):
         img = np.zeros((nt, ny, nxo), np.complex64)
-        img[:, :, (nxo - nx) // 2:(nxo - nx) // 2 + nx] = imgs[s]
+        img[:, :, nxo // 2 - nx // 2:nxo // 2 - nx // 2 + nx] = imgs[s]  # centre pixel nx // 2 at nxo // 2 (odd nx too)
         truth_out[s] = imgs[s]
         k = fft2c(torch.from_numpy(maps[:, None] * img[None])).numpy()  # [C, T, ny, nxo]
         mask = variable_density_mask(nt, ny, accel, center_lines=acs, seed=seed + 100 * s)
