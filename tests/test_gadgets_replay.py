@@ -237,3 +237,19 @@ def test_simulated_odd_matrix_lines_up_with_its_truth(tmp_path, size):
     assert x.shape == t.shape == (2, size, size)
     x *= (x * t).sum() / (x * x).sum()
     assert np.linalg.norm(x - t) < 0.05 * np.linalg.norm(t)
+
+
+def test_simulated_noisy_cine_is_reconstructable_to_its_truth(tmp_path):
+    """The simulated coils' coupling mixed the noise but not the signal, so the prewhitened
+    image carried a smooth +-8 % shading against the truth (a fully sampled zero-filled image
+    36 dB from its truth where the noise allows 55). Coupled alike and whitened with the noise
+    scan, the image matches its truth within the noise."""
+    from gadgets.simulate import simulate
+
+    raw, truth, out = tmp_path / "r.h5", tmp_path / "t.npy", tmp_path / "o.h5"
+    simulate(str(raw), frames=2, size=32, coils=6, accel=1, acs=0, noise=0.002, slices=1, seed=1, truth=str(truth))
+    ddugm("recon", raw, out, "--method", "zero_filled", "--quiet")
+    x = np.abs(np.stack([np.squeeze(i.data) for i in read_images(out)])).astype(np.float64)
+    t = np.abs(np.load(truth)[0])
+    x *= (x * t).sum() / (x * x).sum()
+    assert np.linalg.norm(x - t) < 0.02 * np.linalg.norm(t)
