@@ -97,7 +97,7 @@ def build_header(ny: int, nx: int, os: int, frames: int, slices: int, coils: int
 
 
 def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 64, slices: int = 1, coils: int = 8,
-             accel: float = 4.0, acs: int = 12, noise: float = 0.002, oversampling: int = 2,
+             accel: float = 4.0, acs: int | None = 12, noise: float = 0.002, oversampling: int = 2,
              partial_fourier: float = 1.0, asymmetric_echo: float = 1.0, noise_scan: bool = True, fov_mm: float = 320.0,
              seed: int = 0, truth: str | None = None, real_time: bool = False) -> dict:
     """Write the raw file; return a summary. ``truth``: also save the coil-combined ground truth
@@ -117,9 +117,11 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
         raise ValueError("partial_fourier and asymmetric_echo must be in (0.5, 1]")
     imgs = load_images(images, frames, size, slices, seed)
     ns, nt, ny, nx = imgs.shape
-    if acs > ny:
-        raise ValueError(f"acs ({acs}) exceeds the {ny} phase-encoding lines")
     per_frame = max(1, int(round(ny / accel)))
+    if acs is None:  # 12 lines, or half of what a frame gets where that is fewer
+        acs = min(12, per_frame // 2) if accel > 1 else 12
+    if not 0 <= acs <= ny:
+        raise ValueError(f"acs must be 0 to the {ny} phase-encoding lines, got {acs}")
     if accel > 1 and acs >= per_frame:  # the mask would be the centre band alone in every frame
         raise ValueError(f"acs ({acs}) takes all of the {per_frame} lines a frame gets at accel {accel:g} "
                          f"({ny} lines): no line outside the centre would be sampled; lower acs or accel")
@@ -237,7 +239,9 @@ def add_parser(sub):
     p.add_argument("--slices", type=int, default=1)
     p.add_argument("--coils", type=int, default=8)
     p.add_argument("--accel", type=finite_float, default=4.0, help="undersampling factor R per phase (default: %(default)s)")
-    p.add_argument("--acs", type=int, default=12, help="fully sampled centre lines, flagged as embedded ACS")
+    p.add_argument("--acs", type=int, default=None,
+                   help="fully sampled centre lines, flagged as embedded ACS (default: 12, or half the lines a "
+                        "frame gets where that is fewer)")
     p.add_argument("--noise", type=finite_float, default=0.002, help="complex noise std per sample, image max ~1")
     p.add_argument("--oversampling", type=int, default=2, choices=[1, 2], help="readout oversampling (default: 2)")
     p.add_argument("--partial-fourier", type=finite_float, default=1.0, help="fraction of phase-encoding lines (0.5-1]")

@@ -200,7 +200,8 @@ def test_block_reader_gives_what_ismrmrd_reads(tmp_path):
 @pytest.mark.parametrize("kw, message", [({"noise": -1.0}, "noise must be >= 0"), ({"accel": 0.5}, "accel must be >= 1"),
                                          ({"partial_fourier": 0.2}, "partial_fourier and asymmetric_echo"),
                                          ({"size": 8}, "size >= 16"),
-                                         ({"accel": 4, "acs": 4}, r"acs \(4\) takes all of the 4 lines a frame gets")])
+                                         ({"accel": 4, "acs": 4}, r"acs \(4\) takes all of the 4 lines a frame gets"),
+                                         ({"acs": -3}, "acs must be 0 to the 16 phase-encoding lines, got -3")])
 def test_simulate_refuses_bad_settings_by_name(tmp_path, kw, message):
     from gadgets.simulate import simulate
 
@@ -208,6 +209,18 @@ def test_simulate_refuses_bad_settings_by_name(tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
         simulate(str(tmp_path / "x.h5"), **{**args, **kw})
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_simulate_default_acs_fits_small_matrices(tmp_path):
+    """The command line's default ACS band (12 lines) is halved to what a frame gets at small
+    matrices, where 12 would take every line (refused above)."""
+    r = ddugm("simulate", tmp_path / "s.h5", "--size", 37, "--frames", 2, "--coils", 2)
+    assert '"imaging_lines": 18' in r.stdout  # 9 lines a frame at R = 4
+    ds = open_dataset(tmp_path / "s.h5")
+    acs = {ds.read_acquisition(i).idx.kspace_encode_step_1 for i in range(1, ds.number_of_acquisitions())
+           if ds.read_acquisition(i).is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)}
+    ds.close()
+    assert len(acs) == 4
 
 
 def test_simulate_never_overwrites_its_images(tmp_path):
