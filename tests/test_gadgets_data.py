@@ -558,3 +558,29 @@ def test_partial_echo_discard_keeps_the_image(sim):
     assert len(cut) == len(full) and not s.errors
     a, b = np.abs(np.asarray(full[0].data)), np.abs(np.asarray(cut[0].data))
     assert np.linalg.norm(a - b) < 0.2 * np.linalg.norm(a)
+
+
+def test_unset_center_sample_means_a_symmetric_echo(sim, caplog):
+    """center_sample 0 is the field's default, left so by writers that do not set it. Taken as
+    an echo at the first sample it put half of every readout off the grid: a silent garbage
+    image. It now means the middle of the readout (as a missing one does in MRD v2), said once
+    per slice in the log; the images equal those of the file's own centre (the simulator's
+    readouts are symmetric)."""
+    import logging
+
+    cfg, gs = load_settings({"method": "zero_filled", "device": "cpu"})
+    images = []
+    for unset in (False, True):
+        hdr, acqs = read_file(sim[0])
+        s = ReconSession(hdr, cfg, gs)
+        out = []
+        with caplog.at_level(logging.INFO, logger="ddugm.gadget"):
+            for a in acqs:
+                if unset and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+                    a.center_sample = 0
+                out += s.handle(a)
+            out += s.finish()
+        assert not s.errors
+        images.append(np.stack([np.asarray(i.data) for i in out]))
+    assert np.allclose(images[0], images[1])
+    assert sum("center_sample is 0 (not set)" in r.getMessage() for r in caplog.records) == 2  # once per slice
