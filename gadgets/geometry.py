@@ -1,8 +1,11 @@
 """What the ISMRMRD header says about the encoding: matrices, fields of view, k-space centres."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+
+log = logging.getLogger("ddugm.gadget")
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,13 @@ def geometry_from_header(header, encoding: int = 0) -> Geometry:
     ky = _limit(e.encodingLimits, "kspace_encoding_step_1")
     ph = _limit(e.encodingLimits, "phase")
     rep = _limit(e.encodingLimits, "repetition")
-    ky_center = ky[1] if ky is not None and (ky[1] or ky[2]) else enc_matrix[1] // 2
+    # a centre of 0 is the field's default (limits written, centre not set): no Cartesian scan
+    # has its k-space centre on its first line, so it means the encoded matrix's middle, as
+    # missing limits do (taken literally, every line beyond the matrix's half was refused)
+    ky_center = ky[1] if ky is not None and ky[1] > 0 else enc_matrix[1] // 2
+    if ky is not None and ky[1] == 0 and ky[2] > 0:
+        log.info("encodingLimits kspace_encoding_step_1 has centre 0 (not set): taking line %d, the middle of the "
+                 "encoded matrix", ky_center)
     ky_max = ky[2] if ky is not None and ky[2] else enc_matrix[1] - 1
     asi = getattr(header, "acquisitionSystemInformation", None)
     bw = getattr(asi, "relativeReceiverNoiseBandwidth", None) if asi is not None else None
