@@ -426,11 +426,16 @@ def test_partial_fourier_and_asymmetric_echo_are_zero_filled_in_place(tmp_path):
     assert psnr(scale * rec, ref) > 18  # a zero-filled partial-Fourier image, placed correctly
 
 
-def test_maps_from_reference_lines_are_refined(sim, monkeypatch):
-    """The gadgets' maps from separate reference (ACS) lines are ours, not the user's: the
-    reconstructor refines them (``refine_maps=True``) as it does the maps it estimates."""
+def test_maps_from_reference_lines_are_refined_and_only_where_the_data_give_less(sim, monkeypatch):
+    """The gadgets' maps from reference (ACS) lines are ours, not the user's: the reconstructor
+    refines them (``refine_maps=True``) as it does the maps it estimates. They are used only
+    where the frames' lines together do not sample a wider band almost fully: a cine's lines
+    add up to one (the maps then come from its time-averaged data: on simulated 12-frame cines
+    with 2 ACS lines that was 43.5 dB against 33.7 with the reference's maps), a regular lattice
+    (here every fourth line outside the ACS block) does not."""
     import ddugm_core.reconstruction as rc
     import gadgets.session as gsess
+    from gadgets.kspace import flag_set
 
     rounds, from_ref = [], []
     real_refine, real_ref = rc.refine_coil_maps, gsess.coil_maps_from_ref
@@ -439,17 +444,19 @@ def test_maps_from_reference_lines_are_refined(sim, monkeypatch):
         real_ref(*a, **kw)))
     path, truth = sim
     hdr, acqs = read_file(path)
-    for refine, expected in (("2", 4), ("0", 0)):
+    lattice = [a for a in acqs if flag_set(a.flags, 20) or flag_set(a.flags, 21) or a.idx.kspace_encode_step_1 % 4 == 0]
+    assert len(lattice) < len(acqs)
+    for lines, refine, expected, ref_used in ((acqs, "2", 4, False), (lattice, "2", 4, True), (lattice, "0", 0, True)):
         rounds.clear(), from_ref.clear()
         cfg, gs = load_settings({"method": "llr_ttv", "llr_iters": "5", "coil_refine": refine, "coil_refine_iters": "2",
                                  "coil_refine_min_frames": "6", "device": "cpu"})  # (these series have 6 frames)
         s = ReconSession(hdr, cfg, gs)
         out = []
-        for a in acqs:
+        for a in lines:
             out += s.handle(a)
         out += s.finish()
         assert len(out) == 12 and not s.errors
-        assert from_ref == [True, True] and len(rounds) == expected  # 2 slices x 2 rounds
+        assert from_ref == [ref_used, ref_used] and len(rounds) == expected  # 2 slices x 2 rounds
 
 
 @pytest.mark.parametrize("fov, ok", [("1e6", False), ("1e300", False), ("INF", True), ("NaN", True), ("-5", True)])
