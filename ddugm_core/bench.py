@@ -64,6 +64,8 @@ def run(a) -> int:
         raise ValueError(f"unknown case(s) {bad}; choose from {', '.join(CASES)}")
     if a.repeat < 0:
         raise ValueError("--repeat must be >= 0")
+    if Path(a.json).is_dir():  # before minutes of measuring
+        raise IsADirectoryError(f"--json {a.json} is a folder; name a file")
     base = ReconConfig.from_yaml(a.config) if a.config else ReconConfig()
     over = {"preset": a.preset, "method": a.method}
     if a.steps is not None:
@@ -123,7 +125,17 @@ def run(a) -> int:
         print(f"{name:<7} {frames} x {size[0]} x {size[1]}, {coils:>2} coil(s){vc}: {row['seconds_per_slice']:.2f} s/slice; "
               f"stages (instrumented, {st['total_s']:.2f} s): {stages}; network calls {row['network_calls']} "
               f"({row['network_frames']} frames); peak {mem:.2f} GB ({mem_key}); PSNR {row['psnr_db']:.2f} dB", flush=True)
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps({"info": info, "results": results}, indent=2, default=str))
+        _write(a.json, info, results)  # after every case: a run cut short by a time box keeps what it measured
     print(f"wrote {a.json}")
     return 0
+
+
+def _write(path, info: dict, results: list) -> None:
+    """The JSON so far, replaced atomically (a reader never sees half a file)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"--json {path} is a folder; name a file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps({"info": info, "results": results}, indent=2, default=str))
+    tmp.replace(path)

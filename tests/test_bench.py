@@ -66,6 +66,36 @@ def test_bench_repeat_zero_times_the_instrumented_run(tmp_path, tiny_weights, mo
     assert r["runs"] == [r["instrumented_s"]] and r["network_calls"] == 0 and r["stages_s"]["low-rank"] > 0
 
 
+def test_bench_json_keeps_the_cases_measured_before_a_failure(tmp_path, tiny_weights, monkeypatch):
+    """The JSON is written after every case, so a bench cut short (the GPU script time-boxes it)
+    keeps what it measured; it used to be written only at the end."""
+    from ddugm_core import bench, phantom
+
+    monkeypatch.setattr(bench, "CASES", {"paper": (3, (16, 16), 1), "cine8": (4, (16, 12), 3)})
+    real, calls = phantom.simulate_kspace, []
+
+    def second_fails(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("cut short")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(phantom, "simulate_kspace", second_fails)
+    out = tmp_path / "b.json"
+    with pytest.raises(RuntimeError, match="cut short"):
+        bench.run(bench_args(out, cases="paper,cine8", method="low_rank", repeat=0, no_warmup=True))
+    assert [r["case"] for r in json.loads(out.read_text())["results"]] == ["paper"]
+    assert not list(tmp_path.glob("*.part"))
+
+
+def bench_args(out, **kw):
+    import argparse
+
+    args = dict(cases="paper", preset="default", method="ddugm", steps=None, device="cpu", config=None, json=str(out),
+                seed=0, repeat=0, no_warmup=True)
+    return argparse.Namespace(**{**args, **kw})
+
+
 def test_bench_rejects_unknown_case(tmp_path, capsys):
     assert main(["bench", "--cases", "huge", "--json", str(tmp_path / "x.json")]) == 2
     assert "unknown case" in capsys.readouterr().err
