@@ -128,14 +128,23 @@ class Limits:
             if getattr(cfg, name) > self.max_iterations:
                 raise ValueError(f"{name} = {getattr(cfg, name)} exceeds the server's limit "
                                  f"max_iterations = {self.max_iterations}")
+        # the coil-map refinement: rounds of ADMM iterations, so its total is what is capped
+        # (the round count has no "_iters" name and was not capped: coil_refine 10^9 held the queue)
+        rounds = cfg.coil_refine * (cfg.coil_refine_iters or cfg.llr_iters)
+        if rounds > self.max_iterations:
+            raise ValueError(f"coil_refine = {cfg.coil_refine} rounds of {cfg.coil_refine_iters or cfg.llr_iters} "
+                             f"iterations ({rounds} in all) exceed the server's limit max_iterations = "
+                             f"{self.max_iterations}")
         if cfg.window > self.max_window:
             raise ValueError(f"window = {cfg.window} exceeds the server's limit max_window = {self.max_window}")
 
 
 LIMIT_KEYS = {f.name: f for f in fields(Limits)}
 #: the loop counts a stream may set, each capped by max_iterations (every ``*_iters`` setting,
-#: so that a new one cannot slip past the limit, and the pnp sampler's inner iterations)
-ITERATION_KEYS = tuple(f.name for f in fields(ReconConfig) if f.name.endswith("_iters") or f.name == "pnp_inner")
+#: so that a new one cannot slip past the limit, the pnp sampler's inner iterations and the
+#: LLR + TV iterations that continue the coil-map refinement; its rounds are capped in total)
+ITERATION_KEYS = tuple(f.name for f in fields(ReconConfig)
+                       if f.name.endswith("_iters") or f.name in ("pnp_inner", "coil_refine_continue"))
 GADGET_KEYS = {f.name: f for f in fields(GadgetSettings)}
 RECON_KEYS = {f.name: f for f in fields(ReconConfig)}
 

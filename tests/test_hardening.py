@@ -258,7 +258,11 @@ def test_work_limits_steps_iterations_compile(server, small):
     for props, message in (({"steps": 100000}, "max_steps"), ({"preset": "paper", "steps": 1001}, "max_steps"),
                            ({"lowrank_iters": 5000}, "max_iterations"), ({"compile": "true"}, "allow_compile"),
                            ({"window": 40}, "max_window"), ({"llr_iters": 5000}, "llr_iters"),
-                           ({"pnp_inner": 5000}, "pnp_inner"), ({"llr_cg_iters": 5000}, "max_iterations")):
+                           ({"pnp_inner": 5000}, "pnp_inner"), ({"llr_cg_iters": 5000}, "max_iterations"),
+                           # the coil-map refinement's rounds and continuation (uncapped before this release)
+                           ({"coil_refine": 1000000000}, "coil_refine = 1000000000 rounds"),
+                           ({"coil_refine": 200, "coil_refine_iters": 10}, "(2000 in all)"),
+                           ({"coil_refine_continue": 5000}, "coil_refine_continue")):
         r = _ask(port, _props(**props), xml, acqs[:3])
         assert r.errors and message in r.errors[0], (props, r.errors)
 
