@@ -151,6 +151,10 @@ def locally_low_rank(x: torch.Tensor, threshold: float, block: int, shift: tuple
     iteration to the next avoid block artefacts, as in Trzasko & Manduca 2011); the image
     is zero-padded to whole tiles. ``threshold`` is absolute."""
     t, ny, nx = x.shape
+    # a tile larger than the image is the whole image: the padding's zero rows change no singular
+    # value, so the result is the same, and a client's llr_block of 20000 no longer pads a 24 x 24
+    # cine to 20000 x 20000 (the server was killed for memory)
+    block = max(1, min(int(block), max(ny, nx)))
     z = torch.roll(x, shifts=shift, dims=(-2, -1))
     py, px = (-ny) % block, (-nx) % block
     if py or px:

@@ -125,6 +125,28 @@ def test_locally_low_rank_thresholds_each_tile(shape, block, shift):
     assert float(torch.linalg.vector_norm(out)) < float(torch.linalg.vector_norm(x))
 
 
+def test_locally_low_rank_tile_larger_than_the_image_is_the_whole_image(monkeypatch):
+    """A tile larger than the image used to pad the image to whole tiles: llr_block 20000 from a
+    client padded a 24 x 24 cine to 20000 x 20000 and the server was killed for memory. It is now
+    the whole image (the padding's zero rows change no singular value): the same result, at the
+    cost of one image, for any block from the image's size up."""
+    g = torch.Generator().manual_seed(7)
+    x = _crandn(g, 4, 24, 20)
+    ref = locally_low_rank(x, 2.0, 24, (3, 5))
+    c = torch.roll(x, shifts=(3, 5), dims=(-2, -1)).reshape(4, -1).T  # the whole image's Casorati matrix
+    u, s, vh = torch.linalg.svd(c, full_matrices=False)
+    whole = torch.roll(((u * torch.clamp(s - 2.0, min=0).to(u.dtype)) @ vh).T.reshape(4, 24, 20), (-3, -5), (-2, -1))
+    assert torch.allclose(ref, whole, atol=1e-4)
+    padded = []
+    real_pad = torch.nn.functional.pad
+    monkeypatch.setattr(torch.nn.functional, "pad", lambda t, *a, **kw: (lambda o: (padded.append(o.numel()), o)[1])(
+        real_pad(t, *a, **kw)))
+    for block in (25, 1000, 3000, 20000, 10**9):  # (3000 cost 550 MB before; 20000 was killed)
+        padded.clear()
+        assert torch.allclose(locally_low_rank(x, 2.0, block, (3, 5)), ref, atol=1e-5)
+        assert max(padded, default=0) <= 2 * 4 * 24 * 24, block  # at most the image padded to a square
+
+
 def test_conjugate_gradient_solves_a_hermitian_system():
     g = torch.Generator().manual_seed(6)
     a = _crandn(g, 6, 6)
