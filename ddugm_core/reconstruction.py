@@ -221,9 +221,11 @@ class ReconConfig:
                              f"{self.coil_refine_min_frames}")
         if self.device != "auto":
             try:
-                torch.device(self.device)
+                kind = torch.device(self.device).type
             except RuntimeError as e:
                 raise ValueError(f"device: {e}") from None
+            if kind not in ("cpu", "cuda", "mps", "xpu"):  # "meta" and the like hold no data
+                raise ValueError(f"device must be auto, cpu, cuda, cuda:N, mps or xpu, got {self.device!r}")
 
     def resolved(self, name: str):
         """A setting's value, the preset's where it is None."""
@@ -585,5 +587,8 @@ class Reconstructor:
         mag = img.abs().flatten()
         scale = torch.quantile(mag, self.config.scale_percentile / 100.0) if mag.numel() <= 2**24 else mag.max()
         if not scale > 0:
+            if float(mag.max()) > 0:  # a signal, but the percentile falls in the empty background
+                raise ValueError(f"the time-averaged image's {self.config.scale_percentile:g}th percentile is zero "
+                                 "(scale_percentile too low for this image's background)")
             raise ValueError("the data have no signal (time-averaged image is zero)")
         return scale

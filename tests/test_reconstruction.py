@@ -242,7 +242,9 @@ def test_config_yaml_roundtrip_and_validation(tmp_path):
                       ("ls_lambda_l: 1.5", "ls_lambda_l"), ("ls_lambda_s: -1", "ls_lambda_s"),
                       ("lowrank_solver: svd", "lowrank_solver"), ("llr_rho: 0", "llr_rho"),
                       ("ttv_lambda: -1", "ttv_lambda"), ("ttv_accel_power: -1", "ttv_accel_power"),
-                      ("llr_block: 0", "llr_block"), ("init: llr", "init must be")]:
+                      ("llr_block: 0", "llr_block"), ("init: llr", "init must be"),
+                      # "meta" holds no data: it ended in "Tensor.item() cannot be called on meta tensors"
+                      ("device: meta", "device must be auto, cpu, cuda"), ("device: gpu0", "device:")]:
         p.write_text(text)
         with pytest.raises(ValueError, match=msg):
             ReconConfig.from_yaml(p)
@@ -459,3 +461,16 @@ def test_pnp_with_the_plane_prior(tiny_config, tiny_weights, tmp_path):
         missing.recon(k)
     with pytest.raises(ValueError, match="pnp_xt_weight"):
         ReconConfig.from_dict({**base, "pnp_xt_weight": 2.0})
+
+
+def test_a_scale_percentile_in_the_background_is_named(tiny_config):
+    """A scale_percentile so low that it falls in the empty background used to say "the data
+    have no signal"; the error now names the setting."""
+    from ddugm_core.phantom import cine_phantom, simulate_kspace
+
+    x = np.zeros((2, 16, 16), np.complex64)
+    x[:, 6:10, 6:10] = cine_phantom(2, (16, 16), seed=0)[:, 6:10, 6:10]
+    k = simulate_kspace(x, None, np.ones((2, 16), bool), noise=0.0, seed=0)
+    cfg = ReconConfig.from_dict({**tiny_config.to_dict(), "method": "zero_filled", "scale_percentile": 1e-9})
+    with pytest.raises(ValueError, match="scale_percentile too low"):
+        Reconstructor(cfg).recon(k)
