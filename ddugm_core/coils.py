@@ -15,6 +15,10 @@ import torch
 
 from .operators import fft2c, ifft2c
 
+#: elements of the local coil covariance (coils^2 x pixels) :func:`estimate_coil_maps` holds at
+#: once; larger images are done in tiles (with a halo of half the kernel: the same result).
+WALSH_BUDGET = 1 << 22
+
 
 def time_averaged_kspace(kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the frames that sampled each location: ``[coil, frame, ky, kx] -> [coil, ky, kx]``."""
@@ -40,7 +44,8 @@ def calibration_width(mask: torch.Tensor, max_width: int = 0, min_fill: float = 
 
 
 def estimate_coil_maps(kspace: torch.Tensor, mask: torch.Tensor, calib: int = 0, threshold: float = 0.02,
-                       kernel: int = 0, power_iters: int = 12, min_fill: float = 0.5) -> torch.Tensor:
+                       kernel: int = 0, power_iters: int = 12, min_fill: float = 0.5,
+                       budget: int = WALSH_BUDGET) -> torch.Tensor:
     """Normalised coil maps ``[coil, y, x]`` from k-space ``[coil, frame, ky, kx]`` and mask ``[frame, ky, kx]``.
 
     Walsh's method (Walsh et al., MRM 2000) on the time-averaged data: at each pixel the
@@ -68,24 +73,51 @@ def estimate_coil_maps(kspace: torch.Tensor, mask: torch.Tensor, calib: int = 0,
     wy = _hann(ny, width, kspace.device)
     wx = _hann(nx, max(3, round(width * nx / ny)), kspace.device)
     low = ifft2c(avg * (wy[:, None] * wx[None, :]))  # [coil, y, x]
-    # local coil covariance R[y, x] = mean over the neighbourhood of low low^H
-    outer = (low[:, None] * low[None].conj()).reshape(c * c, ny, nx)
-    cov = box_mean(box_mean(outer, kernel, -2), kernel, -1).reshape(c, c, ny, nx).permute(2, 3, 0, 1)  # [y, x, c, c]
-    v = low.permute(1, 2, 0)[..., None]  # start from the pixel's own coil vector
-    v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp(min=1e-30)
-    for _ in range(power_iters):
-        v = cov @ v
-        v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp(min=1e-30)
-    power = torch.linalg.vector_norm(cov @ v, dim=-2)[..., 0]  # dominant eigenvalue
+    v, power = _walsh(low, kernel, power_iters, budget)
     # phase relative to a virtual body coil (the coils' first principal component over the
     # image), which covers the whole field of view smoothly: referred to one physical coil,
     # the image would take on that coil's phase, wrapping where the coil sees little
     body = torch.linalg.eigh(low.reshape(c, -1) @ low.reshape(c, -1).mH)[1][:, -1]  # [coil]
     body = body * torch.exp(-1j * torch.angle(body[body.abs().argmax()]))  # eigh's phase is arbitrary
-    v = v[..., 0]
     v = v * torch.exp(-1j * torch.angle(v @ body.conj()))[..., None]
     support = power.sqrt() > threshold * power.max().sqrt()
     return torch.where(support, v.permute(2, 0, 1), torch.zeros_like(low))
+
+
+def _walsh(low: torch.Tensor, kernel: int, power_iters: int, budget: int = WALSH_BUDGET):
+    """Per pixel of ``low`` ``[coil, y, x]`` the dominant eigenvector ``[y, x, coil]`` and
+    eigenvalue ``[y, x]`` of the coil covariance averaged over a ``kernel`` x ``kernel``
+    neighbourhood (cut at the edges), by power iteration. The covariance has coils^2 elements
+    per pixel (128 coils at 1024 x 1024, which the server's limits allow: 17 GB as complex64,
+    twice that while averaging), so it is formed a tile at a time, each tile with a halo of
+    half the kernel, within ``budget`` elements: interior windows are whole and those at the
+    image's edges are cut there as before, so the result is that of the whole image at once."""
+    c, ny, nx = low.shape
+    h = kernel // 2
+    if c * c * ny * nx <= budget:
+        ty, tx = ny, nx
+    else:
+        side = max(16, int((budget / (c * c)) ** 0.5) - 2 * h)  # a tile's own pixels along each axis (at least 16)
+        ty, tx = min(ny, side), min(nx, side)
+    v_out = torch.empty(ny, nx, c, dtype=low.dtype, device=low.device)
+    p_out = torch.empty(ny, nx, dtype=low.real.dtype, device=low.device)
+    for y0 in range(0, ny, ty):
+        for x0 in range(0, nx, tx):
+            y1, x1 = min(ny, y0 + ty), min(nx, x0 + tx)
+            ya, yb, xa, xb = max(0, y0 - h), min(ny, y1 + h), max(0, x0 - h), min(nx, x1 + h)
+            sub = low[:, ya:yb, xa:xb]
+            outer = (sub[:, None] * sub[None].conj()).reshape(c * c, yb - ya, xb - xa)
+            cov = box_mean(box_mean(outer, kernel, -2), kernel, -1)[:, y0 - ya:y1 - ya, x0 - xa:x1 - xa]
+            del outer
+            cov = cov.reshape(c, c, y1 - y0, x1 - x0).permute(2, 3, 0, 1)  # [y, x, c, c]
+            v = low[:, y0:y1, x0:x1].permute(1, 2, 0)[..., None]  # start from the pixel's own coil vector
+            v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp(min=1e-30)
+            for _ in range(power_iters):
+                v = cov @ v
+                v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp(min=1e-30)
+            p_out[y0:y1, x0:x1] = torch.linalg.vector_norm(cov @ v, dim=-2)[..., 0]  # dominant eigenvalue
+            v_out[y0:y1, x0:x1] = v[..., 0]
+    return v_out, p_out
 
 
 def box_mean(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:

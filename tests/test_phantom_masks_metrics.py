@@ -79,3 +79,26 @@ def test_metrics():
     assert psnr(ref, noisy) == pytest.approx(expected)
     assert ssim(ref, noisy) < 0.95 and hfen(ref, noisy) > 0.1
     assert psnr(ref, ref + 0.01) > psnr(ref, ref + 0.1)
+
+
+@pytest.mark.parametrize("coils, shape", [(8, (64, 48)), (12, (40, 56))])
+def test_coil_maps_in_tiles_are_those_of_the_whole_image(coils, shape):
+    """The local coil covariance has coils^2 elements per pixel (32 coils at 256 x 208: 4.6 GB
+    peak for the maps alone; 128 coils at 1024 x 1024, within the server's limits, would not
+    fit at all): it is formed a tile at a time, with a halo of half the kernel, and gives the
+    maps of the whole image at once, for any tile size, image edges included."""
+    from ddugm_core.coils import _walsh
+
+    ny, nx = shape
+    x = cine_phantom(6, shape, seed=0)
+    m = variable_density_mask(6, ny, 3, seed=1)
+    k = torch.from_numpy(simulate_kspace(x, coil_maps(coils, shape, seed=0), m, noise=0.01, seed=0))
+    mask = torch.from_numpy(m).float()[:, :, None].expand(6, ny, nx)
+    whole = estimate_coil_maps(k, mask, budget=10**12)
+    for budget in (coils * coils * 40 * 40, coils * coils * 30 * 30, 1):  # tiles of 18 to 30 pixels, 16 (the least)
+        got = estimate_coil_maps(k, mask, budget=budget)
+        assert torch.allclose(got, whole, atol=1e-5), budget
+    low = torch.randn(coils, ny, nx, dtype=torch.complex64, generator=torch.Generator().manual_seed(2))
+    v1, p1 = _walsh(low, 9, 6, budget=10**12)
+    v2, p2 = _walsh(low, 9, 6, budget=1)  # 16 x 16 tiles with a 4-pixel halo
+    assert torch.allclose(v1, v2, atol=1e-5) and torch.allclose(p1, p2, rtol=1e-5)
