@@ -212,7 +212,8 @@ def check_geometry(g: Geometry, limits: Limits, axis: str = "phase", block: int 
 
 def frames_allowed(g: Geometry, limits: Limits) -> int:
     """The most frames one slice may hold under the limits (frames and k-space samples)."""
-    return min(limits.max_frames, limits.max_slice_elements // max(1, (g.coils or 1) * g.ny * g.nx))
+    return min(limits.max_frames, limits.max_slice_elements // max(1, (g.coils or 1) * g.ny * g.nx),
+               limits.max_slice_pixels // max(1, g.ny * g.nx))
 
 
 def resolve_frame_axis(setting: str, g: Geometry, limits: Limits, block: int = 0) -> tuple[str, int]:
@@ -308,6 +309,11 @@ class ReconSession:
             if elements > lim.max_slice_elements:
                 raise ValueError(f"ReconData of {elements} grid samples exceeds the server's limit "
                                  f"max_slice_elements = {lim.max_slice_elements}")
+            pixels = n * max(self.geometry.ny, shape[1]) * self.geometry.nx
+            if pixels > lim.max_slice_pixels:
+                raise ValueError(f"ReconData of {n} frames x {max(self.geometry.ny, shape[1])} x {self.geometry.nx} "
+                                 f"= {pixels} image pixels exceeds the server's limit max_slice_pixels = "
+                                 f"{lim.max_slice_pixels}")
 
     def _acquisition(self, acq) -> list:
         flags = int(acq.flags)
@@ -362,6 +368,9 @@ class ReconSession:
         if elements > lim.max_slice_elements:
             raise ValueError(f"{acq.active_channels} coils x {frames} frames x {g.ny} x {g.nx} = {elements} k-space "
                              f"samples exceed the server's limit max_slice_elements = {lim.max_slice_elements}")
+        if frames * g.ny * g.nx > lim.max_slice_pixels:
+            raise ValueError(f"{frames} frames x {g.ny} x {g.nx} = {frames * g.ny * g.nx} image pixels exceed the "
+                             f"server's limit max_slice_pixels = {lim.max_slice_pixels}")
         if self.buffered + int(acq.active_channels) * g.nx > lim.max_stream_elements:
             raise ValueError(f"the stream buffers more than the server's limit max_stream_elements = "
                              f"{lim.max_stream_elements} k-space samples")

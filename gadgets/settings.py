@@ -81,6 +81,7 @@ class Limits:
     max_frames: int = 512  # cardiac phases of one slice
     max_coils: int = 128  # receiver channels
     max_slice_elements: int = 1 << 27  # coils x frames x ny x nx of one slice (1 GiB of complex64)
+    max_slice_pixels: int = 1 << 23  # frames x ny x nx of one slice: what the reconstruction's memory follows
     max_stream_elements: int = 1 << 28  # k-space samples one stream may buffer (2 GiB of complex64)
     max_message_mb: int = 1024  # one data message (acquisition, image, ReconData, ImageArray, waveform)
     max_text_kb: int = 4096  # configuration, header and text messages
@@ -97,7 +98,8 @@ class Limits:
     def validate(self):
         if not isinstance(self.allowed_dirs, list) or not all(isinstance(d, str) and d for d in self.allowed_dirs):
             raise ValueError("server setting allowed_dirs must be a list of folder paths")
-        for name in ("max_matrix", "max_frames", "max_coils", "max_slice_elements", "max_stream_elements",
+        for name in ("max_matrix", "max_frames", "max_coils", "max_slice_elements", "max_slice_pixels",
+                     "max_stream_elements",
                      "max_message_mb", "max_text_kb", "max_steps", "max_iterations", "max_window",
                      "max_connections", "max_cached"):
             v = getattr(self, name)

@@ -258,7 +258,8 @@ def test_a_real_time_series_over_the_limits_is_reconstructed_in_even_blocks(tmp_
     base = {"method": "low_rank", "lowrank_iters": "10", "device": "cpu"}
     runs = {}
     for name, extra, limits in (("limits", {}, Limits(max_frames=4)), ("setting", {"realtime_block": "3"}, None),
-                                ("elements", {}, Limits(max_slice_elements=3 * 5 * 32 * 32)), ("whole", {}, None)):
+                                ("elements", {}, Limits(max_slice_elements=3 * 5 * 32 * 32)),
+                                ("pixels", {}, Limits(max_slice_pixels=5 * 32 * 32)), ("whole", {}, None)):
         s = ReconSession(hdr, *load_settings({**base, **extra}), limits=limits)
         assert s.frame_axis == "repetition" and s.block == (0 if name == "whole" else 3), name
         out, sent_at = [], []
@@ -287,8 +288,9 @@ def test_a_real_time_series_over_the_limits_is_reconstructed_in_even_blocks(tmp_
     assert not s.errors and len(out) == 12
     for a, b in zip(out, runs["limits"]):
         np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
-    for a, b in zip(runs["limits"], runs["elements"]):
-        np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
+    for other in ("elements", "pixels"):
+        for a, b in zip(runs["limits"], runs[other]):
+            np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
     # a block is its own reconstruction: not the whole series' images
     assert any(not np.allclose(np.asarray(a.data), np.asarray(b.data)) for a, b in zip(runs["limits"], runs["whole"]))
     # the limits hold fewer than 2 repetitions: auto takes each repetition on its own; asked for, it is refused
@@ -622,3 +624,29 @@ def test_unset_ky_centre_means_the_encoded_matrix_middle(sim):
         assert not s.errors and len(out) == 12
         images.append(np.stack([np.asarray(i.data) for i in out]))
     assert np.allclose(images[0], images[1])
+
+
+def test_a_cine_beyond_max_slice_pixels_is_refused_by_name(sim):
+    """The reconstruction's memory follows the image pixels (frames x ny x nx; about 1 kB each on
+    a CPU), not the k-space samples: with max_slice_elements alone a single-coil slice of 128
+    frames of 1024 x 1024 was allowed (some 130 GB). max_slice_pixels (default 2^23) now bounds
+    it, by name."""
+    from gadgets.session import ScanErrors
+    from gadgets.settings import Limits
+
+    hdr, acqs = read_file(sim[0])
+    assert Limits().max_slice_pixels == 1 << 23
+    s = ReconSession(hdr, *load_settings({"method": "zero_filled", "device": "cpu"}), limits=Limits(max_slice_pixels=5 * 48 * 48))
+    out = []
+    for a in acqs:
+        out += s.handle(a)
+    try:
+        out += s.finish()
+    except ScanErrors:
+        pass
+    assert not out and len(s.errors) == 2  # both slices have 6 frames
+    assert "6 frames x 48 x 48 = 13824 image pixels exceed the server's limit max_slice_pixels = 11520" in s.errors[0]
+    s = ReconSession(hdr, *load_settings({"method": "zero_filled", "device": "cpu"}), limits=Limits(max_slice_pixels=6 * 48 * 48))
+    assert len([im for a in acqs for im in s.handle(a)] + s.finish()) == 12 and not s.errors
+    with pytest.raises(ValueError, match="max_slice_pixels must be a positive integer"):
+        Limits(max_slice_pixels=0).validate()
