@@ -237,16 +237,17 @@ def resolve_frame_axis(setting: str, g: Geometry, limits: Limits, block: int = 0
     if most < 2:
         if setting == "auto":
             log.warning("the header announces 1 cardiac phase and %d repetitions, but the server's limits (max_frames "
-                        "%d, max_slice_elements %d) hold fewer than 2 of them at a time: each repetition is "
-                        "reconstructed on its own", g.repetitions, limits.max_frames, limits.max_slice_elements)
+                        "%d, max_slice_elements %d, max_slice_pixels %d) hold fewer than 2 of them at a time: each "
+                        "repetition is reconstructed on its own", g.repetitions, limits.max_frames,
+                        limits.max_slice_elements, limits.max_slice_pixels)
             return "phase", 0
         return "repetition", 0  # refused by name (check_geometry)
     n = -(-g.repetitions // most)
     block = -(-g.repetitions // n)
     log.warning("the header announces %d repetitions (a real-time series), more than one reconstruction may hold under "
-                "the server's limits (max_frames %d, max_slice_elements %d): reconstructed in %d blocks of %d "
-                "repetitions, each sent when its last repetition arrives", g.repetitions, limits.max_frames,
-                limits.max_slice_elements, n, block)
+                "the server's limits (max_frames %d, max_slice_elements %d, max_slice_pixels %d): reconstructed in "
+                "%d blocks of %d repetitions, each sent when its last repetition arrives", g.repetitions,
+                limits.max_frames, limits.max_slice_elements, limits.max_slice_pixels, n, block)
     return "repetition", block
 
 
