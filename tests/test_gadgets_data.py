@@ -650,3 +650,22 @@ def test_a_cine_beyond_max_slice_pixels_is_refused_by_name(sim):
     assert len([im for a in acqs for im in s.handle(a)] + s.finish()) == 12 and not s.errors
     with pytest.raises(ValueError, match="max_slice_pixels must be a positive integer"):
         Limits(max_slice_pixels=0).validate()
+
+
+def test_every_server_limit_is_documented_at_its_default():
+    """config/recon.yaml's server section and README's table list every operator limit at its
+    default (max_slice_pixels was new; the YAML's max_iterations comment had fallen behind)."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from gadgets.settings import Limits
+
+    root = Path(__file__).resolve().parents[1]
+    listed = yaml.safe_load((root / "config" / "recon.yaml").read_text())["server"]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    for f in dataclasses.fields(Limits):
+        assert f.name in listed, f"config/recon.yaml does not list server: {f.name}"
+        assert listed[f.name] == getattr(Limits(), f.name), f.name
+        assert f"| `{f.name}` |" in readme, f"README's limits table lacks {f.name}"
