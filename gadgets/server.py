@@ -272,7 +272,7 @@ class Server:
                 props.update(self._text_parameters(stream, lim, who))
                 first = read_id(stream)
             cfg, gs = load_settings(props, self.config, operator=self.overrides, limits=lim)
-            session = ReconSession(header, cfg, gs, self.engine, lim, alive)
+            session = ReconSession(header, cfg, gs, self.engine, lim, alive, job_seconds=lim.max_job_seconds)
             run_stream(stream, session, lambda item: send_item(stream, item), limits=lim, first_id=first)
             if session.received == 0:
                 log.warning("%s: the stream had no data (no acquisitions); nothing reconstructed", who)

@@ -70,6 +70,10 @@ class Cancelled(RuntimeError):
     """The stream's client went away (or the server is stopping): its job was not finished."""
 
 
+class TimeLimit(RuntimeError):
+    """A slice's reconstruction ran past the server's ``max_job_seconds`` (no fallback after it)."""
+
+
 class Engine:
     """Reconstructors keyed by their settings (at most ``max_cached``, least recently used
     dropped; the score models are shared between settings that use the same weights and
@@ -122,12 +126,18 @@ class Engine:
             if not alive():
                 raise Cancelled("the client went away while its scan waited for the reconstruction queue")
 
-    def run(self, cine: CineData, cfg: ReconConfig, gs: GadgetSettings, alive: Optional[Callable[[], bool]] = None):
+    def run(self, cine: CineData, cfg: ReconConfig, gs: GadgetSettings, alive: Optional[Callable[[], bool]] = None,
+            job_seconds: float = 0.0):
         """Reconstruct one slice: returns (frames ``[T, y, x]`` complex64 on the encoded grid,
         method used, device used, warning or None). Falls back to LLR + temporal TV on CPU if the score-based
         reconstruction fails and ``gs.fallback`` is on. ``alive()`` is polled while waiting for
-        the queue and at every iteration; when it turns false the job stops with :class:`Cancelled`."""
+        the queue and at every iteration; when it turns false the job stops with :class:`Cancelled`.
+        With ``job_seconds`` > 0 (``ddugm serve``'s ``max_job_seconds``, counted from leaving the
+        queue) a job still running after that long stops with :class:`TimeLimit`, without fallback:
+        the per-setting caps allow products of nested loops (steps x pnp_inner, llr_iters x
+        llr_cg_iters) that would hold the queue for hours."""
         self._acquire(alive)
+        deadline = time.monotonic() + job_seconds if job_seconds > 0 else None
         try:
             self.count += 1
             rec = self.reconstructor(cfg)
@@ -137,6 +147,9 @@ class Engine:
             def check(i, n):
                 if alive is not None and not alive():
                     raise Cancelled(f"the client went away; reconstruction stopped at iteration {i} of {n}")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeLimit(f"the reconstruction ran past the server's limit max_job_seconds = {job_seconds:g} "
+                                    f"s and was stopped at iteration {i} of {n}")
 
             try:
                 self.load_models(rec)
@@ -145,7 +158,7 @@ class Engine:
                     log.info("%s: %d coils compressed to %d virtual coils, %.2f %% of the signal energy kept",
                              slice_name(cine.key), *rec.coils_used, 100 * rec.coil_energy_kept)
                 return x, cfg.method, rec.device, None
-            except Cancelled:
+            except (Cancelled, TimeLimit):
                 raise
             except Exception as e:  # noqa: BLE001 - any failure of the primary method
                 if not gs.fallback or cfg.method != "ddugm":
@@ -253,9 +266,10 @@ def resolve_frame_axis(setting: str, g: Geometry, limits: Limits, block: int = 0
 
 class ReconSession:
     def __init__(self, header, cfg: ReconConfig, gs: GadgetSettings, engine: Engine | None = None,
-                 limits: Limits | None = None, alive: Optional[Callable[[], bool]] = None):
+                 limits: Limits | None = None, alive: Optional[Callable[[], bool]] = None, job_seconds: float = 0.0):
         self.header = header
         self.limits = limits or Limits()
+        self.job_seconds = job_seconds  # a slice's wall-clock limit (ddugm serve: max_job_seconds; 0: none)
         self.geometry: Geometry = geometry_from_header(header)
         self.frame_axis, self.block = resolve_frame_axis(gs.frame_axis, self.geometry, self.limits, gs.realtime_block)
         check_geometry(self.geometry, self.limits, self.frame_axis, self.block)
@@ -435,7 +449,7 @@ class ReconSession:
         log.info("%s: reconstructing %d frames (%s)", where, cine.kspace.shape[1], self.cfg.method)
         t0 = time.perf_counter()
         try:
-            x, method, device, warning = self.engine.run(cine, self.cfg, self.gs, self.alive)
+            x, method, device, warning = self.engine.run(cine, self.cfg, self.gs, self.alive, self.job_seconds)
             x = finalize_images(np.asarray(x), self.geometry)
         except Cancelled:
             raise  # the stream is over: nobody to send the other slices to

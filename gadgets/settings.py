@@ -94,6 +94,7 @@ class Limits:
     handshake_timeout: float = 30.0  # seconds to send the configuration and header after connecting
     idle_timeout: float = 3600.0  # seconds a client may stay silent mid-stream
     shutdown_grace: float = 30.0  # seconds running reconstructions get to stop on SIGINT / SIGTERM
+    max_job_seconds: float = 3600.0  # ddugm serve: wall-clock seconds one slice's reconstruction may run (0: no limit)
 
     def validate(self):
         if not isinstance(self.allowed_dirs, list) or not all(isinstance(d, str) and d for d in self.allowed_dirs):
@@ -110,6 +111,10 @@ class Limits:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= MAX_TIMEOUT_S:
                 raise ValueError(f"server setting {name} must be a positive number of seconds, at most "
                                  f"{MAX_TIMEOUT_S:g} (socket timeouts are finite), got {v!r}")
+        v = self.max_job_seconds
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= MAX_TIMEOUT_S:
+            raise ValueError(f"server setting max_job_seconds must be 0 (no limit) or a positive number of seconds, "
+                             f"at most {MAX_TIMEOUT_S:g}, got {v!r}")
         if not isinstance(self.allow_compile, bool):
             raise ValueError(f"server setting allow_compile must be true or false, got {self.allow_compile!r}")
 

@@ -267,6 +267,24 @@ def test_work_limits_steps_iterations_compile(server, small):
         assert r.errors and message in r.errors[0], (props, r.errors)
 
 
+def test_a_job_past_max_job_seconds_stops_with_a_named_error_and_the_server_goes_on(server, small, heavy):
+    """The work caps are per setting and nested loops multiply, so a client could hold the one
+    reconstruction queue for hours within them. max_job_seconds stops such a job (a 1000-iteration
+    low-rank slice, about a minute on 2 cores, under a 1 s limit) with an error naming the limit,
+    without fallback; the next client is served."""
+    _, port = server(Limits(max_job_seconds=1.0))
+    _, xml, acqs = heavy
+    t0 = time.perf_counter()
+    r = _ask(port, SLOW, xml, acqs, timeout=60)
+    assert r.errors and "max_job_seconds = 1 s" in r.errors[0] and time.perf_counter() - t0 < 20, r
+    assert "LLR + temporal TV" not in r.errors[0]  # no fallback
+    _, xml, acqs = small
+    r = _ask(port, _props(), xml, acqs)
+    assert not r.errors and len(r.images) == 4
+    with pytest.raises(ValueError, match="max_job_seconds must be 0"):
+        Limits(max_job_seconds=-1).validate()
+
+
 def test_reconstructor_cache_is_bounded_and_models_are_shared(tiny_weights):
     engine = Engine(max_cached=3)
     recs = []
