@@ -39,6 +39,26 @@ def read_file(path):
     return hdr, acqs
 
 
+def run_session(path, settings=None, edit=None, header=None, limits=None):
+    """Replay a file through a ReconSession (``edit(acq)`` changes each imaging acquisition
+    first); the images and the session, whose ``errors`` name the slices that failed."""
+    from gadgets.session import ScanErrors
+
+    hdr, acqs = read_file(path)
+    s = ReconSession(header or hdr, *load_settings(settings or {"method": "zero_filled", "device": "cpu"}),
+                     limits=limits)
+    out = []
+    for a in acqs:
+        if edit is not None and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            edit(a)
+        out += s.handle(a)
+    try:
+        out += s.finish()
+    except ScanErrors:  # the session reports the failed slices at the end (the gadget sends them as errors)
+        pass
+    return out, s
+
+
 # ---------------------------------------------------------------- readout and grid
 def test_oversampled_readout_matches_the_cropped_object():
     rng = np.random.default_rng(0)
@@ -509,20 +529,11 @@ def test_header_recon_space_oddities(sim):
 def test_discarding_the_whole_readout_is_named(sim):
     """discard_pre + discard_post covering the whole line used to end as "the mask samples
     nothing"; the error now names the two fields (that slice only: the other is reconstructed)."""
-    from gadgets.session import ScanErrors
-
-    hdr, acqs = read_file(sim[0])
-    cfg, gs = load_settings({"method": "zero_filled", "device": "cpu"})
-    s = ReconSession(hdr, cfg, gs)
-    out = []
-    for a in acqs:
-        if a.idx.slice == 0 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+    def edit(a):
+        if a.idx.slice == 0:
             a.discard_pre = a.number_of_samples
-        out += s.handle(a)
-    try:
-        out += s.finish()
-    except ScanErrors:  # the session reports the failed slice at the end (the gadget sends it as an error)
-        pass
+
+    out, s = run_session(sim[0], edit=edit)
     assert len(out) == 6 and len(s.errors) == 1
     assert "slice=0" in s.errors[0] and "discard_pre 96 and discard_post 0 leave none of the line's 96" in s.errors[0]
 
@@ -532,20 +543,11 @@ def test_discarding_the_echo_centre_is_named(sim, pre_post):
     """Discards that keep samples but not the echo centre (one sample left at the line's start,
     or the first 60 of 96 removed) used to move the centre silently to the kept samples' middle:
     a near-empty or misplaced image. Now an error naming the fields (that slice only)."""
-    from gadgets.session import ScanErrors
-
-    hdr, acqs = read_file(sim[0])
-    cfg, gs = load_settings({"method": "zero_filled", "device": "cpu"})
-    s = ReconSession(hdr, cfg, gs)
-    out = []
-    for a in acqs:
-        if a.idx.slice == 0 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+    def edit(a):
+        if a.idx.slice == 0:
             a.discard_pre, a.discard_post = pre_post
-        out += s.handle(a)
-    try:
-        out += s.finish()
-    except ScanErrors:
-        pass
+
+    out, s = run_session(sim[0], edit=edit)
     assert len(out) == 6 and len(s.errors) == 1
     assert "slice=0" in s.errors[0]
     assert f"discard_pre {pre_post[0]} and discard_post {pre_post[1]} remove the echo centre" in s.errors[0]
@@ -554,16 +556,8 @@ def test_discarding_the_echo_centre_is_named(sim, pre_post):
 def test_partial_echo_discard_keeps_the_image(sim):
     """A partial echo cut by the discards (the first 20 of 96 samples, centre kept) still
     reconstructs, close to the full readout's image."""
-    hdr, acqs = read_file(sim[0])
-    cfg, gs = load_settings({"method": "zero_filled", "device": "cpu"})
-    ref = ReconSession(hdr, cfg, gs)
-    full = [im for a in acqs for im in ref.handle(a)] + ref.finish()
-    hdr, acqs = read_file(sim[0])
-    s = ReconSession(hdr, cfg, gs)
-    for a in acqs:
-        if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
-            a.discard_pre = 20
-    cut = [im for a in acqs for im in s.handle(a)] + s.finish()
+    full, _ = run_session(sim[0])
+    cut, s = run_session(sim[0], edit=lambda a: setattr(a, "discard_pre", 20))
     assert len(cut) == len(full) and not s.errors
     a, b = np.abs(np.asarray(full[0].data)), np.abs(np.asarray(cut[0].data))
     assert np.linalg.norm(a - b) < 0.2 * np.linalg.norm(a)
@@ -577,18 +571,10 @@ def test_unset_center_sample_means_a_symmetric_echo(sim, caplog):
     readouts are symmetric)."""
     import logging
 
-    cfg, gs = load_settings({"method": "zero_filled", "device": "cpu"})
     images = []
-    for unset in (False, True):
-        hdr, acqs = read_file(sim[0])
-        s = ReconSession(hdr, cfg, gs)
-        out = []
+    for edit in (None, lambda a: setattr(a, "center_sample", 0)):
         with caplog.at_level(logging.INFO, logger="ddugm.gadget"):
-            for a in acqs:
-                if unset and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
-                    a.center_sample = 0
-                out += s.handle(a)
-            out += s.finish()
+            out, s = run_session(sim[0], edit=edit)
         assert not s.errors
         images.append(np.stack([np.asarray(i.data) for i in out]))
     assert np.allclose(images[0], images[1])
@@ -603,24 +589,17 @@ def test_unset_ky_centre_means_the_encoded_matrix_middle(sim):
     import re
 
     from gadgets.geometry import geometry_from_header
-    from gadgets.session import ScanErrors
 
-    hdr, acqs = read_file(sim[0])
+    hdr, _ = read_file(sim[0])
     xml = hdr.toXML()
     xml = xml.decode() if isinstance(xml, bytes) else xml
     unset = re.sub(r"(<kspace_encoding_step_1>.*?<center>)\d+", r"\g<1>0", xml, count=1, flags=re.S)
     assert unset != xml
     g0, g1 = geometry_from_header(hdr), geometry_from_header(ismrmrd.xsd.CreateFromDocument(unset))
     assert g1.ky_center == g1.ny // 2 == g0.ky_center
-    cfg, gs = load_settings({"method": "zero_filled", "device": "cpu"})
     images = []
     for h in (hdr, ismrmrd.xsd.CreateFromDocument(unset)):
-        s = ReconSession(h, cfg, gs)
-        out = [im for a in read_file(sim[0])[1] for im in s.handle(a)]
-        try:
-            out += s.finish()
-        except ScanErrors:
-            pass
+        out, s = run_session(sim[0], header=h)
         assert not s.errors and len(out) == 12
         images.append(np.stack([np.asarray(i.data) for i in out]))
     assert np.allclose(images[0], images[1])
@@ -631,23 +610,14 @@ def test_a_cine_beyond_max_slice_pixels_is_refused_by_name(sim):
     a CPU), not the k-space samples: with max_slice_elements alone a single-coil slice of 128
     frames of 1024 x 1024 was allowed (some 130 GB). max_slice_pixels (default 2^23) now bounds
     it, by name."""
-    from gadgets.session import ScanErrors
     from gadgets.settings import Limits
 
-    hdr, acqs = read_file(sim[0])
     assert Limits().max_slice_pixels == 1 << 23
-    s = ReconSession(hdr, *load_settings({"method": "zero_filled", "device": "cpu"}), limits=Limits(max_slice_pixels=5 * 48 * 48))
-    out = []
-    for a in acqs:
-        out += s.handle(a)
-    try:
-        out += s.finish()
-    except ScanErrors:
-        pass
+    out, s = run_session(sim[0], limits=Limits(max_slice_pixels=5 * 48 * 48))
     assert not out and len(s.errors) == 2  # both slices have 6 frames
     assert "6 frames x 48 x 48 = 13824 image pixels exceed the server's limit max_slice_pixels = 11520" in s.errors[0]
-    s = ReconSession(hdr, *load_settings({"method": "zero_filled", "device": "cpu"}), limits=Limits(max_slice_pixels=6 * 48 * 48))
-    assert len([im for a in acqs for im in s.handle(a)] + s.finish()) == 12 and not s.errors
+    out, s = run_session(sim[0], limits=Limits(max_slice_pixels=6 * 48 * 48))
+    assert len(out) == 12 and not s.errors
     with pytest.raises(ValueError, match="max_slice_pixels must be a positive integer"):
         Limits(max_slice_pixels=0).validate()
 
