@@ -55,7 +55,8 @@ def process(connection, config, metadata) -> None:
         limits = load_limits()
         cfg, gs = load_settings(parameters(config), limits=limits)
         gs.send = "images"
-        session = ReconSession(header, cfg, gs, engine(limits.max_cached), limits)
+        # a network service like ``ddugm serve``: the same wall-clock limit per slice
+        session = ReconSession(header, cfg, gs, engine(limits.max_cached), limits, job_seconds=limits.max_job_seconds)
     except Exception as e:  # noqa: BLE001 - every failure must reach the client
         _send_error(connection, f"DD-UGM: {type(e).__name__}: {e}")
         return

@@ -94,7 +94,7 @@ class Limits:
     handshake_timeout: float = 30.0  # seconds to send the configuration and header after connecting
     idle_timeout: float = 3600.0  # seconds a client may stay silent mid-stream
     shutdown_grace: float = 30.0  # seconds running reconstructions get to stop on SIGINT / SIGTERM
-    max_job_seconds: float = 3600.0  # ddugm serve: wall-clock seconds one slice's reconstruction may run (0: no limit)
+    max_job_seconds: float = 3600.0  # ddugm serve, FIRE: wall-clock seconds one slice's reconstruction may run (0: no limit)
 
     def validate(self):
         if not isinstance(self.allowed_dirs, list) or not all(isinstance(d, str) and d for d in self.allowed_dirs):

@@ -285,6 +285,36 @@ def test_a_job_past_max_job_seconds_stops_with_a_named_error_and_the_server_goes
         Limits(max_job_seconds=-1).validate()
 
 
+def test_the_fire_module_keeps_max_job_seconds_too(heavy, tmp_path, monkeypatch):
+    """python-ismrmrd-server is a network service as well: a FIRE client's settings must not hold
+    its process for hours either. The operator's max_job_seconds applies to the FIRE module."""
+    from gadgets.fire import process
+
+    op = tmp_path / "operator.yaml"
+    op.write_text("server:\n  max_job_seconds: 1\n")
+    monkeypatch.setenv("DDUGM_CONFIG", str(op))
+    _, xml, acqs = heavy
+
+    class FakeConnection:
+        def __init__(self):
+            self.images, self.logs = [], []
+
+        def __iter__(self):
+            return iter(list(acqs) + [None])
+
+        def send_image(self, images):
+            self.images += images
+
+        def send_logging(self, level, text):
+            self.logs.append((level, text))
+
+    c = FakeConnection()
+    t0 = time.perf_counter()
+    process(c, {"parameters": {"method": "low_rank", "lowrank_iters": 1000, "device": "cpu"}}, xml)
+    assert time.perf_counter() - t0 < 20 and not c.images
+    assert c.logs and c.logs[-1][0] == "ERROR" and "max_job_seconds = 1 s" in c.logs[-1][1], c.logs
+
+
 def test_reconstructor_cache_is_bounded_and_models_are_shared(tiny_weights):
     engine = Engine(max_cached=3)
     recs = []
