@@ -6,7 +6,8 @@ k-space, and one acquisition header per frame for the image headers):
 
 * plain acquisitions, collected by :class:`AcquisitionCollector` (one per slice, contrast,
   repetition, set and average; cardiac phase is the frame axis, or repetition for a real-time
-  series: one collector per slice, contrast, phase, set and average then);
+  series: one collector per slice, contrast, phase, set and average then; or, retrospectively
+  gated, phases binned from each line's ECG trigger time: one per slice, contrast, set, average);
 * Gadgetron ReconData buffers (``[E0, E1, E2, CHA, N, S, LOC]``, phases along N), one
   :class:`CineData` per S and LOC, by :func:`cine_from_recon_bit`.
 
@@ -202,7 +203,11 @@ def fourier_resize(x: np.ndarray, shape) -> np.ndarray:
 # ------------------------------------------------------------------ plain acquisitions
 def group_names(axis: str = "phase") -> tuple:
     """The indices that name a group: slice, contrast, repetition, set and average; with the
-    repetitions as the frames (``axis`` ``repetition``), the phase in the repetition's place."""
+    repetitions as the frames (``axis`` ``repetition``), the phase in the repetition's place; with
+    the lines binned by their ECG trigger time (``axis`` ``ecg``), neither: every repetition of a
+    slice is one group."""
+    if axis == "ecg":
+        return tuple(k for k in GROUP_KEYS if k != "repetition")
     return tuple("phase" if (k == "repetition" and axis == "repetition") else k for k in GROUP_KEYS)
 
 
@@ -213,16 +218,64 @@ def group_key(acq, axis: str = "phase", block: int = 0) -> tuple:
     return key + (int(acq.idx.repetition) // block,) if block and axis == "repetition" else key
 
 
+def ecg_bins(delay, order=None, phases: int = 20) -> tuple[np.ndarray, dict]:
+    """Retrospective ECG binning: the cardiac phase (``0 .. phases - 1``) of each line from its
+    time after the last ECG trigger (``physiology_time_stamp[0]``), as retrospectively gated and
+    real-time cine are binned (Xue et al., JCMR 2013, for one).
+
+    ``delay``: the lines' trigger delays; ``order``: their acquisition times (sorts the lines; the
+    given order where absent or equal). A heartbeat starts where the delay falls. Each beat's RR
+    interval is its largest delay plus the typical step between consecutive lines (the lines run on
+    through the whole beat), so no unit is assumed: 2.5 ms ticks or ms alike. The last beat, cut
+    short by the end of the scan, takes the median RR of the others (or its own, if longer). A line
+    at delay d of a beat of length RR falls in phase ``floor(d / RR * phases)``. Returns the phases
+    and a summary (beats, median RR and its spread in the stamps' unit). No arrhythmia rejection:
+    every line is used."""
+    delay = np.asarray(delay, np.float64)
+    n = delay.size
+    if n == 0:
+        raise ValueError("no lines to bin")
+    if phases < 1:
+        raise ValueError(f"cardiac_phases must be at least 1, got {phases}")
+    if not np.any(delay > 0):
+        raise ValueError("frame_axis ecg bins the lines by their ECG trigger time, but every line's "
+                         "physiology_time_stamp[0] is 0: the acquisitions carry no trigger times")
+    idx = np.arange(n) if order is None else np.lexsort((np.arange(n), np.asarray(order, np.float64)))
+    d = delay[idx]
+    step = np.diff(d)
+    beat = np.concatenate([[0], np.cumsum(step < 0)])  # a new beat where the delay falls
+    rising = step[step > 0]
+    spacing = float(np.median(rising)) if rising.size else 0.0
+    nb = int(beat[-1]) + 1
+    rr = np.array([d[beat == b].max() + spacing for b in range(nb)])
+    if nb > 1:
+        typical = float(np.median(rr[:-1]))
+        rr[-1] = max(rr[-1], typical)
+    else:
+        typical = float(rr[0])
+    if typical <= 0:
+        raise ValueError("the ECG trigger times do not rise within a heartbeat: no cardiac phase can be assigned")
+    frac = d / np.maximum(rr[beat], 1e-12)
+    phase_sorted = np.minimum(np.floor(frac * phases), phases - 1).astype(np.int64)
+    out = np.empty(n, np.int64)
+    out[idx] = phase_sorted
+    full = rr[:-1] if nb > 2 else rr
+    info = {"beats": nb, "rr": typical, "rr_min": float(full.min()), "rr_max": float(full.max())}
+    return out, info
+
+
 class AcquisitionCollector:
     """Collects the acquisitions of one group (slice, contrast, repetition, set, average; with
     ``axis`` ``repetition`` the repetitions are the frames, and the key's repetition is the phase;
     with ``block`` > 0 the group holds repetitions ``k * block`` to ``(k + 1) * block - 1``, ``k``
     the key's last element)."""
 
-    def __init__(self, key: tuple, geometry: Geometry, axis: str = "phase", block: int = 0):
+    def __init__(self, key: tuple, geometry: Geometry, axis: str = "phase", block: int = 0, phases: int = 0):
         self.key = key
         self.geometry = geometry
         self.axis = axis
+        self.phases = phases if axis == "ecg" else 0  # ecg: the cardiac phases the lines are binned into
+        self.delays = []  # ecg: each line's (trigger delay, acquisition time)
         self.block = block if axis == "repetition" else 0
         self.offset = key[-1] * self.block if self.block else 0  # the first frame's index
         self.lines = []  # (frame, row, grid [coil, nx], sampled [nx], header, is_image, is_ref)
@@ -273,16 +326,20 @@ class AcquisitionCollector:
         is_ref = flag_set(acq.flags, CALIBRATION) or flag_set(acq.flags, CALIBRATION_AND_IMAGING)
         is_image = not flag_set(acq.flags, CALIBRATION)
         frame = self.frame_of(acq)
+        if self.axis == "ecg":  # binned at build(), once every beat is known
+            self.delays.append((int(acq.physiology_time_stamp[0]), int(acq.acquisition_time_stamp)))
         self.lines.append((frame, row, grid, sampled, acq.getHead(), is_image, is_ref))
         self.frames = max(self.frames, frame + 1)
         self.samples += grid.shape[0] * grid.shape[1]
 
     def build(self) -> CineData:
         g = self.geometry
+        if self.axis == "ecg":
+            self._bin()
         images = [ln for ln in self.lines if ln[5]]
         if not images:
             raise ValueError(f"group {self.describe()}: no imaging lines (only calibration or no data)")
-        t = max(ln[0] for ln in images) + 1
+        t = self.phases if self.axis == "ecg" else max(ln[0] for ln in images) + 1
         c, ny, nx = self.channels, g.ny, g.nx
         k = np.zeros((c, t, ny, nx), np.complex64)
         count = np.zeros((t, ny, nx), np.float32)
@@ -297,8 +354,10 @@ class AcquisitionCollector:
         k[:, mask] /= count[mask]
         missing = [p for p in range(t) if p not in best]
         if missing:
-            what = "cardiac phase(s)" if self.axis == "phase" else "repetition(s)"
-            raise ValueError(f"group {self.describe()}: {what} {missing} have no acquired lines")
+            what = "repetition(s)" if self.axis == "repetition" else "cardiac phase(s)"
+            hint = (f" after binning into cardiac_phases = {self.phases} ({self.ecg['beats']} heartbeats); fewer "
+                    "phases, or a longer acquisition, fill them") if self.axis == "ecg" else ""
+            raise ValueError(f"group {self.describe()}: {what} {missing} have no acquired lines{hint}")
         ref = ref_mask = None
         refs = [ln for ln in self.lines if ln[6]]
         if refs:
@@ -309,11 +368,35 @@ class AcquisitionCollector:
                 rc[row, sampled] += 1
             ref_mask = rc > 0
             ref[:, ref_mask] /= rc[ref_mask]
-        return CineData(self.key_dict(), k, mask, [best[p][1] for p in range(t)], ref, ref_mask, frame_axis=self.axis,
-                        frame_offset=self.offset)
+        headers = [best[p][1] for p in range(t)]
+        if self.axis == "ecg":
+            for p, h in enumerate(headers):  # a binned phase's images: repetition 0, its mid-phase trigger time
+                h.idx.repetition = 0
+                h.physiology_time_stamp[0] = int(round((p + 0.5) / t * self.ecg["rr"]))
+        return CineData(self.key_dict(), k, mask, headers, ref, ref_mask,
+                        frame_axis="phase" if self.axis == "ecg" else self.axis, frame_offset=self.offset)
+
+    def _bin(self) -> None:
+        """ecg: each line's frame, its cardiac phase from its trigger delay (:func:`ecg_bins`)."""
+        delays = np.array([dl for dl, _ in self.delays], np.float64)
+        times = np.array([tm for _, tm in self.delays], np.float64)
+        try:
+            bins, self.ecg = ecg_bins(delays, times, self.phases)
+        except ValueError as e:
+            raise ValueError(f"group {self.describe()}: {e}") from None
+        self.lines = [(int(b),) + ln[1:] for b, ln in zip(bins, self.lines)]
+        self.frames = self.phases
+        counts = np.bincount(bins, minlength=self.phases)
+        log.info("%s: %d lines of %d heartbeats binned into %d cardiac phases by their ECG trigger time (RR %.0f, "
+                 "%.0f to %.0f in the trigger stamps' unit; %d to %d lines per phase)", self.describe(), len(bins),
+                 self.ecg["beats"], self.phases, self.ecg["rr"], self.ecg["rr_min"], self.ecg["rr_max"],
+                 counts.min(), counts.max())
 
     def frame_of(self, acq) -> int:
-        """The line's frame in this group (its phase, or its repetition within the block)."""
+        """The line's frame in this group (its phase, or its repetition within the block); ecg: the
+        last phase (a placeholder until :meth:`build` bins the lines; the frame count is known)."""
+        if self.axis == "ecg":
+            return self.phases - 1
         return int(getattr(acq.idx, self.axis)) - self.offset
 
     def key_dict(self) -> dict:

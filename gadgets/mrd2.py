@@ -311,7 +311,9 @@ def add_parser(sub):
     p.add_argument("--steps", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--output-type", default=None, help="magnitude | complex | int16")
-    p.add_argument("--frame-axis", default=None, help="phase (a cine) | repetition (a real-time series) | auto")
+    p.add_argument("--frame-axis", default=None, help="phase (a cine) | repetition (a real-time series) | auto | "
+                                                      "ecg (bin every line by its ECG trigger time)")
+    p.add_argument("--cardiac-phases", default=None, help="frame axis ecg: cardiac phases to bin into (default 20)")
     p.add_argument("--realtime-block", default=None,
                    help="a real-time series: repetitions per reconstruction, each block sent when it is complete (0: "
                         "the whole series, split into even blocks only where the server's limits require)")
@@ -348,7 +350,8 @@ def run(a: argparse.Namespace) -> int:
     try:
         overrides = {k: v for k, v in (("method", a.method), ("preset", a.preset), ("steps", a.steps),
                                        ("device", a.device), ("output", a.output_type),
-                                       ("frame_axis", a.frame_axis), ("realtime_block", a.realtime_block))
+                                       ("frame_axis", a.frame_axis), ("realtime_block", a.realtime_block),
+                                       ("cardiac_phases", a.cardiac_phases))
                      if v is not None}
         summary = stream(inp, a.output or sys.stdout.buffer, a.config, overrides)  # no output file for a bad input
     finally:

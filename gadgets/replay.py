@@ -171,7 +171,7 @@ def replay(inp: str, out: str, config: str | None = None, png: str | None = None
     finally:
         od.close()
     if png:
-        save_pngs(images, Path(png), session.frame_axis)
+        save_pngs(images, Path(png), "phase" if session.frame_axis == "ecg" else session.frame_axis)
     if broken:
         raise ScanErrors(f"{broken}; the {len(images)} images of the slices completed before it were written")
     if session.errors:
@@ -244,7 +244,9 @@ def add_parser(sub):
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--output-type", default=None, help="magnitude | complex")
     p.add_argument("--frame-axis", default=None, help="phase (a cine) | repetition (a real-time series) | auto "
-                                                      "(repetition where the header has 1 phase, several repetitions)")
+                                                      "(repetition where the header has 1 phase, several repetitions) "
+                                                      "| ecg (bin every line by its ECG trigger time)")
+    p.add_argument("--cardiac-phases", default=None, help="frame axis ecg: cardiac phases to bin into (default 20)")
     p.add_argument("--realtime-block", default=None,
                    help="a real-time series: repetitions per reconstruction, each block sent when it is complete (0: "
                         "the whole series, split into even blocks only where the server's limits require)")
@@ -257,7 +259,7 @@ def run(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(levelname)s %(message)s")
     overrides = {k: v for k, v in (("method", a.method), ("preset", a.preset), ("steps", a.steps), ("device", a.device),
                                    ("output", a.output_type), ("seed", a.seed), ("frame_axis", a.frame_axis),
-                                   ("realtime_block", a.realtime_block))
+                                   ("realtime_block", a.realtime_block), ("cardiac_phases", a.cardiac_phases))
                  if v is not None}
     try:
         summary = replay(a.input, a.output, a.config, a.png, overrides, a.group, a.quiet)

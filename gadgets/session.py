@@ -213,11 +213,17 @@ def check_geometry(g: Geometry, limits: Limits, axis: str = "phase", block: int 
             raise ValueError(f"the header's {what} matrix {x} x {y} exceeds the server's limit max_matrix = "
                              f"{limits.max_matrix}")
     frames, what = (g.phases, "cardiac phases") if axis == "phase" else (g.repetitions, "repetitions (the frames)")
+    if axis == "ecg":  # the frames are the binned phases (checked by the session); repetitions are not frames
+        return _check_coils(g, limits)
     if axis == "repetition" and block:
         frames, what = block, "repetitions per block (realtime_block)"
     if frames > limits.max_frames:
         raise ValueError(f"the header announces {frames} {what}, more than the server's limit "
                          f"max_frames = {limits.max_frames}")
+    _check_coils(g, limits)
+
+
+def _check_coils(g: Geometry, limits: Limits) -> None:
     if g.coils is not None and g.coils > limits.max_coils:
         raise ValueError(f"the header announces {g.coils} receiver channels, more than the server's limit "
                          f"max_coils = {limits.max_coils}")
@@ -237,6 +243,8 @@ def resolve_frame_axis(setting: str, g: Geometry, limits: Limits, block: int = 0
     ``realtime_block``); with 0 as one series, or, where that would exceed the operator's limits,
     in the fewest blocks of even length that fit (each at least 2 repetitions: else repetition by
     repetition, with a warning, under ``auto``)."""
+    if setting == "ecg":
+        return "ecg", 0
     if setting == "phase" or (setting == "auto" and not (g.phases == 1 and g.repetitions > 1)):
         return "phase", 0
     if block or g.repetitions <= 1:
@@ -350,7 +358,8 @@ class ReconSession:
         self._check_whitener()
         col = self.collectors.get(key)
         if col is None:
-            col = self.collectors[key] = AcquisitionCollector(key, self.geometry, self.frame_axis, self.block)
+            col = self.collectors[key] = AcquisitionCollector(key, self.geometry, self.frame_axis, self.block,
+                                                              self.gs.cardiac_phases)
         try:
             self._check_size(col, acq)
             col.add(acq, self.whitener)
@@ -376,6 +385,8 @@ class ReconSession:
         lim, g = self.limits, self.geometry
         frame = col.frame_of(acq)
         if frame >= lim.max_frames:
+            if self.frame_axis == "ecg":
+                raise ValueError(f"cardiac_phases = {frame + 1} exceeds the server's limit max_frames = {lim.max_frames}")
             what = "cardiac phase" if self.frame_axis == "phase" else "repetition (frame)"
             raise ValueError(f"{what} index {frame} exceeds the server's limit max_frames = {lim.max_frames}")
         frames = max(frame + 1, col.frames)

@@ -40,7 +40,7 @@ PATH_KEYS = ("config", "debug_dir") + tuple(f.name for f in fields(ReconConfig) 
 MAX_YAML_BYTES = 1 << 20
 MAX_TIMEOUT_S = 1e6  # server timeouts: about 11.6 days at most (an infinite one overflows the socket layer)
 SENDS = ("auto", "images", "image_array")
-FRAME_AXES = ("auto", "phase", "repetition")
+FRAME_AXES = ("auto", "phase", "repetition", "ecg")
 
 
 @dataclass
@@ -53,6 +53,8 @@ class GadgetSettings:
     debug_dir: str = ""  # if set: save each slice's k-space, mask and images there (.npz)
     log_level: str = "INFO"  # DEBUG | INFO | WARNING | ERROR
     frame_axis: str = "auto"  # the acquisitions' counter that numbers the frames: phase (cine) | repetition (real-time) | auto
+    # | ecg (retrospective binning: every line of a slice to a cardiac phase by its ECG trigger time)
+    cardiac_phases: int = 20  # frame_axis ecg: cardiac phases the heartbeat is binned into
     realtime_block: int = 0  # real-time series: repetitions per reconstruction (0: all, or even blocks within the limits)
 
     def validate(self):
@@ -64,6 +66,8 @@ class GadgetSettings:
             raise ValueError(f"series_index must be in [0, 65535], got {self.series_index}")
         if self.frame_axis not in FRAME_AXES:
             raise ValueError(f"frame_axis must be one of {FRAME_AXES}, got {self.frame_axis!r}")
+        if not 2 <= self.cardiac_phases <= 1024:
+            raise ValueError(f"cardiac_phases must be 2 to 1024 (frame_axis ecg), got {self.cardiac_phases}")
         if self.realtime_block < 0 or self.realtime_block == 1:
             raise ValueError(f"realtime_block must be 0 (the whole series) or at least 2 repetitions, got "
                              f"{self.realtime_block}")

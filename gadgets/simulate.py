@@ -99,16 +99,24 @@ def build_header(ny: int, nx: int, os: int, frames: int, slices: int, coils: int
 def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 64, slices: int = 1, coils: int = 8,
              accel: float = 4.0, acs: int | None = 12, noise: float = 0.002, oversampling: int = 2,
              partial_fourier: float = 1.0, asymmetric_echo: float = 1.0, noise_scan: bool = True, fov_mm: float = 320.0,
-             seed: int = 0, truth: str | None = None, real_time: bool = False) -> dict:
+             seed: int = 0, truth: str | None = None, real_time: bool = False, ecg_beats: int = 0) -> dict:
     """Write the raw file; return a summary. ``truth``: also save the coil-combined ground truth
     ``[slice, frame, y, x]`` (recon matrix) as .npy for tests and comparisons. ``real_time``: the
     frames are repetitions acquired one after another (a real-time series: each slice's repetitions
     in turn, each ending ``LAST_IN_SLICE`` and ``LAST_IN_REPETITION``), not cardiac phases of a
-    segmented cine (each line through all phases)."""
+    segmented cine (each line through all phases). ``ecg_beats`` > 0: a free-running real-time
+    acquisition over that many heartbeats of varying length (RR 800 ms +- 10 %, lines every 2.5 ms,
+    the scan starting at a random point of the first beat), each line of the heart as it is at
+    that moment (the frames are the cardiac cycle, frame ``j`` at ``(j + 0.5) / frames`` of it,
+    linearly interpolated between them) and stamped with its time after the last ECG trigger:
+    what retrospective binning (``frame_axis: ecg``) is for. The truth is then the frames, the
+    binned phases' centres when ``cardiac_phases`` equals ``frames``."""
     if coils < 1 or frames < 1 or slices < 1 or size < 16:
         raise ValueError("need coils >= 1, frames >= 1, slices >= 1 and size >= 16")
     if accel < 1:
         raise ValueError(f"accel must be >= 1, got {accel}")
+    if ecg_beats < 0:
+        raise ValueError(f"ecg_beats must be >= 0, got {ecg_beats}")
     if noise < 0:
         raise ValueError(f"noise must be >= 0 (a standard deviation), got {noise}")
     if oversampling not in (1, 2):
@@ -139,7 +147,11 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
         maps = np.tensordot(mixing, maps, axes=(1, 0)).astype(np.complex64)
     ky_max = int(math.ceil(partial_fourier * ny)) - 1
     drop = int(round((1 - asymmetric_echo) * nxo))  # readout samples not acquired before the echo
-    header = build_header(ny, nx, oversampling, nt, ns, coils, fov_mm, accel, ky_max, real_time=real_time)
+    rr_ticks, n_reps = 320, 0  # ecg: 800 ms beats in 2.5 ms ticks, one line per tick
+    if ecg_beats:
+        real_time = True
+        n_reps = max(2, ecg_beats * rr_ticks // per_frame)
+    header = build_header(ny, nx, oversampling, n_reps or nt, ns, coils, fov_mm, accel, ky_max, real_time=real_time)
 
     def noise_of(shape, std):
         n = (rng.standard_normal((coils,) + shape) + 1j * rng.standard_normal((coils,) + shape)) * (std / np.sqrt(2))
@@ -156,7 +168,7 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
     counter = 0
     stamp = 1000
 
-    def acquisition(data, flags, ky=0, phase=0, slice_=0, dwell=DWELL_US, center=nxo // 2):
+    def acquisition(data, flags, ky=0, phase=0, slice_=0, dwell=DWELL_US, center=nxo // 2, delay=None):
         nonlocal counter, stamp
         acq = ismrmrd.Acquisition.from_array(np.ascontiguousarray(data, dtype=np.complex64))
         acq.version = 1
@@ -164,7 +176,7 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
         acq.measurement_uid = 4242
         acq.scan_counter = counter
         acq.acquisition_time_stamp = stamp
-        acq.physiology_time_stamp[0] = int(phase * 40 / 2.5)  # time after the trigger, 2.5 ms ticks
+        acq.physiology_time_stamp[0] = int(phase * 40 / 2.5) if delay is None else delay  # after the trigger, 2.5 ms ticks
         acq.available_channels = coils
         acq.center_sample = center
         acq.sample_time_us = dwell
@@ -181,7 +193,7 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
         acq.idx.slice = slice_
         ds.append_acquisition(acq)
         counter += 1
-        stamp += 16  # 40 ms per cardiac phase frame ~ 16 ticks per line at 2.5 ms
+        stamp += 16 if delay is None else 1  # 40 ms per cardiac phase frame ~ 16 ticks per line at 2.5 ms
         return acq
 
     if noise_scan and noise > 0:  # a noise scan of zeros could not whiten anything
@@ -194,11 +206,23 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
         img[:, :, nxo // 2 - nx // 2:nxo // 2 - nx // 2 + nx] = imgs[s]  # centre pixel nx // 2 at nxo // 2 (odd nx too)
         truth_out[s] = imgs[s]
         k = fft2c(torch.from_numpy(maps[:, None] * img[None])).numpy()  # [C, T, ny, nxo]
-        mask = variable_density_mask(nt, ny, accel, center_lines=acs, seed=seed + 100 * s)
+        mask = variable_density_mask(n_reps or nt, ny, accel, center_lines=acs, seed=seed + 100 * s)
         mask[:, ky_max + 1:] = False
         c0 = ny // 2 - acs // 2
         acs_rows = set(range(c0, c0 + acs))
-        if real_time:  # frame by frame
+        delays = {}
+        if ecg_beats:  # free-running: line i at tick i after a random point of the first beat
+            order = [(row, r) for r in range(n_reps) for row in range(ny) if mask[r, row]]
+            rr = rr_ticks * (1 + 0.1 * rng.uniform(-1, 1, ecg_beats + 2))
+            triggers = np.concatenate([[0.0], np.cumsum(rr)])
+            t = rng.uniform(0, rr[0]) + np.arange(len(order))
+            beat = np.searchsorted(triggers, t, side="right") - 1
+            delay = t - triggers[beat]
+            pos = delay / rr[beat] * nt - 0.5  # frame j at (j + 0.5) / nt of the beat
+            j0 = np.floor(pos).astype(int)
+            w = (pos - j0).astype(np.float32)
+            delays = {i: (int(round(delay[i])), j0[i] % nt, (j0[i] + 1) % nt, w[i]) for i in range(len(order))}
+        elif real_time:  # frame by frame
             order = [(row, t) for t in range(nt) for row in range(ny) if mask[t, row]]
         else:  # segmented: each line through all phases
             order = [(row, t) for row in range(ny) for t in range(nt) if mask[t, row]]
@@ -216,6 +240,11 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
                     flags |= 1 << (LAST_IN_REPETITION - 1)
             if i == len(order) - 1 and s == ns - 1:
                 flags |= 1 << (LAST_IN_MEASUREMENT - 1)
+            if ecg_beats:
+                d, a, b, wb = delays[i]
+                line = (1 - wb) * k[:, a, row, drop:] + wb * k[:, b, row, drop:] + noise_of((nxo - drop,), noise)
+                acquisition(line, flags, ky=row, phase=t, slice_=s, center=nxo // 2 - drop, delay=d)
+                continue
             line = k[:, t, row, drop:] + noise_of((nxo - drop,), noise)
             acquisition(line, flags, ky=row, phase=t, slice_=s, center=nxo // 2 - drop)
         lines_total += len(order)
@@ -235,6 +264,9 @@ def add_parser(sub):
     p.add_argument("--frames", type=int, default=12, help="phantom cardiac phases (default: %(default)s)")
     p.add_argument("--real-time", action="store_true", help="write the frames as repetitions acquired one after "
                                                             "another (a real-time series), not as cardiac phases")
+    p.add_argument("--ecg-beats", type=int, default=0,
+                   help="write a free-running real-time acquisition over this many heartbeats, each line stamped with "
+                        "its time after the ECG trigger (for frame_axis ecg; the frames are one cardiac cycle)")
     p.add_argument("--size", type=int, default=64, help="phantom matrix (default: %(default)s)")
     p.add_argument("--slices", type=int, default=1)
     p.add_argument("--coils", type=int, default=8)
@@ -256,6 +288,6 @@ def run(a: argparse.Namespace) -> int:
 
     summary = simulate(a.out, a.images, a.frames, a.size, a.slices, a.coils, a.accel, a.acs, a.noise, a.oversampling,
                        a.partial_fourier, a.asymmetric_echo, not a.no_noise_scan, seed=a.seed, truth=a.truth,
-                       real_time=a.real_time)
+                       real_time=a.real_time, ecg_beats=a.ecg_beats)
     print(json.dumps(summary))
     return 0
