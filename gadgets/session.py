@@ -307,6 +307,12 @@ class ReconSession:
 
         if isinstance(item, ReconData):
             out = []
+            if self.frame_axis == "ecg":
+                self._fail("ReconData", ValueError(
+                    "frame_axis ecg bins plain acquisitions by their trigger times, but this chain sends ReconData "
+                    "buffers, already arranged by the chain's BucketToBufferGadget: put the DD-UGM gadget before the "
+                    "accumulator and bucket gadgets, or choose another frame_axis"))
+                return []
             self._check_whitener()
             for bit in item.bits:
                 try:

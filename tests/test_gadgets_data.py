@@ -413,6 +413,9 @@ def test_recon_data_with_repetitions_along_n(tmp_path):
     heads = np.asarray(arrays[True].headers).ravel()
     assert [(int(h.repetition), int(h.phase)) for h in heads] == [(r, 0) for r in range(5)]
     assert [int(h.phase) for h in np.asarray(arrays[False].headers).ravel()] == list(range(5))
+    # ECG binning needs the acquisitions: ReconData arrives already arranged by the chain
+    s = ReconSession(hdr, *load_settings({"method": "zero_filled", "device": "cpu", "frame_axis": "ecg"}))
+    assert s.handle(rd) == [] and "frame_axis ecg bins plain acquisitions" in s.errors[0]
 
 
 def test_other_encoding_spaces_and_auxiliary_data_are_ignored(sim):
