@@ -218,7 +218,7 @@ def group_key(acq, axis: str = "phase", block: int = 0) -> tuple:
     return key + (int(acq.idx.repetition) // block,) if block and axis == "repetition" else key
 
 
-def ecg_bins(delay, order=None, phases: int = 20) -> tuple[np.ndarray, dict]:
+def ecg_bins(delay, order=None, phases: int = 20, rr_tolerance: float = 0.0) -> tuple[np.ndarray, dict]:
     """Retrospective ECG binning: the cardiac phase (``0 .. phases - 1``) of each line from its
     time after the last ECG trigger (``physiology_time_stamp[0]``), as retrospectively gated and
     real-time cine are binned (Xue et al., JCMR 2013, for one).
@@ -228,9 +228,11 @@ def ecg_bins(delay, order=None, phases: int = 20) -> tuple[np.ndarray, dict]:
     interval is its largest delay plus the typical step between consecutive lines (the lines run on
     through the whole beat), so no unit is assumed: 2.5 ms ticks or ms alike. The last beat, cut
     short by the end of the scan, takes the median RR of the others (or its own, if longer). A line
-    at delay d of a beat of length RR falls in phase ``floor(d / RR * phases)``. Returns the phases
-    and a summary (beats, median RR and its spread in the stamps' unit). No arrhythmia rejection:
-    every line is used."""
+    at delay d of a beat of length RR falls in phase ``floor(d / RR * phases)``. Arrhythmia
+    rejection: with ``rr_tolerance`` > 0 a beat whose RR differs from the median by more than that
+    fraction (the cut-short last beat: only if it is already too long) is left out, its lines'
+    phase -1. Returns the phases and a summary (beats, median RR and its spread in the stamps'
+    unit, beats and lines rejected)."""
     delay = np.asarray(delay, np.float64)
     n = delay.size
     if n == 0:
@@ -257,10 +259,19 @@ def ecg_bins(delay, order=None, phases: int = 20) -> tuple[np.ndarray, dict]:
         raise ValueError("the ECG trigger times do not rise within a heartbeat: no cardiac phase can be assigned")
     frac = d / np.maximum(rr[beat], 1e-12)
     phase_sorted = np.minimum(np.floor(frac * phases), phases - 1).astype(np.int64)
+    rejected = np.zeros(nb, bool)
+    if rr_tolerance > 0 and nb > 1:
+        off = (rr - typical) / typical
+        rejected = np.abs(off) > rr_tolerance
+        rejected[-1] = off[-1] > rr_tolerance  # the last beat's length is a lower bound
+        if rejected.all():
+            raise ValueError(f"arrhythmia_rejection {rr_tolerance:g} leaves out every one of the {nb} heartbeats")
+        phase_sorted[rejected[beat]] = -1
     out = np.empty(n, np.int64)
     out[idx] = phase_sorted
     full = rr[:-1] if nb > 2 else rr
-    info = {"beats": nb, "rr": typical, "rr_min": float(full.min()), "rr_max": float(full.max())}
+    info = {"beats": nb, "rr": typical, "rr_min": float(full.min()), "rr_max": float(full.max()),
+            "rejected_beats": int(rejected.sum()), "rejected_lines": int(rejected[beat].sum())}
     return out, info
 
 
@@ -270,12 +281,14 @@ class AcquisitionCollector:
     with ``block`` > 0 the group holds repetitions ``k * block`` to ``(k + 1) * block - 1``, ``k``
     the key's last element)."""
 
-    def __init__(self, key: tuple, geometry: Geometry, axis: str = "phase", block: int = 0, phases: int = 0):
+    def __init__(self, key: tuple, geometry: Geometry, axis: str = "phase", block: int = 0, phases: int = 0,
+                 rr_tolerance: float = 0.0):
         self.key = key
         self.geometry = geometry
         self.axis = axis
         self.phases = phases if axis == "ecg" else 0  # ecg: the cardiac phases the lines are binned into
         self.delays = []  # ecg: each line's (trigger delay, acquisition time)
+        self.rr_tolerance = rr_tolerance  # ecg: arrhythmia rejection (0: every beat)
         self.block = block if axis == "repetition" else 0
         self.offset = key[-1] * self.block if self.block else 0  # the first frame's index
         self.lines = []  # (frame, row, grid [coil, nx], sampled [nx], header, is_image, is_ref)
@@ -381,11 +394,16 @@ class AcquisitionCollector:
         delays = np.array([dl for dl, _ in self.delays], np.float64)
         times = np.array([tm for _, tm in self.delays], np.float64)
         try:
-            bins, self.ecg = ecg_bins(delays, times, self.phases)
+            bins, self.ecg = ecg_bins(delays, times, self.phases, self.rr_tolerance)
         except ValueError as e:
             raise ValueError(f"group {self.describe()}: {e}") from None
-        self.lines = [(int(b),) + ln[1:] for b, ln in zip(bins, self.lines)]
+        self.lines = [(int(b),) + ln[1:] for b, ln in zip(bins, self.lines) if b >= 0]
         self.frames = self.phases
+        if self.ecg["rejected_beats"]:
+            log.info("%s: arrhythmia rejection: %d of %d heartbeats (%d lines) left out, RR more than %g %% from "
+                     "the median", self.describe(), self.ecg["rejected_beats"], self.ecg["beats"],
+                     self.ecg["rejected_lines"], 100 * self.rr_tolerance)
+        bins = bins[bins >= 0]
         counts = np.bincount(bins, minlength=self.phases)
         log.info("%s: %d lines of %d heartbeats binned into %d cardiac phases by their ECG trigger time (RR %.0f, "
                  "%.0f to %.0f in the trigger stamps' unit; %d to %d lines per phase)", self.describe(), len(bins),

@@ -314,6 +314,8 @@ def add_parser(sub):
     p.add_argument("--frame-axis", default=None, help="phase (a cine) | repetition (a real-time series) | auto | "
                                                       "ecg (bin every line by its ECG trigger time)")
     p.add_argument("--cardiac-phases", default=None, help="frame axis ecg: cardiac phases to bin into (default 20)")
+    p.add_argument("--arrhythmia-rejection", default=None,
+                   help="frame axis ecg: leave out heartbeats whose RR is more than this fraction off the median (0: none)")
     p.add_argument("--realtime-block", default=None,
                    help="a real-time series: repetitions per reconstruction, each block sent when it is complete (0: "
                         "the whole series, split into even blocks only where the server's limits require)")
@@ -351,7 +353,8 @@ def run(a: argparse.Namespace) -> int:
         overrides = {k: v for k, v in (("method", a.method), ("preset", a.preset), ("steps", a.steps),
                                        ("device", a.device), ("output", a.output_type),
                                        ("frame_axis", a.frame_axis), ("realtime_block", a.realtime_block),
-                                       ("cardiac_phases", a.cardiac_phases))
+                                       ("cardiac_phases", a.cardiac_phases),
+                                   ("arrhythmia_rejection", a.arrhythmia_rejection))
                      if v is not None}
         summary = stream(inp, a.output or sys.stdout.buffer, a.config, overrides)  # no output file for a bad input
     finally:

@@ -247,6 +247,8 @@ def add_parser(sub):
                                                       "(repetition where the header has 1 phase, several repetitions) "
                                                       "| ecg (bin every line by its ECG trigger time)")
     p.add_argument("--cardiac-phases", default=None, help="frame axis ecg: cardiac phases to bin into (default 20)")
+    p.add_argument("--arrhythmia-rejection", default=None,
+                   help="frame axis ecg: leave out heartbeats whose RR is more than this fraction off the median (0: none)")
     p.add_argument("--realtime-block", default=None,
                    help="a real-time series: repetitions per reconstruction, each block sent when it is complete (0: "
                         "the whole series, split into even blocks only where the server's limits require)")
@@ -259,7 +261,8 @@ def run(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(levelname)s %(message)s")
     overrides = {k: v for k, v in (("method", a.method), ("preset", a.preset), ("steps", a.steps), ("device", a.device),
                                    ("output", a.output_type), ("seed", a.seed), ("frame_axis", a.frame_axis),
-                                   ("realtime_block", a.realtime_block), ("cardiac_phases", a.cardiac_phases))
+                                   ("realtime_block", a.realtime_block), ("cardiac_phases", a.cardiac_phases),
+                                   ("arrhythmia_rejection", a.arrhythmia_rejection))
                  if v is not None}
     try:
         summary = replay(a.input, a.output, a.config, a.png, overrides, a.group, a.quiet)

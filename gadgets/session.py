@@ -365,7 +365,7 @@ class ReconSession:
         col = self.collectors.get(key)
         if col is None:
             col = self.collectors[key] = AcquisitionCollector(key, self.geometry, self.frame_axis, self.block,
-                                                              self.gs.cardiac_phases)
+                                                              self.gs.cardiac_phases, self.gs.arrhythmia_rejection)
         try:
             self._check_size(col, acq)
             col.add(acq, self.whitener)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import stat
 import sys
@@ -55,6 +56,7 @@ class GadgetSettings:
     frame_axis: str = "auto"  # the acquisitions' counter that numbers the frames: phase (cine) | repetition (real-time) | auto
     # | ecg (retrospective binning: every line of a slice to a cardiac phase by its ECG trigger time)
     cardiac_phases: int = 20  # frame_axis ecg: cardiac phases the heartbeat is binned into
+    arrhythmia_rejection: float = 0.0  # frame_axis ecg: leave out beats whose RR is this fraction off the median (0: none)
     realtime_block: int = 0  # real-time series: repetitions per reconstruction (0: all, or even blocks within the limits)
 
     def validate(self):
@@ -66,6 +68,9 @@ class GadgetSettings:
             raise ValueError(f"series_index must be in [0, 65535], got {self.series_index}")
         if self.frame_axis not in FRAME_AXES:
             raise ValueError(f"frame_axis must be one of {FRAME_AXES}, got {self.frame_axis!r}")
+        if not 0 <= self.arrhythmia_rejection < 1:
+            raise ValueError(f"arrhythmia_rejection must be 0 (off) or a fraction below 1 of the median RR, got "
+                             f"{self.arrhythmia_rejection}")
         if not 2 <= self.cardiac_phases <= 1024:
             raise ValueError(f"cardiac_phases must be 2 to 1024 (frame_axis ecg), got {self.cardiac_phases}")
         if self.realtime_block < 0 or self.realtime_block == 1:
@@ -425,7 +430,11 @@ def load_settings(properties: dict | None = None, yaml_path=None, *, operator: d
 
 def _check_type(key, value):
     typ = str(GADGET_KEYS[key].type)
-    want = bool if "bool" in typ else int if "int" in typ else str
+    want = bool if "bool" in typ else int if "int" in typ else float if "float" in typ else str
+    if want is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
+        return float(value)
     if want is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ValueError(f"{key} must be an integer, got {value!r}")
     if not isinstance(value, want):

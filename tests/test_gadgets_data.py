@@ -290,6 +290,21 @@ def test_ecg_bins_finds_the_beats_and_phases_in_any_unit_and_order():
         assert np.all(np.abs(bins - expect)[last] <= 1)
     with pytest.raises(ValueError, match="physiology_time_stamp"):
         ecg_bins(np.zeros(10), None, 8)
+    # an ectopic beat (1,300 ms among 800s) shifts nothing else; arrhythmia rejection leaves it out
+    rr = np.array([800, 800, 1300, 800, 800, 800], float)
+    triggers = np.concatenate([[0], np.cumsum(rr)])
+    t = np.arange(100.0, 5000.0, 3.0)
+    beat = np.searchsorted(triggers, t, side="right") - 1
+    delay = np.round(t - triggers[beat])
+    kept, info = ecg_bins(delay, t, 16)
+    bins, info = ecg_bins(delay, t, 16, rr_tolerance=0.2)
+    assert info["rejected_beats"] == 1 and np.all(bins[beat == 2] == -1)
+    assert np.array_equal(bins[beat != 2], kept[beat != 2]) and info["rejected_lines"] == np.sum(beat == 2)
+    t = np.arange(0.0, 2600.0, 2.0)  # beats of 600, 1000 and (the last) 1000 ms around a median of 800
+    triggers = np.array([0.0, 600.0, 1600.0, 2600.0])
+    beat = np.searchsorted(triggers, t, side="right") - 1
+    with pytest.raises(ValueError, match="leaves out every one of the 3 heartbeats"):
+        ecg_bins(t - triggers[beat], t, 16, rr_tolerance=0.1)
 
 
 def test_retrospective_ecg_binning_of_a_free_running_acquisition(tmp_path):
@@ -312,8 +327,8 @@ def test_retrospective_ecg_binning_of_a_free_running_acquisition(tmp_path):
     assert [(h.phase, h.repetition) for h in heads] == [(p, 0) for p in range(8)]
     trig = [int(h.physiology_time_stamp[0]) for h in heads]
     assert trig == sorted(trig) and 0 < trig[0] < trig[-1] < 340
-    x = np.stack([np.asarray(im.data).squeeze() for im in out])
-    x = x * (np.abs(x) * np.abs(t)).sum() / (np.abs(x) ** 2).sum()
+    x0 = np.stack([np.asarray(im.data).squeeze() for im in out])
+    x = x0 * (np.abs(x0) * np.abs(t)).sum() / (np.abs(x0) ** 2).sum()
     good, shifted = psnr(t, x), psnr(np.roll(t, 1, axis=0), x)
     assert good > 40 and good > shifted + 8, (good, shifted)  # measured: 47.7 against 32.9
     # as a real-time series (the default for 1 phase, many repetitions) it is 60-odd frames, not a cycle
@@ -330,6 +345,10 @@ def test_retrospective_ecg_binning_of_a_free_running_acquisition(tmp_path):
 
     out, s = run_session(path, settings, edit=no_trigger)
     assert not out and "carry no trigger times" in s.errors[0]
+    out, s = run_session(path, {**settings, "arrhythmia_rejection": "0.3"})  # beats within 10 %: all kept
+    assert not s.errors and np.array_equal(np.stack([np.asarray(im.data).squeeze() for im in out]), x0)
+    with pytest.raises(ValueError, match="arrhythmia_rejection must be 0"):
+        load_settings({"frame_axis": "ecg", "arrhythmia_rejection": "1.5"})
     with pytest.raises(ValueError, match="cardiac_phases must be 2 to 1024"):
         load_settings({"frame_axis": "ecg", "cardiac_phases": "1"})
 
