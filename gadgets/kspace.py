@@ -249,7 +249,8 @@ def ecg_bins(delay, order=None, phases: int = 20, rr_tolerance: float = 0.0) -> 
     rising = step[step > 0]
     spacing = float(np.median(rising)) if rising.size else 0.0
     nb = int(beat[-1]) + 1
-    rr = np.array([d[beat == b].max() + spacing for b in range(nb)])
+    starts = np.flatnonzero(np.concatenate([[True], step < 0]))  # the beats are contiguous once sorted
+    rr = np.maximum.reduceat(d, starts) + spacing  # linear in the lines, whatever the number of beats
     if nb > 1:
         typical = float(np.median(rr[:-1]))
         rr[-1] = max(rr[-1], typical)

@@ -1,5 +1,7 @@
 """The data path of the gadgets, in process: header geometry, prewhitening, readout
 oversampling, asymmetric echo, partial Fourier, settings, the scan session."""
+import time
+
 import ismrmrd
 import numpy as np
 import pytest
@@ -300,6 +302,10 @@ def test_ecg_bins_finds_the_beats_and_phases_in_any_unit_and_order():
     bins, info = ecg_bins(delay, t, 16, rr_tolerance=0.2)
     assert info["rejected_beats"] == 1 and np.all(bins[beat == 2] == -1)
     assert np.array_equal(bins[beat != 2], kept[beat != 2]) and info["rejected_lines"] == np.sum(beat == 2)
+    # every line a beat of its own (a hostile stream): linear time, not lines x beats
+    t0 = time.perf_counter()
+    bins, info = ecg_bins(np.tile([2.0, 1.0], 200_000), None, 16)
+    assert info["beats"] == 200_001 and time.perf_counter() - t0 < 5
     t = np.arange(0.0, 2600.0, 2.0)  # beats of 600, 1000 and (the last) 1000 ms around a median of 800
     triggers = np.array([0.0, 600.0, 1600.0, 2600.0])
     beat = np.searchsorted(triggers, t, side="right") - 1
