@@ -203,3 +203,28 @@ def test_an_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path):
     with pytest.raises(Exception, match="the output would replace the raw input file"):
         replay(str(raw), str(link), overrides={"method": "zero_filled"}, quiet=True)
     assert raw.read_bytes() == before and v2.read_bytes() == v2_bytes
+
+
+def test_ecg_binning_through_mrd_v2_gives_the_images_recon_gives(tmp_path):
+    """A free-running acquisition converted to MRD v2 keeps its trigger delays: `ddugm stream
+    --frame-axis ecg` bins it into the same cine (by phase, repetition 0) as `ddugm recon`."""
+    raw = tmp_path / "ecg.h5"
+    simulate(str(raw), frames=6, size=32, coils=2, accel=4, acs=4, noise=0.002, seed=5, ecg_beats=2)
+    v2 = tmp_path / "ecg.mrd"
+    assert _ddugm("--from-ismrmrd", raw, "--output", v2).returncode == 0
+    out = tmp_path / "images.mrd"
+    args = ("--method", "zero_filled", "--device", "cpu", "--output-type", "complex", "--frame-axis", "ecg",
+            "--cardiac-phases", "6")
+    r = _ddugm("--input", v2, "--output", out, *args)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert b"binned into 6 cardiac phases" in r.stderr
+    _, items = _images(out.read_bytes())
+    replay(str(raw), str(tmp_path / "v1.h5"), overrides={"method": "zero_filled", "device": "cpu", "output": "complex",
+                                                          "frame_axis": "ecg", "cardiac_phases": "6"}, quiet=True)
+    ds = open_dataset(str(tmp_path / "v1.h5"))
+    ref = [ds.read_image("image_1", i) for i in range(ds.number_of_images("image_1"))]
+    ds.close()
+    assert len(items) == len(ref) == 6
+    for p, (a, b) in enumerate(zip(items, ref)):
+        assert (a.value.head.phase, a.value.head.repetition, b.phase, b.repetition) == (p, 0, p, 0)
+        np.testing.assert_allclose(a.value.data, b.data, atol=1e-5 * np.abs(b.data).max())
