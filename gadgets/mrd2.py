@@ -313,7 +313,8 @@ def add_parser(sub):
     p.add_argument("--output-type", default=None, help="magnitude | complex | int16")
     p.add_argument("--frame-axis", default=None, help="phase (a cine) | repetition (a real-time series) | auto | "
                                                       "ecg (bin every line by its ECG trigger time)")
-    p.add_argument("--cardiac-phases", default=None, help="frame axis ecg: cardiac phases to bin into (default 20)")
+    p.add_argument("--cardiac-phases", default=None, help="frame axis ecg: cardiac phases to bin into (default: the header's "
+                                                          "phase count where above 1, else 20)")
     p.add_argument("--arrhythmia-rejection", default=None,
                    help="frame axis ecg: leave out heartbeats whose RR is more than this fraction off the median (0: none)")
     p.add_argument("--realtime-block", default=None,

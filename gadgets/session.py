@@ -62,6 +62,9 @@ def slice_name(key: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in key.items())
 
 
+DEFAULT_PHASES = 20  # frame_axis ecg without cardiac_phases or a phase count in the header
+
+
 class ScanErrors(RuntimeError):
     """One or more slices of a stream could not be reconstructed (the others were sent)."""
 
@@ -280,6 +283,11 @@ class ReconSession:
         self.job_seconds = job_seconds  # a slice's wall-clock limit (ddugm serve: max_job_seconds; 0: none)
         self.geometry: Geometry = geometry_from_header(header)
         self.frame_axis, self.block = resolve_frame_axis(gs.frame_axis, self.geometry, self.limits, gs.realtime_block)
+        self.cardiac_phases = gs.cardiac_phases or (self.geometry.phases if self.geometry.phases > 1 else DEFAULT_PHASES)
+        if self.frame_axis == "ecg":
+            log.info("frame_axis ecg: every line binned by its ECG trigger delay into %d cardiac phases (%s)",
+                     self.cardiac_phases, "cardiac_phases" if gs.cardiac_phases else
+                     "the header's phase count" if self.geometry.phases > 1 else "the default")
         check_geometry(self.geometry, self.limits, self.frame_axis, self.block)
         self.alive = alive
         self.buffered = 0  # k-space samples held by the collectors
@@ -365,7 +373,7 @@ class ReconSession:
         col = self.collectors.get(key)
         if col is None:
             col = self.collectors[key] = AcquisitionCollector(key, self.geometry, self.frame_axis, self.block,
-                                                              self.gs.cardiac_phases, self.gs.arrhythmia_rejection)
+                                                              self.cardiac_phases, self.gs.arrhythmia_rejection)
         try:
             self._check_size(col, acq)
             col.add(acq, self.whitener)

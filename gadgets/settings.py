@@ -55,7 +55,7 @@ class GadgetSettings:
     log_level: str = "INFO"  # DEBUG | INFO | WARNING | ERROR
     frame_axis: str = "auto"  # the acquisitions' counter that numbers the frames: phase (cine) | repetition (real-time) | auto
     # | ecg (retrospective binning: every line of a slice to a cardiac phase by its ECG trigger time)
-    cardiac_phases: int = 20  # frame_axis ecg: cardiac phases the heartbeat is binned into
+    cardiac_phases: int = 0  # frame_axis ecg: cardiac phases to bin into (0: the header's phase count if above 1, else 20)
     arrhythmia_rejection: float = 0.0  # frame_axis ecg: leave out beats whose RR is this fraction off the median (0: none)
     realtime_block: int = 0  # real-time series: repetitions per reconstruction (0: all, or even blocks within the limits)
 
@@ -71,8 +71,9 @@ class GadgetSettings:
         if not 0 <= self.arrhythmia_rejection < 1:
             raise ValueError(f"arrhythmia_rejection must be 0 (off) or a fraction below 1 of the median RR, got "
                              f"{self.arrhythmia_rejection}")
-        if not 2 <= self.cardiac_phases <= 1024:
-            raise ValueError(f"cardiac_phases must be 2 to 1024 (frame_axis ecg), got {self.cardiac_phases}")
+        if self.cardiac_phases != 0 and not 2 <= self.cardiac_phases <= 1024:
+            raise ValueError(f"cardiac_phases must be 0 (the header's, else 20) or 2 to 1024 (frame_axis ecg), got "
+                             f"{self.cardiac_phases}")
         if self.realtime_block < 0 or self.realtime_block == 1:
             raise ValueError(f"realtime_block must be 0 (the whole series) or at least 2 repetitions, got "
                              f"{self.realtime_block}")

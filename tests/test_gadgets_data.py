@@ -353,9 +353,16 @@ def test_retrospective_ecg_binning_of_a_free_running_acquisition(tmp_path):
     assert not out and "carry no trigger times" in s.errors[0]
     out, s = run_session(path, {**settings, "arrhythmia_rejection": "0.3"})  # beats within 10 %: all kept
     assert not s.errors and np.array_equal(np.stack([np.asarray(im.data).squeeze() for im in out]), x0)
+    # no cardiac_phases: the header's phase count where it announces more than one, else 20
+    hdr, _ = read_file(path)
+    ecg_only = {"method": "zero_filled", "device": "cpu", "frame_axis": "ecg"}
+    assert ReconSession(hdr, *load_settings(ecg_only)).cardiac_phases == 20
+    hdr.encoding[0].encodingLimits.phase.maximum = 7
+    out, s = run_session(path, ecg_only, header=hdr)
+    assert s.cardiac_phases == 8 and len(out) == 8 and not s.errors
     with pytest.raises(ValueError, match="arrhythmia_rejection must be 0"):
         load_settings({"frame_axis": "ecg", "arrhythmia_rejection": "1.5"})
-    with pytest.raises(ValueError, match="cardiac_phases must be 2 to 1024"):
+    with pytest.raises(ValueError, match="cardiac_phases must be 0"):
         load_settings({"frame_axis": "ecg", "cardiac_phases": "1"})
 
 
