@@ -371,7 +371,8 @@ class AcquisitionCollector:
             what = "repetition(s)" if self.axis == "repetition" else "cardiac phase(s)"
             hint = (f" after binning into cardiac_phases = {self.phases} ({self.ecg['beats']} heartbeats); fewer "
                     "phases, or a longer acquisition, fill them") if self.axis == "ecg" else ""
-            raise ValueError(f"group {self.describe()}: {what} {missing} have no acquired lines{hint}")
+            listed = f"{missing}" if len(missing) <= 12 else f"{missing[:12]}".rstrip("]") + f", ...] ({len(missing)} of {t})"
+            raise ValueError(f"group {self.describe()}: {what} {listed} have no acquired lines{hint}")
         ref = ref_mask = None
         refs = [ln for ln in self.lines if ln[6]]
         if refs:
