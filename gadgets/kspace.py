@@ -247,7 +247,10 @@ def ecg_bins(delay, order=None, phases: int = 20, rr_tolerance: float = 0.0) -> 
     step = np.diff(d)
     beat = np.concatenate([[0], np.cumsum(step < 0)])  # a new beat where the delay falls
     rising = step[step > 0]
-    spacing = float(np.median(rising)) if rising.size else 0.0
+    if not rising.size:
+        raise ValueError("frame_axis ecg bins the lines by their ECG trigger time, but physiology_time_stamp[0] never "
+                         "rises from one line to the next: the acquisitions carry no trigger timing")
+    spacing = float(np.median(rising))
     nb = int(beat[-1]) + 1
     starts = np.flatnonzero(np.concatenate([[True], step < 0]))  # the beats are contiguous once sorted
     rr = np.maximum.reduceat(d, starts) + spacing  # linear in the lines, whatever the number of beats

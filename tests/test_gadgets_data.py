@@ -292,6 +292,8 @@ def test_ecg_bins_finds_the_beats_and_phases_in_any_unit_and_order():
         assert np.all(np.abs(bins - expect)[last] <= 1)
     with pytest.raises(ValueError, match="physiology_time_stamp"):
         ecg_bins(np.zeros(10), None, 8)
+    with pytest.raises(ValueError, match="never rises"):  # a constant stamp is no timing either
+        ecg_bins(np.full(10, 7.0), None, 8)
     # an ectopic beat (1,300 ms among 800s) shifts nothing else; arrhythmia rejection leaves it out
     rr = np.array([800, 800, 1300, 800, 800, 800], float)
     triggers = np.concatenate([[0], np.cumsum(rr)])
