@@ -218,13 +218,14 @@ def group_key(acq, axis: str = "phase", block: int = 0) -> tuple:
     return key + (int(acq.idx.repetition) // block,) if block and axis == "repetition" else key
 
 
-def ecg_bins(delay, order=None, phases: int = 20, rr_tolerance: float = 0.0) -> tuple[np.ndarray, dict]:
+def ecg_bins(delay, phases: int = 20, rr_tolerance: float = 0.0) -> tuple[np.ndarray, dict]:
     """Retrospective ECG binning: the cardiac phase (``0 .. phases - 1``) of each line from its
     time after the last ECG trigger (``physiology_time_stamp[0]``), as retrospectively gated and
     real-time cine are binned (Xue et al., JCMR 2013, for one).
 
-    ``delay``: the lines' trigger delays; ``order``: their acquisition times (sorts the lines; the
-    given order where absent or equal). A heartbeat starts where the delay falls. Each beat's RR
+    ``delay``: the lines' trigger delays in the order they were acquired (the stream's order; their
+    acquisition time stamps are not used: they wrap at midnight). A heartbeat starts where the
+    delay falls. Each beat's RR
     interval is its largest delay plus the typical step between consecutive lines (the lines run on
     through the whole beat), so no unit is assumed: 2.5 ms ticks or ms alike. The last beat, cut
     short by the end of the scan, takes the median RR of the others (or its own, if longer). A line
@@ -242,8 +243,7 @@ def ecg_bins(delay, order=None, phases: int = 20, rr_tolerance: float = 0.0) -> 
     if not np.any(delay > 0):
         raise ValueError("frame_axis ecg bins the lines by their ECG trigger time, but every line's "
                          "physiology_time_stamp[0] is 0: the acquisitions carry no trigger times")
-    idx = np.arange(n) if order is None else np.lexsort((np.arange(n), np.asarray(order, np.float64)))
-    d = delay[idx]
+    d = delay
     step = np.diff(d)
     beat = np.concatenate([[0], np.cumsum(step < 0)])  # a new beat where the delay falls
     rising = step[step > 0]
@@ -262,7 +262,7 @@ def ecg_bins(delay, order=None, phases: int = 20, rr_tolerance: float = 0.0) -> 
     if typical <= 0:
         raise ValueError("the ECG trigger times do not rise within a heartbeat: no cardiac phase can be assigned")
     frac = d / np.maximum(rr[beat], 1e-12)
-    phase_sorted = np.minimum(np.floor(frac * phases), phases - 1).astype(np.int64)
+    phase = np.minimum(np.floor(frac * phases), phases - 1).astype(np.int64)
     rejected = np.zeros(nb, bool)
     if rr_tolerance > 0 and nb > 1:
         off = (rr - typical) / typical
@@ -270,13 +270,11 @@ def ecg_bins(delay, order=None, phases: int = 20, rr_tolerance: float = 0.0) -> 
         rejected[-1] = off[-1] > rr_tolerance  # the last beat's length is a lower bound
         if rejected.all():
             raise ValueError(f"arrhythmia_rejection {rr_tolerance:g} leaves out every one of the {nb} heartbeats")
-        phase_sorted[rejected[beat]] = -1
-    out = np.empty(n, np.int64)
-    out[idx] = phase_sorted
+        phase[rejected[beat]] = -1
     full = rr[:-1] if nb > 2 else rr
     info = {"beats": nb, "rr": typical, "rr_min": float(full.min()), "rr_max": float(full.max()),
             "rejected_beats": int(rejected.sum()), "rejected_lines": int(rejected[beat].sum())}
-    return out, info
+    return phase, info
 
 
 class AcquisitionCollector:
@@ -291,7 +289,7 @@ class AcquisitionCollector:
         self.geometry = geometry
         self.axis = axis
         self.phases = phases if axis == "ecg" else 0  # ecg: the cardiac phases the lines are binned into
-        self.delays = []  # ecg: each line's (trigger delay, acquisition time)
+        self.delays = []  # ecg: each line's trigger delay, in arrival order
         self.rr_tolerance = rr_tolerance  # ecg: arrhythmia rejection (0: every beat)
         self.block = block if axis == "repetition" else 0
         self.offset = key[-1] * self.block if self.block else 0  # the first frame's index
@@ -344,7 +342,7 @@ class AcquisitionCollector:
         is_image = not flag_set(acq.flags, CALIBRATION)
         frame = self.frame_of(acq)
         if self.axis == "ecg":  # binned at build(), once every beat is known
-            self.delays.append((int(acq.physiology_time_stamp[0]), int(acq.acquisition_time_stamp)))
+            self.delays.append(int(acq.physiology_time_stamp[0]))
         self.lines.append((frame, row, grid, sampled, acq.getHead(), is_image, is_ref))
         self.frames = max(self.frames, frame + 1)
         self.samples += grid.shape[0] * grid.shape[1]
@@ -396,10 +394,8 @@ class AcquisitionCollector:
 
     def _bin(self) -> None:
         """ecg: each line's frame, its cardiac phase from its trigger delay (:func:`ecg_bins`)."""
-        delays = np.array([dl for dl, _ in self.delays], np.float64)
-        times = np.array([tm for _, tm in self.delays], np.float64)
         try:
-            bins, self.ecg = ecg_bins(delays, times, self.phases, self.rr_tolerance)
+            bins, self.ecg = ecg_bins(np.array(self.delays, np.float64), self.phases, self.rr_tolerance)
         except ValueError as e:
             raise ValueError(f"group {self.describe()}: {e}") from None
         self.lines = [(int(b),) + ln[1:] for b, ln in zip(bins, self.lines) if b >= 0]
