@@ -290,6 +290,7 @@ class AcquisitionCollector:
         self.axis = axis
         self.phases = phases if axis == "ecg" else 0  # ecg: the cardiac phases the lines are binned into
         self.delays = []  # ecg: each line's trigger delay, in arrival order
+        self.last_delay, self.heartbeats = 0, 0  # other axes: trigger delays that fall (new beats), for a hint
         self.rr_tolerance = rr_tolerance  # ecg: arrhythmia rejection (0: every beat)
         self.block = block if axis == "repetition" else 0
         self.offset = key[-1] * self.block if self.block else 0  # the first frame's index
@@ -341,8 +342,12 @@ class AcquisitionCollector:
         is_ref = flag_set(acq.flags, CALIBRATION) or flag_set(acq.flags, CALIBRATION_AND_IMAGING)
         is_image = not flag_set(acq.flags, CALIBRATION)
         frame = self.frame_of(acq)
+        delay = int(acq.physiology_time_stamp[0])
         if self.axis == "ecg":  # binned at build(), once every beat is known
-            self.delays.append(int(acq.physiology_time_stamp[0]))
+            self.delays.append(delay)
+        elif delay < self.last_delay:
+            self.heartbeats += 1
+        self.last_delay = delay
         self.lines.append((frame, row, grid, sampled, acq.getHead(), is_image, is_ref))
         self.frames = max(self.frames, frame + 1)
         self.samples += grid.shape[0] * grid.shape[1]

@@ -304,6 +304,7 @@ class ReconSession:
         self.ignored_spaces = 0
         self.whitener_checked = False
         self.received = 0  # data items handled
+        self.ecg_hinted = False  # a real-time series with ECG timing was told about frame_axis ecg
 
     # ---------------------------------------------------------------- input
     def handle(self, item) -> list:
@@ -438,6 +439,11 @@ class ReconSession:
             except ValueError as e:
                 self._fail(col.describe(), e)
                 continue
+            if self.frame_axis == "repetition" and col.heartbeats >= 2 and not self.ecg_hinted:
+                self.ecg_hinted = True
+                log.info("%s: these repetitions carry ECG trigger delays through %d heartbeats: frame_axis ecg would "
+                         "bin every line into one cine of cardiac phases (retrospective gating)", col.describe(),
+                         col.heartbeats + 1)
             out += self._reconstruct(cine, "images")
         return out
 
