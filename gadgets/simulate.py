@@ -253,7 +253,8 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
         np.save(truth, truth_out)
     return {"file": str(p), "slices": ns, "frames": nt, "matrix": [ny, nx], "coils": coils, "readout": nxo - drop,
             "acquisitions": counter, "imaging_lines": lines_total,
-            "acceleration": round(ns * nt * (ky_max + 1) / max(lines_total, 1), 2)}
+            "acceleration": round(ns * nt * (ky_max + 1) / max(lines_total, 1), 2),
+            **({"ecg_beats": ecg_beats, "repetitions": n_reps} if ecg_beats else {})}
 
 
 def add_parser(sub):
