@@ -170,3 +170,21 @@ def recon_data_from_file(path: str, slice_: int = 0, n_dimension: str = "phase")
     buf = ReconBuffer(data, None, None, heads, sd)
     rbuf = ReconBuffer(ref, None, None, rheads, sd)
     return hdr, ReconData([ReconBit(buf, rbuf)])
+
+
+class FireConnection:
+    """What a python-ismrmrd-server module sees of its ``Connection``: the items (then None) to
+    iterate, ``send_image`` and ``send_logging``, kept in ``images`` and ``logs``."""
+
+    def __init__(self, items):
+        self.items = list(items)
+        self.images, self.logs = [], []
+
+    def __iter__(self):
+        return iter(self.items + [None])
+
+    def send_image(self, images):
+        self.images += images
+
+    def send_logging(self, level, text):
+        self.logs.append((level, text))

@@ -14,7 +14,7 @@ import h5py
 import ismrmrd
 import numpy as np
 import pytest
-from gadgetron_peer import FakeGadgetron, _Sock, read_replies, recon_data_from_file
+from gadgetron_peer import FakeGadgetron, FireConnection, _Sock, read_replies, recon_data_from_file
 
 from gadgets.replay import open_dataset
 from gadgets.server import Server, chain_properties
@@ -510,22 +510,9 @@ def test_fire_process_reports_bad_settings_as_error_text(cine):
 
     _, xml, acqs = cine
 
-    class FakeConnection:
-        def __init__(self):
-            self.images, self.logs = [], []
-
-        def __iter__(self):
-            return iter(list(acqs) + [None])
-
-        def send_image(self, images):
-            self.images += images
-
-        def send_logging(self, level, text):
-            self.logs.append((level, text))
-
-    c = FakeConnection()
+    c = FireConnection(acqs)
     process(c, {"parameters": {"steps": 100000}}, xml)
     assert not c.images and c.logs[0][0] == "ERROR" and "max_steps" in c.logs[0][1]
-    c = FakeConnection()
+    c = FireConnection(acqs)
     process(c, {"parameters": {"method": "low_rank", "lowrank_iters": 3, "device": "cpu"}}, xml)
     assert len(c.images) == 10 and not c.logs

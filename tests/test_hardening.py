@@ -13,7 +13,7 @@ from pathlib import Path
 import ismrmrd
 import numpy as np
 import pytest
-from gadgetron_peer import FakeGadgetron, _Sock, read_replies
+from gadgetron_peer import FakeGadgetron, FireConnection, _Sock, read_replies
 
 from ddugm_core.checkpoints import load_model, save_model
 from ddugm_core.networks import NCSNpp, NetConfig
@@ -295,20 +295,7 @@ def test_the_fire_module_keeps_max_job_seconds_too(heavy, tmp_path, monkeypatch)
     monkeypatch.setenv("DDUGM_CONFIG", str(op))
     _, xml, acqs = heavy
 
-    class FakeConnection:
-        def __init__(self):
-            self.images, self.logs = [], []
-
-        def __iter__(self):
-            return iter(list(acqs) + [None])
-
-        def send_image(self, images):
-            self.images += images
-
-        def send_logging(self, level, text):
-            self.logs.append((level, text))
-
-    c = FakeConnection()
+    c = FireConnection(acqs)
     t0 = time.perf_counter()
     process(c, {"parameters": {"method": "low_rank", "lowrank_iters": 1000, "device": "cpu"}}, xml)
     assert time.perf_counter() - t0 < 20 and not c.images
