@@ -243,8 +243,7 @@ def ecg_bins(delay, phases: int = 20, rr_tolerance: float = 0.0) -> tuple[np.nda
     if not np.any(delay > 0):
         raise ValueError("frame_axis ecg bins the lines by their ECG trigger time, but every line's "
                          "physiology_time_stamp[0] is 0: the acquisitions carry no trigger times")
-    d = delay
-    step = np.diff(d)
+    step = np.diff(delay)
     beat = np.concatenate([[0], np.cumsum(step < 0)])  # a new beat where the delay falls
     rising = step[step > 0]
     if not rising.size:
@@ -252,16 +251,14 @@ def ecg_bins(delay, phases: int = 20, rr_tolerance: float = 0.0) -> tuple[np.nda
                          "rises from one line to the next: the acquisitions carry no trigger timing")
     spacing = float(np.median(rising))
     nb = int(beat[-1]) + 1
-    starts = np.flatnonzero(np.concatenate([[True], step < 0]))  # the beats are contiguous once sorted
-    rr = np.maximum.reduceat(d, starts) + spacing  # linear in the lines, whatever the number of beats
+    starts = np.flatnonzero(np.concatenate([[True], step < 0]))  # each beat's first line
+    rr = np.maximum.reduceat(delay, starts) + spacing  # linear in the lines, whatever the number of beats
     if nb > 1:
         typical = float(np.median(rr[:-1]))
         rr[-1] = max(rr[-1], typical)
     else:
         typical = float(rr[0])
-    if typical <= 0:
-        raise ValueError("the ECG trigger times do not rise within a heartbeat: no cardiac phase can be assigned")
-    frac = d / np.maximum(rr[beat], 1e-12)
+    frac = delay / np.maximum(rr[beat], 1e-12)
     phase = np.minimum(np.floor(frac * phases), phases - 1).astype(np.int64)
     rejected = np.zeros(nb, bool)
     if rr_tolerance > 0 and nb > 1:
