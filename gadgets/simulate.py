@@ -215,9 +215,9 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
             order = [(row, r) for r in range(n_reps) for row in range(ny) if mask[r, row]]
             rr = rr_ticks * (1 + 0.1 * rng.uniform(-1, 1, ecg_beats + 2))
             triggers = np.concatenate([[0.0], np.cumsum(rr)])
-            t = rng.uniform(0, rr[0]) + np.arange(len(order))
-            beat = np.searchsorted(triggers, t, side="right") - 1
-            delay = t - triggers[beat]
+            times = rng.uniform(0, rr[0]) + np.arange(len(order))
+            beat = np.searchsorted(triggers, times, side="right") - 1
+            delay = times - triggers[beat]
             pos = delay / rr[beat] * nt - 0.5  # frame j at (j + 0.5) / nt of the beat
             j0 = np.floor(pos).astype(int)
             w = (pos - j0).astype(np.float32)
