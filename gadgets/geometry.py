@@ -21,6 +21,7 @@ class Geometry:
     trajectory: str
     coils: int | None
     repetitions: int = 1  # repetitions announced by the header (>= 1)
+    repetitions_announced: bool = False  # the header has a repetition limit (else the count is unknown, not 1)
 
     @property
     def readout_oversampling(self) -> float:
@@ -93,6 +94,7 @@ def geometry_from_header(header, encoding: int = 0) -> Geometry:
         noise_bandwidth=float(bw) if bw else 0.793,
         trajectory=str(traj), coils=int(coils) if coils else None,
         repetitions=(rep[2] + 1) if rep is not None else 1,
+        repetitions_announced=rep is not None,
     )
     over = g.readout_oversampling
     if not math.isfinite(over) or g.nx < 2:  # an infinite or absurd field of view would crop the readout to 1 pixel

@@ -305,6 +305,7 @@ class ReconSession:
         self.whitener_checked = False
         self.received = 0  # data items handled
         self.ecg_hinted = False  # a real-time series with ECG timing was told about frame_axis ecg
+        self.unannounced_told = False  # the log said that slices wait for the end (no repetition count)
 
     # ---------------------------------------------------------------- input
     def handle(self, item) -> list:
@@ -388,12 +389,28 @@ class ReconSession:
         out = []
         if flag_set(flags, LAST_IN_MEASUREMENT):
             out += self.flush()
-        elif flag_set(flags, LAST_IN_SLICE) and (self.frame_axis == "phase"
-                                                  or acq.idx.repetition + 1 >= self.geometry.repetitions
-                                                  or (self.block and (acq.idx.repetition + 1) % self.block == 0)):
-            # real-time: the slice's last repetition, or its block's (that block only); else the end of the stream
+        elif flag_set(flags, LAST_IN_SLICE) and self._slice_complete(acq):
             out += self.flush(slice_=key[0], block=key[-1] if self.block else None)
         return out
+
+    def _slice_complete(self, acq) -> bool:
+        """At a line flagged LAST_IN_SLICE: is the slice (or its block) whole? A cine's is. A
+        real-time or ECG-binned slice spans the repetitions, each of which may end LAST_IN_SLICE:
+        it is whole at the last repetition the header announces, or at its block's last; where the
+        header announces no repetition count, only at the end of the stream (taking each repetition
+        as a slice would reconstruct every frame on its own)."""
+        if self.frame_axis == "phase":
+            return True
+        rep = acq.idx.repetition
+        if self.block and (rep + 1) % self.block == 0:
+            return True
+        if not self.geometry.repetitions_announced:
+            if not self.unannounced_told:
+                self.unannounced_told = True
+                log.info("frame_axis %s: the header announces no repetition count, so each slice is reconstructed "
+                         "at the end of the stream, not at its lines flagged LAST_IN_SLICE", self.frame_axis)
+            return False
+        return rep + 1 >= self.geometry.repetitions
 
     def _check_size(self, col: AcquisitionCollector, acq) -> None:
         """This line must not take the slice or the stream past the operator's limits."""

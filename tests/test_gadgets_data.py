@@ -1,5 +1,6 @@
 """The data path of the gadgets, in process: header geometry, prewhitening, readout
 oversampling, asymmetric echo, partial Fourier, settings, the scan session."""
+import logging
 import time
 
 import ismrmrd
@@ -267,6 +268,40 @@ def test_real_time_series_takes_its_repetitions_as_frames(tmp_path):
     assert ReconSession(hdr, cfg, gs).frame_axis == "phase"
     with pytest.raises(ValueError, match="frame_axis must be one of"):
         load_settings({"frame_axis": "time"})
+
+
+def test_real_time_series_without_a_repetition_count_waits_for_the_end(tmp_path, caplog):
+    """A real-time header without a repetition limit does not say how many repetitions come, so a
+    line flagged LAST_IN_SLICE ends no slice: each slice is one reconstruction of all its frames at
+    the end of the stream (the same images as with the count), not one per repetition."""
+    path = tmp_path / "rt.h5"
+    simulate(str(path), frames=6, size=32, coils=3, accel=3, acs=8, noise=0, slices=2, seed=3, real_time=True)
+    hdr, acqs = read_file(path)
+    images = {}
+    for announced in (True, False):
+        if not announced:
+            hdr.encoding[0].encodingLimits.repetition = None
+        cfg, gs = load_settings({"method": "low_rank", "lowrank_iters": "10", "device": "cpu",
+                                 "frame_axis": "repetition"})
+        s = ReconSession(hdr, cfg, gs)
+        assert s.geometry.repetitions_announced == announced
+        out, sent_at = [], []
+        with caplog.at_level(logging.INFO, logger="ddugm.gadget"):
+            for i, a in enumerate(acqs):
+                new = s.handle(a)
+                sent_at += [i] * len(new)
+                out += new
+            new = s.finish()
+        sent_at += [len(acqs)] * len(new)
+        out += new
+        assert len(out) == 12 and not s.errors
+        if not announced:
+            assert sent_at == [len(acqs) - 1] * 12 or sent_at == [len(acqs)] * 12
+            assert "announces no repetition count" in caplog.text
+        images[announced] = out
+    for a, b in zip(images[True], images[False]):
+        assert (a.getHead().slice, a.getHead().repetition) == (b.getHead().slice, b.getHead().repetition)
+        np.testing.assert_allclose(np.asarray(b.data), np.asarray(a.data), rtol=1e-4, atol=1e-6)
 
 
 def test_ecg_bins_finds_the_beats_and_phases_in_any_unit_and_order():
