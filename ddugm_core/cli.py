@@ -101,11 +101,22 @@ def _pack_parser(sub):
     p.add_argument("--val-series", type=int, default=3, help="validation cines kept whole for evaluation (default: 3)")
 
 
+def _refuse_raw(source, command: str) -> None:
+    """The library alone reads no ISMRMRD: raw data given to ``train`` or ``pack`` are named."""
+    from .evaluate import is_raw_source
+
+    if source and is_raw_source(source):
+        raise ValueError(f"{source}: ISMRMRD raw data are read by the `ddugm` command (its gadgets package needs "
+                         f"ismrmrd), {command}")
+
+
 def _run_pack(a) -> int:
     from pathlib import Path
 
     import numpy as np
 
+    _refuse_raw(a.data, "as `ddugm train --data RAW`, which writes their images to OUT/raw_images/data: pack "
+                "that folder")
     from .data import list_series_files, read_array, robust_scale, series_of, split_files, write_pack
 
     if not a.max_mb > 0 or a.cycles_mb < 0 or a.art_mb < 0 or a.cycles_crop < 0 or a.stride < 0 or a.val_series < 0:
@@ -127,7 +138,7 @@ def _run_pack(a) -> int:
     cines, names = [], []
     for f in val[:a.val_series]:  # mid slice, first 12 phases, float16: the GPU run's reconstruction check
         stack = series_of(read_array(f))
-        s = stack[len(stack) // 2][:12].astype(np.float32)
+        s = np.abs(stack[len(stack) // 2][:12]).astype(np.float32)
         cines.append((s / robust_scale(s)).astype(np.float16))
         names.append(f.stem)
     if cines:
@@ -148,6 +159,9 @@ def _run_train(a) -> int:
 
     if a.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0: torch's default), got {a.threads}")
+    for source in (a.data, a.val_data):
+        _refuse_raw(source, "not by python -m ddugm_core.cli train (`ddugm train --data RAW` writes their images to "
+                    "OUT/raw_images/data, which this command can read)")
     if a.objective == "artifacts":
         from .artifacts import train_artifacts
 

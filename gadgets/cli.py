@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from ddugm_core import bench as core_bench
 from ddugm_core import cli as core_cli
@@ -16,6 +18,24 @@ COMMANDS = {"demo": core_demo, "evaluate": core_evaluate, "bench": core_bench,
             "serve": server, "recon": replay, "simulate": simulate, "stream": mrd2}
 
 
+def _raw_training_data(a) -> None:
+    """``train --data RAW`` (and ``--val-data RAW``): fully sampled ISMRMRD raw files, a file or a
+    folder of them, become complex image stacks in ``OUT/raw_images/data`` (``val_data``), which the
+    training then reads. They are kept: the record of what the weights saw, and data that ``ddugm
+    pack`` or ``python -m ddugm_core.cli train`` can read on a machine without ismrmrd."""
+    from ddugm_core.evaluate import is_raw_source
+
+    from .rawcine import raw_training_stacks
+
+    default = f"runs/{a.domain}_artifacts" if a.objective == "artifacts" else f"runs/{a.domain}"
+    for name in ("data", "val_data"):
+        source = getattr(a, name)
+        if source and is_raw_source(source):
+            info = raw_training_stacks(source, Path(a.out or default) / "raw_images" / name)
+            print(json.dumps({f"raw_{name}": str(source), **info}))
+            setattr(a, name, info["folder"])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ddugm", description="DD-UGM score-based cine MRI reconstruction for Gadgetron")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -26,6 +46,7 @@ def main(argv=None) -> int:
     a = parser.parse_args(argv)
     try:
         if a.cmd == "train":
+            _raw_training_data(a)
             return core_cli._run_train(a)
         if a.cmd == "pack":
             return core_cli._run_pack(a)

@@ -1,5 +1,6 @@
-"""Fully sampled cine from ISMRMRD raw files, for ``ddugm evaluate --data RAW.h5``: retrospective
-undersampling of a user's own acquisitions, with their real coils, noise and phase.
+"""Fully sampled cine from ISMRMRD raw files, for ``ddugm evaluate --data RAW.h5`` (retrospective
+undersampling of a user's own acquisitions, with their real coils, noise and phase) and for
+``ddugm train --data RAW.h5`` (priors trained on their coil-combined complex images).
 
 The acquisitions go through the same session as a scan (:class:`~gadgets.session.ReconSession`:
 noise prewhitening from the noise scan, readout-oversampling removal, reversed lines, asymmetric
@@ -8,6 +9,7 @@ reconstructed. A slice whose frames were not all sampled at the same k-space loc
 undersampled at acquisition and cannot serve as a reference: it is refused by name."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,8 @@ from .kspace import IGNORED, NOISE, CineData, flag_set
 from .replay import ReplayError, read_file
 from .session import ReconSession, slice_name
 from .settings import GadgetSettings
+
+log = logging.getLogger("ddugm.gadget")
 
 
 def _imaging(acq) -> bool:
@@ -86,8 +90,8 @@ def full_mask(cine: CineData, where: str) -> np.ndarray:
         short = [t for t in range(len(lines)) if (lines[t] != every).any()]
         detail = (f"frame {short[0]} lacks {int(every.sum() - lines[short[0]].sum())} of the {int(every.sum())} "
                   "phase-encoding lines the other frames have" if short else "the frames sampled different readout points")
-        raise ValueError(f"{where}: not fully sampled ({detail}); evaluate needs fully sampled raw data, which it "
-                         "undersamples itself")
+        raise ValueError(f"{where}: not fully sampled ({detail}); evaluate and train need fully sampled raw data "
+                         "(evaluate undersamples it itself)")
     if not common[mask.shape[1] // 2].any():
         raise ValueError(f"{where}: the k-space centre line was not acquired")
     return common
@@ -128,3 +132,43 @@ def read_raw_cines(source, slices: str = "all", group: str = "dataset") -> list[
             tail = "".join(f"_{k}{v}" for k, v in c.key.items() if v and k != "slice")
             out.append((f"{f.stem}_slice{c.key['slice']}{tail}", c.kspace, sampled))
     return out
+
+
+def raw_training_stacks(source, out_dir, group: str = "dataset") -> dict:
+    """Fully sampled ISMRMRD raw cine as training data (``ddugm train --data RAW``): every raw
+    file of ``source`` becomes ``out_dir/STEM.npz`` holding ``cine``, complex64 ``[T, Z, H, W]``,
+    its slices (and contrasts, sets) along Z. Each is the coil combination of all the data, the
+    reference ``evaluate`` uses (Walsh maps from the fully sampled k-space), divided by its robust
+    scale and turned so that its sum is real and positive, as the default sampler turns a cine
+    before its priors see it. The real phase is kept, so training adds no synthetic one; one file
+    per scan keeps the training / validation split by patient. Slices of one file that differ in
+    size are brought to the first one's matrix (centre crop or zero pad) and the fewest frames.
+    Earlier ``.npz`` files in ``out_dir`` are removed first. Returns what was written."""
+    import torch
+
+    from ddugm_core.data import center_fit
+    from ddugm_core.evaluate import raw_series
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.npz"):
+        old.unlink()
+    info = {"files": 0, "series": 0, "frames": 0, "folder": str(out_dir)}
+    for f in raw_files(source):
+        series = raw_series(read_raw_cines(f, "all", group))
+        cines = []
+        for rs in series:
+            x = rs.truth
+            total = x.sum()
+            cines.append(x * (np.conj(total) / abs(total)) if abs(total) > 0 else x)
+        t = min(c.shape[0] for c in cines)
+        size = cines[0].shape[-2:]
+        if any(c.shape != cines[0].shape for c in cines):
+            log.info("%s: slices of %s; kept as %d frames of %d x %d", f.name,
+                     ", ".join(sorted({"x".join(map(str, c.shape)) for c in cines})), t, *size)
+        stack = np.stack([center_fit(torch.from_numpy(c[:t]), size).numpy() for c in cines], axis=1)
+        np.savez(out_dir / f"{f.stem}.npz", cine=stack.astype(np.complex64))
+        info["files"] += 1
+        info["series"] += stack.shape[1]
+        info["frames"] += stack.shape[0] * stack.shape[1]
+    return info

@@ -298,6 +298,50 @@ def test_a_folder_of_raw_files(tmp_path):
         is_raw_source(d)
 
 
+def test_train_on_fully_sampled_raw_data(tmp_path, capsys):
+    """`ddugm train --data RAW` trains the priors on the scans' own coil-combined complex images:
+    one stack per scan (so the split keeps scans whole), kept in OUT/raw_images, the real phase
+    kept (turned so each slice sums to a real number) and matching the simulation's truth. Raw
+    data the library alone cannot read, and undersampled scans, are named."""
+    from ddugm_core.cli import main as core_main
+
+    d = tmp_path / "scans"
+    d.mkdir()
+    for i in range(3):
+        _raw(d, f"scan{i}.h5", truth=False, frames=4, slices=2, coils=3, seed=i)
+    _raw(tmp_path, "truth0.h5", frames=4, slices=2, coils=3, seed=0)  # the same scan as scan0, with its truth
+    out = tmp_path / "prior"
+    tiny = ["--steps", "2", "--batch", "2", "--size", "16", "--nf", "8", "--ch-mult", "1,2", "--attn", "",
+            "--log-every", "1", "--quiet", "--threads", "1"]
+    (out / "raw_images" / "data").mkdir(parents=True)
+    np.savez(out / "raw_images" / "data" / "stale.npz", cine=np.zeros((2, 8, 8), np.float32))
+    assert main(["train", "--domain", "image", "--data", str(d), "--out", str(out), *tiny]) == 0
+    folder = out / "raw_images" / "data"
+    assert sorted(p.name for p in folder.iterdir()) == ["scan0.npz", "scan1.npz", "scan2.npz"]
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["data"] == str(folder) and settings["val_files"] == ["scan2.npz"]
+    assert settings["train_files"] == ["scan0.npz", "scan1.npz"] and settings["train_frames"] == 16
+    assert (out / "image.safetensors").is_file()
+    x = np.load(folder / "scan0.npz")["cine"]
+    truth = np.load(tmp_path / "truth0.h5.truth.npy")  # [slice, T, ny, nx], complex
+    assert x.shape == (4, 2, 32, 32) and x.dtype == np.complex64
+    for z in range(2):
+        ours = x[:, z]
+        assert abs(np.angle(ours.sum())) < 1e-4 and np.abs(ours.imag).mean() > 0.1 * np.abs(ours).mean()
+        match = abs(np.vdot(ours, truth[z])) / np.linalg.norm(ours) / np.linalg.norm(truth[z])
+        assert match > 0.99  # magnitude and phase, up to one complex number
+    capsys.readouterr()
+    assert core_main(["train", "--domain", "image", "--data", str(d), "--out", str(tmp_path / "o"), *tiny]) == 2
+    assert "`ddugm` command" in capsys.readouterr().err
+    assert main(["pack", str(tmp_path / "pack"), "--data", str(d)]) == 2
+    assert "pack that folder" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _raw(bad, "under.h5", truth=False, accel=3.0, acs=8)
+    assert main(["train", "--domain", "image", "--data", str(bad), "--out", str(tmp_path / "o2"), *tiny]) == 2
+    assert "not fully sampled" in capsys.readouterr().err
+
+
 def test_raw_mid_slice_buffers_only_that_slice(tmp_path, monkeypatch):
     """``--slices mid`` keeps the k-space of the middle slice only (a many-slice scan costs the
     memory of one), and gives the same data as reading every slice and picking it."""
