@@ -33,7 +33,8 @@ def _train_parser(sub):
     p = sub.add_parser("train", help="train a score model on 2D arrays: single frames (image or weighted "
                                      "k-space) or x-t / y-t planes of cine (xt)")
     p.add_argument("--domain", choices=["image", "kspace", "xt"], required=True)
-    p.add_argument("--data", default=d.data, help="folder of ACDC .npz or .npy/.npz frame stacks (default: %(default)s)")
+    p.add_argument("--data", default=d.data, help="folder of ACDC .npz or .npy/.npz frame stacks, or (the ddugm command) fully "
+                   "sampled ISMRMRD raw cine, a file or folder, whose images go to OUT/raw_images (default: %(default)s)")
     p.add_argument("--out", default=None, help="output folder (default: runs/DOMAIN)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch", type=int, default=d.batch)
@@ -66,8 +67,8 @@ def _train_parser(sub):
                    help="training noise levels: log-uniform on [sigma-min, sigma-max] or log-normal (EDM) clipped to it")
     p.add_argument("--sigma-mean", type=finite_float, default=d.sigma_mean, help="lognormal: mean of ln sigma")
     p.add_argument("--sigma-std", type=finite_float, default=d.sigma_std, help="lognormal: std of ln sigma")
-    p.add_argument("--val-data", default="", help="validation frames (folder, file or pack; default: the "
-                                                  "validation patients of --data)")
+    p.add_argument("--val-data", default="", help="validation frames (folder, file, pack or raw as --data; "
+                                                  "default: the validation patients of --data)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--objective", choices=["dsm", "artifacts"], default="dsm",
                    help="dsm: denoising score matching on Gaussian noise (training from scratch or --init); "
