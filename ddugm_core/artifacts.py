@@ -241,8 +241,16 @@ def train_artifacts(a) -> dict:
         files = split_of(list_series_files(a.data), "train")
     if not files:
         raise ValueError(f"no training files in {a.data}")
+    threads = torch.get_num_threads()  # restored on leaving, as by train()
     if a.threads:
         torch.set_num_threads(a.threads)
+    try:
+        return _collect_and_finetune(a, files)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _collect_and_finetune(a, files) -> dict:
     log = (lambda m: None) if a.quiet else (lambda m: print(m, flush=True))
     from .reconstruction import ReconConfig
 

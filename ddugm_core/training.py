@@ -197,6 +197,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_log: Callable[[dict], None
             device = torch.device("cuda", local)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
+    threads = torch.get_num_threads()  # restored on leaving: a library call leaves its caller's thread count
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -301,5 +302,6 @@ def train(cfg: TrainConfig, progress: bool = True, on_log: Callable[[dict], None
                 (out / "denoise.json").write_text(json.dumps(result["denoise"], indent=2))
         return result
     finally:
+        torch.set_num_threads(threads)
         if distributed:
             dist.destroy_process_group()

@@ -32,7 +32,13 @@ def frames_dir(tmp_path):
 @pytest.mark.parametrize("domain", ["image", "kspace"])
 def test_train_writes_weights_settings_and_resumes(frames_dir, tmp_path, domain):
     out = tmp_path / domain
-    assert main(["train", "--domain", domain, "--data", str(frames_dir), "--out", str(out), *TINY]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # --threads 1 holds for the training only: the caller's thread count is left as it was
+        assert main(["train", "--domain", domain, "--data", str(frames_dir), "--out", str(out), *TINY]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     assert (out / f"{domain}.safetensors").is_file() and (out / "state.safetensors").is_file()
     settings = json.loads((out / "settings.json").read_text())
     assert settings["domain"] == domain and settings["net"]["nf"] == 8 and settings["val_files"]
