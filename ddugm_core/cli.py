@@ -116,9 +116,10 @@ def _run_pack(a) -> int:
 
     import numpy as np
 
+    from .data import list_series_files, read_array, robust_scale, series_of, split_files, write_pack
+
     _refuse_raw(a.data, "as `ddugm train --data RAW`, which writes their images to OUT/raw_images/data: pack "
                 "that folder")
-    from .data import list_series_files, read_array, robust_scale, series_of, split_files, write_pack
 
     if not a.max_mb > 0 or a.cycles_mb < 0 or a.art_mb < 0 or a.cycles_crop < 0 or a.stride < 0 or a.val_series < 0:
         raise ValueError("need --max-mb > 0, and --cycles-mb, --art-mb, --cycles-crop, --stride, --val-series >= 0")

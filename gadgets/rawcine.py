@@ -156,6 +156,8 @@ def raw_training_stacks(source, out_dir, group: str = "dataset") -> dict:
     info = {"files": 0, "series": 0, "frames": 0, "folder": str(out_dir)}
     for f in raw_files(source):
         series = raw_series(read_raw_cines(f, "all", group))
+        if not series:
+            raise ValueError(f"{f}: no image data (only noise, calibration or navigator acquisitions)")
         cines = []
         for rs in series:
             x = rs.truth
