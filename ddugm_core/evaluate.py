@@ -268,6 +268,12 @@ def add_parser(sub):
                    help="instead of the report: for DD-UGM on these series, print per sampler step the noise level "
                         "each network is told and the RMS error of its input against the truth (needs --maps true, "
                         "so that the image's phase convention is the truth's); writes trace.json")
+    p.add_argument("--free-running", type=int, default=0, metavar="B",
+                   help="instead: simulate each series as a free-running acquisition over B heartbeats (R per "
+                        "real-time frame) and reconstruct it through the gadgets as --frame-axes say (the ddugm command)")
+    p.add_argument("--frame-axes", default="ecg,repetition",
+                   help="--free-running: ecg (binned into the cine's cardiac phases), repetition (the real-time "
+                        "frames), or both (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -312,6 +318,9 @@ def run(a, raw_reader=None) -> int:
 
     from .reconstruction import PRESETS, ReconConfig, Reconstructor
 
+    if a.free_running:
+        raise ValueError("--free-running simulates raw acquisitions and reconstructs them through the gadgets: the "
+                         "`ddugm` command, not python -m ddugm_core.cli")
     accels = _parse_list(a.accels, float, "accels")
     methods = _parse_list(a.methods, str, "methods")
     bad = [m for m in methods if m not in ALL_METHODS]
@@ -542,10 +551,11 @@ def summary_table(results: list[dict], methods: list[str], accels: list[float],
     return rows
 
 
-def render_table(rows: list[dict]) -> str:
+def render_table(rows: list[dict], names=METHOD_NAMES.get) -> str:
+    """The Markdown table of :func:`summary_table`'s rows (``names``: a method's name in it)."""
     lines = ["| R | method | series | PSNR (dB) | SSIM | HFEN | s / slice |", "|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['accel']:g} | {METHOD_NAMES[row['method']]} | {row['series']} | "
+        lines.append(f"| {row['accel']:g} | {names(row['method'])} | {row['series']} | "
                      f"{row['psnr'][0]:.2f} ± {row['psnr'][1]:.2f} | {row['ssim'][0]:.4f} ± {row['ssim'][1]:.4f} | "
                      f"{row['hfen'][0]:.3f} ± {row['hfen'][1]:.3f} | {row['seconds'][0]:.1f} |")
     return "\n".join(lines)

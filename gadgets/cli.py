@@ -50,6 +50,10 @@ def main(argv=None) -> int:
             return core_cli._run_train(a)
         if a.cmd == "pack":
             return core_cli._run_pack(a)
+        if a.cmd == "evaluate" and a.free_running:  # simulated raw acquisitions through the gadgets
+            from .freerun import run as run_free_running
+
+            return run_free_running(a)
         if a.cmd == "evaluate":  # the library alone reads no ISMRMRD: raw data come through the gadgets' reader
             from .rawcine import read_raw_cines
 
