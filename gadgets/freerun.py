@@ -117,12 +117,17 @@ def run(a) -> int:
             np.save(tmp / "cycle.npy", np.abs(frames).astype(np.float32))
             for r in accels:
                 scan, truth_file = tmp / "scan.h5", tmp / "truth.npy"
-                info = simulate(str(scan), str(tmp / "cycle.npy"), coils=coils, accel=r, acs=None, noise=noise,
-                                seed=a.seed * 1000 + i, truth=str(truth_file), ecg_beats=beats)
-                cycle = np.abs(np.load(truth_file)[0])
-                truths = {"ecg": cycle}
-                if "repetition" in axes:
-                    truths["repetition"] = repetition_truth(scan, cycle)
+                try:
+                    info = simulate(str(scan), str(tmp / "cycle.npy"), coils=coils, accel=r, acs=None, noise=noise,
+                                    seed=a.seed * 1000 + i, truth=str(truth_file), ecg_beats=beats)
+                    cycle = np.abs(np.load(truth_file)[0])
+                    truths = {"ecg": cycle}
+                    if "repetition" in axes:
+                        truths["repetition"] = repetition_truth(scan, cycle)
+                except ValueError as e:  # a series that cannot be simulated (too small, ...) loses no other
+                    failures.append({"series": name, "accel": r, "method": None, "error": f"ValueError: {e}"})
+                    print(f"evaluate: {name} R={r:g} cannot be simulated: {e}", file=sys.stderr)
+                    continue
                 for axis in axes:
                     for m in methods:
                         label = f"{m}@{axis}"
@@ -158,7 +163,7 @@ def run(a) -> int:
     (out / "report.md").write_text(
         f"# Free-running acquisitions, {beats} heartbeats\n\n{__doc__.split(chr(10), 1)[1].strip()}\n\n"
         f"{len(series)} series ({a.split or 'validation'}), {coils} coils, noise {noise}, seed {a.seed}.\n\n{text}\n"
-        + ("".join(f"\n- failed: {f['series']} R={f['accel']:g} {f['method']}: {f['error']}" for f in failures)))
+        + ("".join(f"\n- failed: {f['series']} R={f['accel']:g} {f['method'] or ''}: {f['error']}" for f in failures)))
     print(text)
     print(f"\nwrote {out / 'report.md'}, {out / 'results.json'}")
     if failures:
