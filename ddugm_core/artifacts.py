@@ -50,7 +50,8 @@ def aligned_truth(x: torch.Tensor, truth: torch.Tensor, box: int = 9) -> torch.T
 
 
 def series_from(files, pack_rounds: int = 8):
-    """``(name, magnitude frames [T, y, x], key, group)`` of ``files``: of each file its middle slice, then
+    """``(name, frames [T, y, x], key, group)`` of ``files`` (complex stacks, such as ``train --data RAW``
+    writes, keep their phase; magnitude ones get a synthetic phase in the case): of each file its middle slice, then
     (a second and third round) the slices two below and two above; a training pack
     (``ddugm pack``'s ``art.npz`` or ``cycles.npz``: whole cardiac cycles) gives each of its
     series once per round, up to ``pack_rounds`` rounds (another mask, coils and noise each
@@ -71,7 +72,7 @@ def series_from(files, pack_rounds: int = 8):
         for j, f in enumerate(others):
             stack = series_of(read_array(f))
             z = min(max(len(stack) // 2 + offset, 0), len(stack) - 1)
-            yield f"{Path(f).stem}_z{z}", np.abs(stack[z]), 1000 * (offset + 2) + j, Path(f).stem
+            yield f"{Path(f).stem}_z{z}", stack[z], 1000 * (offset + 2) + j, Path(f).stem
 
 
 def collect(files, minutes: float, accels=(6.0, 8.0, 10.0), coils: int = 8, noise: float = 0.005, seed: int = 0,

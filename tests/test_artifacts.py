@@ -116,3 +116,17 @@ def test_held_out_patients_stay_out_of_the_finetuning(tmp_path, tiny_weights):
     assert info["cases"] == 2 and info["holdout_cases"] == 2  # p0's two cases
     with pytest.raises(ValueError, match="shares its patient"):
         finetune("image", tiny_weights["image"], cases, tmp_path, steps=2, holdout=3, log=lambda m: None)
+
+
+def test_cases_keep_the_phase_of_complex_stacks(tmp_path):
+    """Complex stacks (``train --data RAW`` writes them) give their cases with their own phase;
+    magnitude ones stay real, to get a synthetic phase like every magnitude source."""
+    from ddugm_core.artifacts import series_from
+
+    rng = np.random.default_rng(0)
+    cplx = (rng.standard_normal((4, 3, 16, 16)) + 1j * rng.standard_normal((4, 3, 16, 16))).astype(np.complex64)
+    np.savez(tmp_path / "scan.npz", cine=cplx)
+    np.save(tmp_path / "mag.npy", np.abs(cplx[:, 0]))
+    cases = {name: frames for name, frames, *_ in series_from([tmp_path / "scan.npz", tmp_path / "mag.npy"])}
+    np.testing.assert_array_equal(cases["scan_z1"], cplx[:, 1])
+    assert not np.iscomplexobj(cases["mag_z0"])
