@@ -95,16 +95,18 @@ def run(a) -> int:
     if ev.is_raw_source(a.data):
         raise ValueError("--free-running simulates acquisitions from image stacks; raw data are evaluated with "
                          "--data alone")
+    if a.max_frames:
+        raise ValueError("--max-frames cuts the cardiac cycle, which a free-running scan goes through again and again: "
+                         "leave it out with --free-running")
     if a.maps == "true" or a.trace or a.tune_l_plus_s:
         raise ValueError("--free-running reconstructs through the gadgets, which estimate their own coil maps: leave "
                          "out --maps true, --trace and --tune-l-plus-s")
     coils = ev.SIM_COILS if a.coils is None else a.coils
     noise = ev.SIM_NOISE if a.noise is None else a.noise
-    if beats < 1 or coils < 1 or noise < 0 or any(not 1 <= r <= 64 for r in accels) or a.max_series < 0 \
-            or a.max_frames < 0:
-        raise ValueError("need --free-running >= 1 heartbeats, accelerations 1 to 64, --coils >= 1, --noise >= 0, "
-                         "--max-series and --max-frames >= 0")
-    series = ev.select_series(a.data, a.split or "validation", a.slices, a.max_series, a.max_frames)
+    if beats < 1 or coils < 1 or noise < 0 or any(not 1 <= r <= 64 for r in accels) or a.max_series < 0:
+        raise ValueError("need --free-running >= 1 heartbeats, accelerations 1 to 64, --coils >= 1, --noise >= 0 and "
+                         "--max-series >= 0")
+    series = ev.select_series(a.data, a.split or "validation", a.slices, a.max_series)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     labels = [f"{m}@{x}" for x in axes for m in methods]

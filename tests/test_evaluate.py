@@ -383,7 +383,8 @@ def test_free_running_acquisitions_read_both_ways(tmp_path, capsys):
     assert "zero-filled, ecg" in report and "zero-filled, repetition" in report
     capsys.readouterr()
     for extra, message in ((["--frame-axes", "phase"], "unknown method(s) or frame axes"),
-                           (["--maps", "true"], "estimate their own coil maps")):
+                           (["--maps", "true"], "estimate their own coil maps"),
+                           (["--max-frames", "4"], "cuts the cardiac cycle")):
         assert main(args + extra) == 2
         assert message in capsys.readouterr().err
     raw = _raw(tmp_path, truth=False)
