@@ -252,6 +252,8 @@ def train_artifacts(a) -> dict:
 
 
 def _collect_and_finetune(a, files) -> dict:
+    from .cli import train_out
+
     log = (lambda m: None) if a.quiet else (lambda m: print(m, flush=True))
     from .reconstruction import ReconConfig
 
@@ -260,7 +262,7 @@ def _collect_and_finetune(a, files) -> dict:
     config = ReconConfig(device=device, **{f"{a.domain}_weights": str(init)})  # the sampler runs with the prior trained
     cases = collect(files, a.collect_minutes, seed=a.seed, config=config, device=device, max_cases=a.collect_cases,
                     log=log)
-    return finetune(a.domain, init, cases, a.out or f"runs/{a.domain}_artifacts", minutes=a.minutes, steps=a.steps,
+    return finetune(a.domain, init, cases, train_out(a), minutes=a.minutes, steps=a.steps,
                     lr=a.lr, batch=a.batch, holdout=a.holdout_cases, seed=a.seed, device=device,
                     save_minutes=a.save_minutes, log=log,
                     settings={"data": str(a.data), "collect_minutes": a.collect_minutes,

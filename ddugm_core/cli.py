@@ -102,6 +102,12 @@ def _pack_parser(sub):
     p.add_argument("--val-series", type=int, default=3, help="validation cines kept whole for evaluation (default: 3)")
 
 
+def train_out(a) -> str:
+    """``ddugm train``'s output folder: ``--out``, else ``runs/DOMAIN`` (``runs/DOMAIN_artifacts``
+    for ``--objective artifacts``)."""
+    return a.out or (f"runs/{a.domain}_artifacts" if a.objective == "artifacts" else f"runs/{a.domain}")
+
+
 def _refuse_raw(source, command: str) -> None:
     """The library alone reads no ISMRMRD: raw data given to ``train`` or ``pack`` are named."""
     from .evaluate import is_raw_source
@@ -179,7 +185,7 @@ def _run_train(a) -> int:
 
     net = NetConfig.paper() if a.paper_net else NetConfig(nf=a.nf, ch_mult=a.ch_mult, num_res_blocks=a.res_blocks,
                                                          attn_resolutions=a.attn, image_size=a.size)
-    cfg = TrainConfig(domain=a.domain, data=a.data, out=a.out or f"runs/{a.domain}", steps=a.steps, batch=a.batch,
+    cfg = TrainConfig(domain=a.domain, data=a.data, out=train_out(a), steps=a.steps, batch=a.batch,
                       size=a.size, frames=a.frames, lr=a.lr, ema=a.ema, sigma_min=a.sigma_min, sigma_max=a.sigma_max, seed=a.seed,
                       device=a.device, amp=not a.no_amp, init=a.init, resume=not a.no_resume,
                       save_every=a.save_every, log_every=a.log_every, threads=a.threads, net=net,

@@ -27,11 +27,10 @@ def _raw_training_data(a) -> None:
 
     from .rawcine import raw_training_stacks
 
-    default = f"runs/{a.domain}_artifacts" if a.objective == "artifacts" else f"runs/{a.domain}"
     for name in ("data", "val_data"):
         source = getattr(a, name)
         if source and is_raw_source(source):
-            info = raw_training_stacks(source, Path(a.out or default) / "raw_images" / name)
+            info = raw_training_stacks(source, Path(core_cli.train_out(a)) / "raw_images" / name)
             print(json.dumps({f"raw_{name}": str(source), **info}))
             setattr(a, name, info["folder"])
 
