@@ -64,8 +64,9 @@ def series_from(files, pack_rounds: int = 8):
     for f in packs:
         series = load_series([f])
         for r in range(pack_rounds):
-            for i, s in enumerate(series):
-                yield (f"{Path(f).stem}_{i}" + (f"_r{r}" if r else ""), s.abs().numpy(), 10_000 + r * len(series) + i,
+            for i, s in enumerate(series):  # a complex pack's series keep their phase
+                frames = s.numpy() if bool((s.imag != 0).any()) else s.abs().numpy()
+                yield (f"{Path(f).stem}_{i}" + (f"_r{r}" if r else ""), frames, 10_000 + r * len(series) + i,
                        f"{Path(f).stem}_{i}")
     others = [f for f in files if f not in packs]
     for offset in (0, -2, 2):

@@ -138,10 +138,31 @@ def is_pack(path: Path) -> bool:
 
 def read_pack(path: Path) -> torch.Tensor:
     """The frames of a training pack (:func:`write_pack`), already normalised per series, as
-    float32 ``[N, H, W]``."""
+    float32 ``[N, H, W]``, or complex64 for a pack of complex series (one with ``imag``)."""
     with np.load(path, allow_pickle=False) as z:
-        frames = z["frames"].astype(np.float32) * z["scale"].astype(np.float32)[:, None, None]
-    return torch.from_numpy(frames)
+        scale = z["scale"].astype(np.float32)[:, None, None]
+        frames = z["frames"].astype(np.float32) * scale
+        if "imag" in z.files:
+            frames = frames + 1j * (z["imag"].astype(np.float32) * scale)
+    return torch.from_numpy(frames.astype(np.complex64) if np.iscomplexobj(frames) else frames)
+
+
+def _quantise(x: np.ndarray) -> tuple:
+    """One series to 8 bits with one scale: magnitude as uint8 (step max / 255); complex as int8
+    real and imaginary parts (step max(|re|, |im|) / 127), which keeps its phase. Returns
+    ``(frames, imag or None, scale, rms error)``, or None for an all-zero series."""
+    if np.iscomplexobj(x):
+        peak = float(max(np.abs(x.real).max(), np.abs(x.imag).max())) if x.size else 0.0
+        if peak <= 0:
+            return None
+        re, im = (np.clip(np.round(v / peak * 127), -127, 127).astype(np.int8) for v in (x.real, x.imag))
+        back = (re.astype(np.float32) + 1j * im.astype(np.float32)) * (peak / 127)
+        return re, im, peak / 127, float(np.sqrt(np.mean(np.abs(back - x) ** 2)))
+    peak = float(x.max()) if x.size else 0.0
+    if peak <= 0:
+        return None
+    q = np.clip(np.round(x / peak * 255), 0, 255).astype(np.uint8)
+    return q, None, peak / 255, float(np.sqrt(np.mean((q.astype(np.float32) * peak / 255 - x) ** 2)))
 
 
 def write_pack(files: list[Path], out: Path, max_mb: float = 40.0, stride: int = 0, max_frames: int = 0,
@@ -151,7 +172,11 @@ def write_pack(files: list[Path], out: Path, max_mb: float = 40.0, stride: int =
 
     Each series is normalised as :func:`load_frames` does (99th percentile of the time
     average), then stored as uint8 with one scale per series (``x = frames * scale``): the
-    quantisation step is max / 255 of the series. Every ``stride``-th cardiac phase is kept
+    quantisation step is max / 255 of the series. Complex series (``train --data RAW``'s
+    images, complex stacks) keep their phase: the pack then holds int8 real (``frames``) and
+    imaginary (``imag``) parts, step max(|re|, |im|) / 127 (so do real series with negative
+    values, which uint8 would clip), and a magnitude series in it gets a zero imaginary part (a
+    synthetic phase in training, as from a magnitude pack). Every ``stride``-th cardiac phase is kept
     (neighbouring phases are nearly alike); with ``stride=0`` the smallest stride whose file
     fits ``max_mb`` is chosen. With ``whole_cycles`` (for the spatio-temporal plane prior,
     which needs every phase) every ``stride``-th series is kept instead, all its phases.
@@ -164,7 +189,7 @@ def write_pack(files: list[Path], out: Path, max_mb: float = 40.0, stride: int =
         if slices:
             stack = [stack[z] for z in sorted({min(max(len(stack) // 2 + o, 0), len(stack) - 1) for o in slices})]
         for s in stack:
-            s = np.abs(s).astype(np.float32) if np.iscomplexobj(s) else s.astype(np.float32)
+            s = s.astype(np.complex64) if np.iscomplexobj(s) and np.any(s.imag) else s.real.astype(np.float32)
             scale = robust_scale(s)
             if np.isfinite(s).all() and scale > 0:
                 series.append((path.stem, s / scale))
@@ -174,35 +199,38 @@ def write_pack(files: list[Path], out: Path, max_mb: float = 40.0, stride: int =
     if not series:
         raise ValueError("no usable series to pack")
     size = (crop, crop) if crop else series[0][1].shape[-2:]
+    complex_pack = any(np.iscomplexobj(x) or bool((x < 0).any()) for _, x in series)  # signed: int8 parts
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for k in ([stride] if stride else range(1, 65)):
-        frames, scales, names, ids, err = [], [], [], [], []
+        frames, imags, scales, names, ids, err = [], [], [], [], [], []
         for i, (name, x) in enumerate(series):
             if whole_cycles and i % k:
                 continue
             x = center_fit(torch.from_numpy(x if whole_cycles else x[::k]), size).numpy()
-            peak = float(x.max()) if x.size else 0.0
-            if peak <= 0:
+            q = _quantise(x.astype(np.complex64) if complex_pack else x)
+            if q is None:
                 continue
-            q = np.clip(np.round(x / peak * 255), 0, 255).astype(np.uint8)
-            err.append(float(np.sqrt(np.mean((q.astype(np.float32) * peak / 255 - x) ** 2))))
-            frames.append(q)
-            scales += [peak / 255] * len(q)
-            ids += [i] * len(q)
+            frames.append(q[0])
+            imags.append(q[1])
+            scales += [q[2]] * len(q[0])
+            err.append(q[3])
+            ids += [i] * len(q[0])
             names.append(name)
         frames = np.concatenate(frames)
+        extra = {"imag": np.concatenate(imags)} if complex_pack else {}
         if max_frames:
             frames, scales, ids = frames[:max_frames], scales[:max_frames], ids[:max_frames]
+            extra = {key: v[:max_frames] for key, v in extra.items()}
         tmp = out.with_suffix(".tmp.npz")
         np.savez_compressed(tmp, format=np.array(PACK_FORMAT), frames=frames, scale=np.asarray(scales, np.float32),
-                            series=np.asarray(ids, np.int32), patients=np.asarray(sorted(set(names))))
+                            series=np.asarray(ids, np.int32), patients=np.asarray(sorted(set(names))), **extra)
         mb = tmp.stat().st_size / 2**20
         if mb <= max_mb or stride:
             tmp.replace(out)
             return {"file": str(out), "frames": int(len(frames)), "series": len(set(ids)),
                     "patients": len(set(names)), "stride": k, "whole_cycles": whole_cycles, "size": list(size),
-                    "mib": round(mb, 2), "quantisation_rms": float(np.mean(err)),
+                    "complex": complex_pack, "mib": round(mb, 2), "quantisation_rms": float(np.mean(err)),
                     "quantisation_rms_max": float(np.max(err))}
         tmp.unlink()
     raise ValueError(f"the frames do not fit {max_mb} MiB even keeping every 64th "

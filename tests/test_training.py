@@ -140,11 +140,11 @@ def test_pack_keeps_validation_patients_out_and_fits(frames_dir, tmp_path):
     info = json.loads((out / "pack.json").read_text())
     z = np.load(out / "train.npz")
     v = np.load(out / "val.npz")
-    assert is_pack(out / "train.npz") and z["frames"].dtype == np.uint8
+    assert is_pack(out / "train.npz") and z["frames"].dtype == (np.int8 if info["train"]["complex"] else np.uint8)
     assert not set(z["patients"]) & set(v["patients"])  # whole patients, never both
     assert info["train"]["mib"] <= 1 and info["train"]["quantisation_rms"] < 0.01
     frames = read_pack(out / "train.npz")
-    assert frames.shape[0] == info["train"]["frames"] and float(frames.max()) > 0.5
+    assert frames.shape[0] == info["train"]["frames"] and float(frames.abs().max()) > 0.5
 
 
 def test_packs_never_mix_into_a_data_folder(frames_dir, tmp_path, capsys):
@@ -185,10 +185,10 @@ def test_cycles_pack_keeps_every_phase_for_the_plane_prior(frames_dir, tmp_path)
     assert set(np.load(out / "cycles.npz")["patients"]) == train
     assert len(series) == len(train) and all(s.shape in ((5, 16, 16), (4, 16, 16)) for s in series)
     raw = np.load(frames_dir / "mag0.npy")
-    if "mag0" in train:  # the stored cycle is the normalised centre crop, to uint8 precision
+    if "mag0" in train:  # the stored cycle is the normalised centre crop, to 8-bit precision
         s0 = series[sorted(train).index("mag0")].abs().numpy()
         ref = raw[:, 2:18, 1:17] / np.percentile(raw.mean(0), 99)
-        assert np.abs(s0 - ref).max() < ref.max() / 255
+        assert np.abs(s0 - ref).max() < ref.max() / (127 if info["complex"] else 255)  # int8 beside cplx.npz
     xt = tmp_path / "xt"
     assert main(["train", "--domain", "xt", "--frames", "8", "--data", str(out / "cycles.npz"), "--val-data",
                  str(out / "val.npz"), "--out", str(xt), *TINY]) == 0
@@ -376,3 +376,38 @@ def test_unreadable_array_files_are_named(tmp_path):
             read_array(p)
         with pytest.raises(ValueError, match=f"{name}: (not a readable numpy array file|empty .npz)"):
             load_images(str(p), 4, 16, 1, 0)
+
+
+def test_complex_stacks_pack_with_their_phase(tmp_path):
+    """Complex series (`train --data RAW`'s images) keep their phase in a pack: int8 real and
+    imaginary parts, read back complex, so training from the pack adds no synthetic phase and the
+    artifact cases use the real one. A magnitude pack stays uint8 (unchanged)."""
+    from ddugm_core.artifacts import series_from
+    from ddugm_core.data import FrameSampler, load_series, read_pack, robust_scale, write_pack
+
+    rng = np.random.default_rng(3)
+    files = []
+    for i in range(3):
+        mag = 0.5 + rng.random((4, 2, 20, 18))
+        phase = np.linspace(-2.5, 2.5, 18)[None, None, None, :] + i  # a steep phase ramp: wrapped around
+        f = tmp_path / f"scan{i}.npz"
+        np.savez(f, cine=(mag * np.exp(1j * phase)).astype(np.complex64))
+        files.append(f)
+    info = write_pack(files, tmp_path / "p.npz", stride=1)
+    z = np.load(tmp_path / "p.npz")
+    assert info["complex"] and z["frames"].dtype == np.int8 and z["imag"].dtype == np.int8
+    frames = read_pack(tmp_path / "p.npz")
+    assert frames.dtype == torch.complex64 and frames.shape == (24, 20, 18)
+    ref = np.load(files[0])["cine"][:, 0]
+    ref = ref / robust_scale(ref)
+    got = frames[:4].numpy()
+    assert np.abs(got - ref).max() < 2 * np.abs(ref).max() / 127  # phase included, to int8 precision
+    assert 0 < info["quantisation_rms"] < 0.01
+    series = load_series([tmp_path / "p.npz"])
+    assert len(series) == 6 and FrameSampler(frames, 16, "image").is_complex  # no synthetic phase added
+    case = next(series_from([tmp_path / "p.npz"]))[1]
+    assert np.iscomplexobj(case) and np.allclose(case, series[0].numpy())
+    mag = write_pack([tmp_path / "m.npy"], tmp_path / "m.npz", stride=1) if np.save(
+        tmp_path / "m.npy", np.abs(ref).astype(np.float32)) is None else None
+    assert not mag["complex"] and np.load(tmp_path / "m.npz")["frames"].dtype == np.uint8
+    assert read_pack(tmp_path / "m.npz").dtype == torch.float32
