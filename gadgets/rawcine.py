@@ -9,6 +9,7 @@ reconstructed. A slice whose frames were not all sampled at the same k-space loc
 undersampled at acquisition and cannot serve as a reference: it is refused by name."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -21,6 +22,10 @@ from .kspace import IGNORED, NOISE, CineData, flag_set
 from .replay import ReplayError, read_file
 from .session import ReconSession, slice_name
 from .settings import GadgetSettings
+
+# what raw_training_stacks writes; change it whenever the conversion changes, so that stacks written
+# by an earlier version are converted again rather than reused
+STACKS_FORMAT = "ddugm-raw-stacks/1"
 
 log = logging.getLogger("ddugm.gadget")
 
@@ -143,7 +148,11 @@ def raw_training_stacks(source, out_dir, group: str = "dataset") -> dict:
     before its priors see it. The real phase is kept, so training adds no synthetic one; one file
     per scan keeps the training / validation split by patient. Slices of one file that differ in
     size are brought to the first one's matrix (centre crop or zero pad) and the fewest frames.
-    Earlier ``.npz`` files in ``out_dir`` are removed first. Returns what was written."""
+    ``out_dir/sources.json`` records the raw files (path, size, modification time) the stacks came
+    from: when they are the same as last time (a resumed or repeated training), the stacks are
+    reused, not converted again; otherwise earlier ``.npz`` files in ``out_dir`` are removed first.
+    Two scans of one name (``scan.h5``, ``scan.mrd``) keep their suffix (``scan.h5.npz``). Returns
+    what was written (``reused``: whether the stacks were kept)."""
     import torch
 
     from ddugm_core.data import center_fit
@@ -151,10 +160,26 @@ def raw_training_stacks(source, out_dir, group: str = "dataset") -> dict:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    files = raw_files(source)
+    stems = [f.stem for f in files]
+    names = [f"{f.stem if stems.count(f.stem) == 1 else f.name}.npz" for f in files]
+    sources = {"format": STACKS_FORMAT, "group": group, "files": [
+        {"source": str(f.resolve()), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns, "stack": n}
+        for f, n in zip(files, names)]}
+    manifest = out_dir / "sources.json"
+    try:
+        before = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        before = None
+    if (before is not None and before.get("sources") == sources
+            and sorted(p.name for p in out_dir.glob("*.npz")) == sorted(names)):
+        log.info("%s: the raw data are unchanged since their stacks were written; reusing them", out_dir)
+        return {**before["info"], "reused": True}
+    manifest.unlink(missing_ok=True)  # written again only once every stack is
     for old in out_dir.glob("*.npz"):
         old.unlink()
     info = {"files": 0, "series": 0, "frames": 0, "folder": str(out_dir)}
-    for f in raw_files(source):
+    for f, name in zip(files, names):
         series = raw_series(read_raw_cines(f, "all", group))
         if not series:
             raise ValueError(f"{f}: no image data (only noise, calibration or navigator acquisitions)")
@@ -169,8 +194,11 @@ def raw_training_stacks(source, out_dir, group: str = "dataset") -> dict:
             log.info("%s: slices of %s; kept as %d frames of %d x %d", f.name,
                      ", ".join(sorted({"x".join(map(str, c.shape)) for c in cines})), t, *size)
         stack = np.stack([center_fit(torch.from_numpy(c[:t]), size).numpy() for c in cines], axis=1)
-        np.savez(out_dir / f"{f.stem}.npz", cine=stack.astype(np.complex64))
+        np.savez(out_dir / name, cine=stack.astype(np.complex64))
         info["files"] += 1
         info["series"] += stack.shape[1]
         info["frames"] += stack.shape[0] * stack.shape[1]
-    return info
+    tmp = manifest.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"sources": sources, "info": info}, indent=1))
+    tmp.replace(manifest)
+    return {**info, "reused": False}

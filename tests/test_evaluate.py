@@ -317,7 +317,7 @@ def test_train_on_fully_sampled_raw_data(tmp_path, capsys):
     np.savez(out / "raw_images" / "data" / "stale.npz", cine=np.zeros((2, 8, 8), np.float32))
     assert main(["train", "--domain", "image", "--data", str(d), "--out", str(out), *tiny]) == 0
     folder = out / "raw_images" / "data"
-    assert sorted(p.name for p in folder.iterdir()) == ["scan0.npz", "scan1.npz", "scan2.npz"]
+    assert sorted(p.name for p in folder.iterdir()) == ["scan0.npz", "scan1.npz", "scan2.npz", "sources.json"]
     settings = json.loads((out / "settings.json").read_text())
     assert settings["data"] == str(folder) and settings["val_files"] == ["scan2.npz"]
     assert settings["train_files"] == ["scan0.npz", "scan1.npz"] and settings["train_frames"] == 16
@@ -340,6 +340,38 @@ def test_train_on_fully_sampled_raw_data(tmp_path, capsys):
     _raw(bad, "under.h5", truth=False, accel=3.0, acs=8)
     assert main(["train", "--domain", "image", "--data", str(bad), "--out", str(tmp_path / "o2"), *tiny]) == 2
     assert "not fully sampled" in capsys.readouterr().err
+
+
+def test_raw_training_stacks_are_reused_until_the_scans_change(tmp_path, monkeypatch):
+    """A resumed or repeated `train --data RAW` reuses the stacks of unchanged scans (it converted
+    every scan again); a changed, added or removed scan converts them all again; two scans of one
+    name keep apart."""
+    import os
+
+    from gadgets import rawcine
+
+    d = tmp_path / "scans"
+    d.mkdir()
+    for i in range(2):
+        _raw(d, f"scan{i}.h5", truth=False, frames=3, size=16, coils=2, seed=i)
+    out = tmp_path / "stacks"
+    first = rawcine.raw_training_stacks(d, out)
+    assert not first["reused"] and first["files"] == 2 and (out / "sources.json").is_file()
+    before = np.load(out / "scan0.npz")["cine"]
+    calls = []
+    real = rawcine.read_raw_cines
+    monkeypatch.setattr(rawcine, "read_raw_cines", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    again = rawcine.raw_training_stacks(d, out)
+    assert again["reused"] and again["files"] == 2 and calls == []
+    st = (d / "scan1.h5").stat()
+    os.utime(d / "scan1.h5", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the scan was written again
+    assert not rawcine.raw_training_stacks(d, out)["reused"] and len(calls) == 2
+    np.testing.assert_array_equal(np.load(out / "scan0.npz")["cine"], before)  # deterministic
+    (d / "scan0.h5").rename(d / "scan1.mrd")  # scan1.h5 and scan1.mrd: both kept
+    info = rawcine.raw_training_stacks(d, out)
+    assert not info["reused"] and sorted(p.name for p in out.glob("*.npz")) == ["scan1.h5.npz", "scan1.mrd.npz"]
+    (out / "scan1.mrd.npz").unlink()  # a stack gone: converted again
+    assert not rawcine.raw_training_stacks(d, out)["reused"] and (out / "scan1.mrd.npz").is_file()
 
 
 def test_raw_mid_slice_buffers_only_that_slice(tmp_path, monkeypatch):
