@@ -592,3 +592,23 @@ class Reconstructor:
                                  "(scale_percentile too low for this image's background)")
             raise ValueError("the data have no signal (time-averaged image is zero)")
         return scale
+
+
+_GPU_CAPS: dict = {}  # device -> the cap applied (GiB), so that it is set once
+
+
+def cap_gpu_memory(device, gb: float) -> Optional[str]:
+    """Cap what this process may allocate on the CUDA ``device`` at ``gb`` GiB (the server
+    setting ``gpu_memory_gb``; 0: no cap), through torch's per-process memory fraction: beyond
+    it an allocation fails as out of memory instead of taking memory the scanner's other GPU
+    software needs. Returns a line for the log when it sets a new cap, else None."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if _GPU_CAPS.get(device, 0) == gb:
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gb * 2**30 / total) if gb > 0 else 1.0, device)
+    _GPU_CAPS[device] = gb
+    return (f"GPU memory capped at {gb:.3g} GiB of the {total / 2**30:.3g} GiB of {device} (gpu_memory_gb)"
+            if gb > 0 else f"GPU memory cap on {device} lifted")

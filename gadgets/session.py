@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ddugm_core.coils import calibration_width, estimate_coil_maps
-from ddugm_core.reconstruction import ReconConfig, Reconstructor, prepare_inputs
+from ddugm_core.reconstruction import ReconConfig, Reconstructor, cap_gpu_memory, prepare_inputs
 
 from .geometry import Geometry, geometry_from_header
 from .images import frames_to_images, images_to_array
@@ -130,7 +130,7 @@ class Engine:
                 raise Cancelled("the client went away while its scan waited for the reconstruction queue")
 
     def run(self, cine: CineData, cfg: ReconConfig, gs: GadgetSettings, alive: Optional[Callable[[], bool]] = None,
-            job_seconds: float = 0.0):
+            job_seconds: float = 0.0, gpu_memory_gb: float = 0.0):
         """Reconstruct one slice: returns (frames ``[T, y, x]`` complex64 on the encoded grid,
         method used, device used, warning or None). Falls back to LLR + temporal TV on CPU if the score-based
         reconstruction fails and ``gs.fallback`` is on. ``alive()`` is polled while waiting for
@@ -138,12 +138,18 @@ class Engine:
         With ``job_seconds`` > 0 (``ddugm serve``'s ``max_job_seconds``, counted from leaving the
         queue) a job still running after that long stops with :class:`TimeLimit`, without fallback:
         the per-setting caps allow products of nested loops (steps x pnp_inner, llr_iters x
-        llr_cg_iters) that would hold the queue for hours."""
+        llr_cg_iters) that would hold the queue for hours. On a GPU, ``gpu_memory_gb`` > 0 caps
+        what this process may allocate there (:func:`cap_gpu_memory`: a job that needs more fails
+        as out of memory, then falls back), and the memory a job cached is handed back to the card
+        when it ends (other processes share a scanner's GPU)."""
         self._acquire(alive)
         deadline = time.monotonic() + job_seconds if job_seconds > 0 else None
+        rec = None
         try:
             self.count += 1
             rec = self.reconstructor(cfg)
+            if rec.device.type == "cuda" and (note := cap_gpu_memory(rec.device, gpu_memory_gb)):
+                log.info("%s", note)
             prepare_inputs(cine.kspace, cine.mask)  # bad input: a clear error, no fallback (it would fail too)
             maps = coil_maps_from_ref(cine, cfg, rec.device)
 
@@ -173,7 +179,10 @@ class Engine:
                              refine_maps=True)
                 return x, FALLBACK, fb.device, warning
         finally:
+            if rec is not None and rec.device.type == "cuda":
+                torch.cuda.empty_cache()
             self._lock.release()
+
 
 
 #: the classical method a failed score-based reconstruction falls back to (the strongest one
@@ -497,7 +506,8 @@ class ReconSession:
         log.info("%s: reconstructing %d frames (%s)", where, cine.kspace.shape[1], self.cfg.method)
         t0 = time.perf_counter()
         try:
-            x, method, device, warning = self.engine.run(cine, self.cfg, self.gs, self.alive, self.job_seconds)
+            x, method, device, warning = self.engine.run(cine, self.cfg, self.gs, self.alive, self.job_seconds,
+                                                         self.limits.gpu_memory_gb)
             x = finalize_images(np.asarray(x), self.geometry)
         except Cancelled:
             raise  # the stream is over: nobody to send the other slices to

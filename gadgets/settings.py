@@ -105,6 +105,7 @@ class Limits:
     idle_timeout: float = 3600.0  # seconds a client may stay silent mid-stream
     shutdown_grace: float = 30.0  # seconds running reconstructions get to stop on SIGINT / SIGTERM
     max_job_seconds: float = 3600.0  # ddugm serve, FIRE: wall-clock seconds one slice's reconstruction may run (0: no limit)
+    gpu_memory_gb: float = 0.0  # GPU memory this process may allocate (torch's cap; 0: the whole card)
 
     def validate(self):
         if not isinstance(self.allowed_dirs, list) or not all(isinstance(d, str) and d for d in self.allowed_dirs):
@@ -125,6 +126,10 @@ class Limits:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= MAX_TIMEOUT_S:
             raise ValueError(f"server setting max_job_seconds must be 0 (no limit) or a positive number of seconds, "
                              f"at most {MAX_TIMEOUT_S:g}, got {v!r}")
+        v = self.gpu_memory_gb
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1e6:
+            raise ValueError(f"server setting gpu_memory_gb must be 0 (the whole card) or a positive number of GiB, "
+                             f"got {v!r}")
         if not isinstance(self.allow_compile, bool):
             raise ValueError(f"server setting allow_compile must be true or false, got {self.allow_compile!r}")
 

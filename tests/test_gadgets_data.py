@@ -12,7 +12,7 @@ from gadgets.geometry import Geometry
 from gadgets.kspace import NoiseWhitener, finalize_images, fourier_resize, ky_to_grid, readout_to_grid
 from gadgets.replay import open_dataset
 from gadgets.session import Engine, ReconSession
-from gadgets.settings import load_settings, parse_scalar, properties_from_xml
+from gadgets.settings import Limits, load_settings, parse_scalar, properties_from_xml
 from gadgets.simulate import simulate
 
 
@@ -545,6 +545,54 @@ def test_failed_score_model_falls_back_with_a_warning(sim, tmp_path):
         if a.idx.slice == 0:
             s.handle(a)
     assert s.finish() == [] and len(s.errors) == 1
+
+
+def test_gpu_memory_cap_out_of_memory_falls_back_and_the_cache_is_handed_back(sim, monkeypatch):
+    """Server setting gpu_memory_gb: on a GPU the process may allocate at most that much (torch's
+    per-process fraction, set once); a job that needs more fails as out of memory and falls back
+    to LLR + TV on the CPU, with the warning; after every GPU job the cached memory goes back to
+    the card (the scanner's other GPU software shares it). Played here with torch.cuda's calls
+    recorded and a reconstructor that reports a CUDA device and runs out of memory."""
+    import torch
+
+    from ddugm_core import reconstruction
+    from ddugm_core.reconstruction import ReconConfig
+    from gadgets import session as session_mod
+
+    calls = []
+    monkeypatch.setattr(reconstruction, "_GPU_CAPS", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 80 * 2**30}))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append(("cap", f, d)))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(("empty",)))
+
+    class OnGpu:
+        device = torch.device("cuda")
+        config = ReconConfig(device="cpu")
+
+        def recon(self, *a, **k):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    engine = Engine()
+    monkeypatch.setattr(engine, "reconstructor", lambda cfg: OnGpu())
+    monkeypatch.setattr(engine, "load_models", lambda rec: None)
+    path, _ = sim
+    hdr, acqs = read_file(path)
+    cfg, gs = load_settings(operator={"llr_iters": "5", "device": "cpu"})
+    s = ReconSession(hdr, cfg, gs, engine, Limits(gpu_memory_gb=20))
+    out = []
+    for a in acqs:
+        out += s.handle(a)
+    out += s.finish()
+    assert len(out) == 12 and not s.errors
+    assert out[0].meta["DDUGM_Method"] == "llr_ttv" and "OutOfMemoryError" in out[0].meta["DDUGM_Warning"]
+    assert calls[0] == ("cap", 0.25, torch.device("cuda", 0))  # 20 of 80 GiB, set once for both slices
+    assert [c[0] for c in calls] == ["cap", "empty", "empty"]
+    assert reconstruction.cap_gpu_memory("cuda:0", 20) is None  # unchanged: nothing set again
+    assert "lifted" in reconstruction.cap_gpu_memory("cuda:0", 0) and calls[-1] == ("cap", 1.0, torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="gpu_memory_gb must be 0"):
+        Limits(gpu_memory_gb=-1).validate()
+    assert session_mod.cap_gpu_memory is reconstruction.cap_gpu_memory
 
 
 def test_ddugm_with_score_models_and_complex_output(sim, tiny_weights):

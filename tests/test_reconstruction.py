@@ -278,6 +278,25 @@ def test_cuda_matches_cpu_for_classical_methods(tiny_config):
     assert out.is_cuda and torch.isfinite(torch.view_as_real(out)).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_memory_cap_refuses_what_exceeds_it():
+    """The server setting gpu_memory_gb on a real card (in a child process: the cap is per process):
+    256 MiB fail as out of memory under a 20 MiB cap, 4 MiB fit."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import torch\nfrom ddugm_core.reconstruction import cap_gpu_memory\nprint(cap_gpu_memory('cuda', 0.02))\n"
+            "try:\n    torch.empty(64 * 2**20, device='cuda')\n    print('allocated')\n"
+            "except torch.cuda.OutOfMemoryError:\n    print('out of memory')\n"
+            "torch.empty(2**20, device='cuda')\nprint('small fits')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    assert "GPU memory capped at 0.02 GiB" in r.stdout and "out of memory" in r.stdout and "small fits" in r.stdout
+
+
 @pytest.mark.parametrize("overrides", [{"preset": "paper", "steps": 3}, {"dc_mode": "cg", "dc_iters": 3},
                                        {"init": "low_rank"}, {"lowrank_solver": "exact"}])
 def test_paper_preset_and_cg_paths_run(tiny_config, overrides):
