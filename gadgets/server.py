@@ -396,6 +396,9 @@ def add_parser(sub):
                                                                     "(server setting idle_timeout, default 3600)")
     p.add_argument("--max-connections", type=int, default=None, help="open connections; more are refused "
                                                                      "(server setting max_connections, default 16)")
+    p.add_argument("--gpu-memory-gb", type=finite_float, default=None, metavar="GB",
+                   help="GPU memory this server may allocate; a job needing more falls back to LLR + TV on the CPU "
+                        "(server setting gpu_memory_gb, default 0: the whole card)")
     p.add_argument("--allow-dir", action="append", default=None, metavar="DIR",
                    help="a folder whose files clients may name in config, debug_dir and the weight settings "
                         "(repeatable; server setting allowed_dirs; default: none)")
@@ -450,7 +453,7 @@ def run(a: argparse.Namespace) -> int:
     handler, writer, q = setup_logging(a.log_level)
     overrides = {k: v for k, v in (("device", a.device), ("preset", a.preset)) if v}
     limit_overrides = {"idle_timeout": a.idle_timeout, "max_connections": a.max_connections,
-                       "allowed_dirs": a.allow_dir}
+                       "allowed_dirs": a.allow_dir, "gpu_memory_gb": a.gpu_memory_gb}
     limits = load_limits(a.config, limit_overrides)
     server = Server(a.host or ["localhost"], a.port, a.config, overrides, limits=limits)
     server.bind()

@@ -592,6 +592,11 @@ def test_gpu_memory_cap_out_of_memory_falls_back_and_the_cache_is_handed_back(si
     assert "lifted" in reconstruction.cap_gpu_memory("cuda:0", 0) and calls[-1] == ("cap", 1.0, torch.device("cuda", 0))
     with pytest.raises(ValueError, match="gpu_memory_gb must be 0"):
         Limits(gpu_memory_gb=-1).validate()
+    from gadgets.cli import main
+    from gadgets.settings import load_limits
+
+    assert load_limits(None, {"gpu_memory_gb": 8.0}).gpu_memory_gb == 8.0  # ddugm serve --gpu-memory-gb 8
+    assert main(["serve", "--port", "0", "--gpu-memory-gb", "-1"]) == 2  # refused before binding
     assert session_mod.cap_gpu_memory is reconstruction.cap_gpu_memory
 
 
