@@ -54,6 +54,7 @@ class Case:
     maps: np.ndarray | None
     accel: float
     full: int | None = None
+    noise_std: float | None = None  # the k-space noise std where known (what a noise scan tells), else None
 
     @property
     def measured_accel(self) -> float:
@@ -70,6 +71,7 @@ class RawSeries:
     kspace: np.ndarray
     truth: np.ndarray
     sampled: np.ndarray
+    noise_std: float | None = None  # the data's own noise (per real component, normalised) where known
 
 
 # ---------------------------------------------------------------------- data
@@ -127,9 +129,10 @@ def is_raw_source(source) -> bool:
 
 
 def raw_series(items, max_series: int = 0, max_frames: int = 0) -> list[RawSeries]:
-    """:class:`RawSeries` from ``(name, kspace [coil, T, ky, kx], sampled [ky, kx])`` (what
-    ``gadgets.rawcine.read_raw_cines`` returns). The truth is the coil combination
-    sum_c conj(S_c) x_c with Walsh maps S estimated from all of the data (one coil: the image)."""
+    """:class:`RawSeries` from ``(name, kspace [coil, T, ky, kx], sampled [ky, kx][, noise std])``
+    (what ``gadgets.rawcine.read_raw_cines`` returns; the noise std where a noise scan told it). The
+    truth is the coil combination sum_c conj(S_c) x_c with Walsh maps S estimated from all of the
+    data (one coil: the image)."""
     import torch
 
     from .coils import estimate_coil_maps
@@ -137,7 +140,8 @@ def raw_series(items, max_series: int = 0, max_frames: int = 0) -> list[RawSerie
     from .operators import ifft2c
 
     out = []
-    for name, k, sampled in items:
+    for name, k, sampled, *known in items:
+        noise = known[0] if known else None
         if max_frames:
             k = k[:, :max_frames]
         if k.shape[1] < 2:
@@ -154,7 +158,7 @@ def raw_series(items, max_series: int = 0, max_frames: int = 0) -> list[RawSerie
         if not np.isfinite(truth).all() or not scale > 0:
             raise ValueError(f"{name}: the fully sampled image is empty or not finite")
         out.append(RawSeries(name, (k / scale).astype(np.complex64), (truth / scale).astype(np.complex64),
-                             np.asarray(sampled, bool)))
+                             np.asarray(sampled, bool), None if noise is None else float(noise) / scale))
         if max_series and len(out) >= max_series:
             break
     return out
@@ -173,8 +177,9 @@ def raw_case(rs: RawSeries, accel: float, noise: float, seed: int) -> Case:
     if noise:
         rng = np.random.default_rng(_case_seed(seed, accel))
         k = k + noise * (rng.standard_normal(k.shape) + 1j * rng.standard_normal(k.shape))
+    own = rs.noise_std
     return Case(rs.name, rs.truth, (k * mask[None]).astype(np.complex64), mask, None, accel,
-                full=t * int(rs.sampled.sum()))
+                full=t * int(rs.sampled.sum()), noise_std=None if own is None else math.hypot(own, noise))
 
 
 def make_truth(frames: np.ndarray, seed: int) -> np.ndarray:
@@ -210,7 +215,7 @@ def simulate_case(name: str, truth: np.ndarray, accel: float, coils: int, noise:
     maps = coil_maps(coils, (ny, nx), seed=seed) if coils > 1 else None
     mask = variable_density_mask(t, ny, accel, seed=_case_seed(seed, accel))
     k = simulate_kspace(truth, maps, mask, noise=noise, seed=_case_seed(seed, accel))
-    return Case(name, truth, k, mask, maps, accel)
+    return Case(name, truth, k, mask, maps, accel, noise_std=noise)  # known, as a noise scan tells it
 
 
 # ---------------------------------------------------------------------- metrics
@@ -312,7 +317,7 @@ def _resolve_source(a, raw_reader) -> bool:
 
 def run(a, raw_reader=None) -> int:
     """``ddugm evaluate``. ``raw_reader(source, slices)`` reads fully sampled ISMRMRD raw data as
-    ``(name, kspace, sampled)`` (``gadgets.rawcine.read_raw_cines``, passed by the ``ddugm``
+    ``(name, kspace, sampled, noise std)`` (``gadgets.rawcine.read_raw_cines``, passed by the ``ddugm``
     command; the library alone has no ISMRMRD reader)."""
     import torch
 
@@ -422,7 +427,8 @@ def run(a, raw_reader=None) -> int:
                     bar.set_postfix_str(f"{name} R={r:g} {m}")
                 try:
                     t0 = time.perf_counter()
-                    x = engine.recon(case.kspace, case.mask, maps, seed=a.seed, method=method)
+                    x = engine.recon(case.kspace, case.mask, maps, seed=a.seed, method=method,
+                                     noise_std=case.noise_std)
                     if rec.device.type == "cuda":
                         torch.cuda.synchronize()
                     dt = time.perf_counter() - t0

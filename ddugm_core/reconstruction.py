@@ -98,6 +98,10 @@ class ReconConfig:
     ttv_cyclic: bool = False            #   temporal TV ties the last frame to the first (a whole-cycle cine),
     llr_rho: float = 0.2                #   ADMM penalty,
     llr_cg_iters: int = 3               #   conjugate-gradient steps per x-update
+    noise_reference: float = 0.005      #   k-space noise std (per real component, normalised units) the weights suit,
+    noise_adapt: float = 1.0            #   and where the data's noise is known (a noise scan): the LLR and temporal-TV
+                                        #   weights x max(1, noise / noise_reference) ** noise_adapt (0: off),
+    noise_adapt_sigma: float = 0.4      #   and the pnp sampler's noise levels x that ratio ** noise_adapt_sigma (0: off)
     dc_mode: str = "replace"            # multi-coil data consistency: replace (coil k-space) or cg
     dc_iters: int = 5                   # conjugate-gradient steps when dc_mode is cg
     dc_lambda: float = 0.0
@@ -202,6 +206,9 @@ class ReconConfig:
                 or self.llr_lambda < 0 or self.ttv_lambda < 0 or not 0 <= self.ttv_accel_power <= 4:
             raise ValueError("llr_iters, llr_block and llr_cg_iters must be >= 1, llr_rho > 0, "
                              "llr_lambda and ttv_lambda >= 0, ttv_accel_power in [0, 4]")
+        if not self.noise_reference > 0 or not 0 <= self.noise_adapt <= 4 or not 0 <= self.noise_adapt_sigma <= 4:
+            raise ValueError(f"noise_reference must be > 0, noise_adapt and noise_adapt_sigma in [0, 4] (0: off), got "
+                             f"{self.noise_reference}, {self.noise_adapt} and {self.noise_adapt_sigma}")
         if self.virtual_coils < 0:
             raise ValueError(f"virtual_coils must be >= 0 (0: no compression), got {self.virtual_coils}")
         if not 0 <= self.virtual_coils_energy < 1:
@@ -380,6 +387,8 @@ class Reconstructor:
         self._scores = None
         self.coil_energy_kept = 1.0  # of the last reconstruction (below 1 with virtual_coils)
         self.coils_used = (0, 0)     # of the last reconstruction: (coils in the data, coils reconstructed)
+        self.noise_ratio = 1.0       # of the last reconstruction: max(1, its known noise / noise_reference),
+        self.noise_factor = 1.0      #   and its LLR and temporal-TV weights x this (noise_adapt)
 
     def _model_domains(self) -> tuple:
         """The score models this configuration uses: image and k-space always (they are the
@@ -421,7 +430,7 @@ class Reconstructor:
 
     def recon(self, kspace, mask=None, coil_maps=None, seed: int = 0, method: str | None = None,
               callback: Optional[Callable[[int, int], None]] = None, trace: Optional[Callable[[dict], None]] = None,
-              refine_maps: Optional[bool] = None):
+              refine_maps: Optional[bool] = None, noise_std: Optional[float] = None):
         """Reconstruct ``[frame, y, x]`` complex64 images from centred k-space.
 
         kspace: ``[coil, frame, ky, kx]`` or ``[frame, ky, kx]``, zeros where not acquired.
@@ -434,14 +443,20 @@ class Reconstructor:
         Returns a numpy array for numpy input, else a tensor on the input's device.
         trace: passed to the sampler (:func:`~ddugm_core.sampler.ddugm_sample`), each record with
         ``scale`` (the normalisation: states are in the input's units divided by it) and ``weight``.
+        noise_std: the standard deviation of the k-space noise (each real component) in the input's
+        units, where it is known (prewhitened with a noise scan: the gadgets pass it); the LLR and
+        temporal-TV weights then grow with it above ``noise_reference`` (``noise_adapt``), and
+        ``self.noise_factor`` says by how much. None: unknown, the weights as set.
         A reconstruction that breaks down numerically (NaN or inf; settings far outside their range)
         raises FloatingPointError naming the method, never returns such an image.
         """
+        if noise_std is not None and not (math.isfinite(noise_std) and noise_std >= 0):
+            raise ValueError(f"noise_std must be a finite number >= 0 (or None: unknown), got {noise_std}")
         method = method or self.config.method
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         try:
-            x = self._recon(kspace, mask, coil_maps, seed, method, callback, trace, refine_maps)
+            x = self._recon(kspace, mask, coil_maps, seed, method, callback, trace, refine_maps, noise_std)
         except torch.linalg.LinAlgError as e:  # an SVD / eigendecomposition of non-finite values
             raise FloatingPointError(f"the {method} reconstruction broke down numerically ({str(e).splitlines()[0][:120]}): "
                                      "settings far outside their usual range (weights, iterations) can do this") from None
@@ -450,7 +465,7 @@ class Reconstructor:
                                      "settings far outside their usual range (weights, iterations) can do this")
         return x
 
-    def _recon(self, kspace, mask, coil_maps, seed, method, callback, trace, refine_maps):
+    def _recon(self, kspace, mask, coil_maps, seed, method, callback, trace, refine_maps, noise_std=None):
         cfg = self.config
         as_numpy = isinstance(kspace, np.ndarray)
         out_device = None if as_numpy else getattr(kspace, "device", None)
@@ -474,7 +489,11 @@ class Reconstructor:
         # (the sampler then continues at pnp_reg_scale of it; chosen on validation); the llr_ttv
         # method starts the same way and continues at llr_continue_scale without any prior
         continued = method == "llr_ttv" and cfg.llr_continue_iters > 0
-        reg = cfg.start_reg_scale if method == "ddugm" or continued else 1.0
+        # noisier data than the weights were chosen at (known from a noise scan): stronger LLR + TV,
+        # in proportion to the noise (chosen on validation: README "Noise")
+        self.noise_ratio = max(1.0, float(noise_std / scale) / cfg.noise_reference) if noise_std else 1.0
+        self.noise_factor = self.noise_ratio ** cfg.noise_adapt
+        reg = (cfg.start_reg_scale if method == "ddugm" or continued else 1.0) * self.noise_factor
         # the LLR + TV after the rounds (the method, or DD-UGM's start) continues their ADMM iterates
         continuing = bool(refine and cfg.coil_refine_continue)
         llr_iters = cfg.coil_refine_continue if continuing else cfg.llr_iters
@@ -508,7 +527,8 @@ class Reconstructor:
             x = self._classical(method, dc, first, state, llr_iters, accel, reg)
             if more:
                 then = None if callback is None else (lambda i, n: callback(llr_iters + i, llr_iters + n))
-                x = self._classical(method, dc, then, state, more, accel, cfg.llr_continue_scale, seed=1)
+                x = self._classical(method, dc, then, state, more, accel, cfg.llr_continue_scale * self.noise_factor,
+                                    seed=1)
         else:
             scores = self.load_models()
             gen = torch.Generator(self.device).manual_seed(int(seed))
@@ -531,7 +551,8 @@ class Reconstructor:
             weight = KWeight(kspace_weight(*k0.shape[-2:], device=self.device))
             tr = None if trace is None else (lambda rec: trace({**rec, "scale": scale, "weight": weight}))
             if cfg.resolved("sampler") == "pnp":
-                x = pnp_sample(x0, dc, scores["image"], self.pnp_settings(accel, reg), progress, tr, scores.get("xt"), gen, admm)
+                x = pnp_sample(x0, dc, scores["image"], self.pnp_settings(accel, reg, self.noise_ratio), progress, tr,
+                               scores.get("xt"), gen, admm)
             else:
                 x = ddugm_sample(k0, dc, scores["kspace"], scores["image"], weight, s, gen, progress, tr)
         if maps is not None:
@@ -554,12 +575,14 @@ class Reconstructor:
             return classical.get(cfg.resolved("init"), 0) + cfg.sampler_settings().steps
         return 0
 
-    def pnp_settings(self, accel: float = TTV_REFERENCE_ACCEL, reg: float = 1.0) -> PnPSettings:
+    def pnp_settings(self, accel: float = TTV_REFERENCE_ACCEL, reg: float = 1.0, noise_ratio: float = 1.0) -> PnPSettings:
         """The pnp sampler's settings for data at acceleration ``accel`` (the temporal-TV weight
         depends on it, :meth:`ReconConfig.ttv_weight`), from a start whose LLR + TV weights are
-        ``reg`` x ``llr_lambda`` and ``ttv_weight(accel)`` (``start_reg_scale``)."""
+        ``reg`` x ``llr_lambda`` and ``ttv_weight(accel)`` (``start_reg_scale``), for data whose
+        known noise is ``noise_ratio`` x ``noise_reference`` (>= 1: its noise levels x that ** ``noise_adapt_sigma``)."""
         cfg, s = self.config, self.config.sampler_settings()
-        return PnPSettings(steps=s.steps, sigma_max=s.sigma_max, sigma_min=s.sigma_min, gamma=cfg.pnp_gamma,
+        lift = noise_ratio ** cfg.noise_adapt_sigma  # noisier data than noise_reference: higher noise levels
+        return PnPSettings(steps=s.steps, sigma_max=s.sigma_max * lift, sigma_min=s.sigma_min * lift, gamma=cfg.pnp_gamma,
                            inner=cfg.pnp_inner, xt_weight=float(cfg.resolved("pnp_xt_weight")),
                            eta=cfg.pnp_eta, ensemble=cfg.pnp_ensemble, keep_duals=bool(cfg.pnp_keep_duals),
                            xt_planes=cfg.pnp_xt_planes, phase=cfg.pnp_phase,

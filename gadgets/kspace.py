@@ -56,6 +56,7 @@ class CineData:
     notes: list = field(default_factory=list)
     frame_axis: str = "phase"  # the image header index that numbers the frames (phase | repetition)
     frame_offset: int = 0  # the first frame's index (a block of a real-time series: its first repetition)
+    noise_std: float | None = None  # k-space noise std per real component where prewhitened (a noise scan), else None
 
 
 # ------------------------------------------------------------------ noise prewhitening
@@ -161,6 +162,23 @@ def readout_to_grid(lines: np.ndarray, center: int, geometry: Geometry):
     grid[..., nx // 2 + j[keep]] = line[..., keep]
     sampled[nx // 2 + j[keep]] = True
     return grid, sampled
+
+
+_NOISE_GAIN: dict = {}
+
+
+def whitened_noise_std(n: int, center: int, geometry: Geometry) -> float:
+    """The noise std per real component that prewhitened readouts of ``n`` samples (echo at
+    ``center``; unit variance per complex sample) have on the grid after :func:`readout_to_grid`
+    (its oversampling removal lowers it): measured once per line shape on fixed white noise."""
+    key = (n, center, geometry.nx, geometry.readout_oversampling)
+    if key not in _NOISE_GAIN:
+        rng = np.random.default_rng(0)
+        noise = ((rng.standard_normal((256, n)) + 1j * rng.standard_normal((256, n))) / math.sqrt(2)).astype(np.complex64)
+        grid, sampled = readout_to_grid(noise, center, geometry)
+        v = grid[:, sampled]
+        _NOISE_GAIN[key] = float(np.sqrt((np.mean(v.real ** 2) + np.mean(v.imag ** 2)) / 2)) if v.size else 0.0
+    return _NOISE_GAIN[key]
 
 
 def ky_to_grid(ky, ky_center: int, ny: int):
@@ -296,6 +314,7 @@ class AcquisitionCollector:
         self.frames = 0  # largest frame index + 1 so far
         self.samples = 0  # grid samples buffered (coils x nx per line)
         self.center_noted = False  # an unset center_sample was said once
+        self.noise_stds = []  # prewhitened image lines: their noise std on the grid (None: a line not whitened)
 
     def add(self, acq, whitener: NoiseWhitener | None):
         g = self.geometry
@@ -332,12 +351,15 @@ class AcquisitionCollector:
         if flag_set(acq.flags, REVERSE):
             data = data[:, ::-1]
             center = data.shape[1] - 1 - center
-        if whitener is not None and whitener.ready:
+        whitened = whitener is not None and whitener.ready
+        if whitened:
             data = whitener.apply(data, acq.sample_time_us)
         grid, sampled = readout_to_grid(data, center, g)
         row = int(ky_to_grid(int(acq.idx.kspace_encode_step_1), g.ky_center, g.ny))
         is_ref = flag_set(acq.flags, CALIBRATION) or flag_set(acq.flags, CALIBRATION_AND_IMAGING)
         is_image = not flag_set(acq.flags, CALIBRATION)
+        if is_image:
+            self.noise_stds.append(whitened_noise_std(data.shape[1], center, g) if whitened else None)
         frame = self.frame_of(acq)
         delay = int(acq.physiology_time_stamp[0])
         if self.axis == "ecg":  # binned at build(), once every beat is known
@@ -391,8 +413,10 @@ class AcquisitionCollector:
             for p, h in enumerate(headers):  # a binned phase's images: repetition 0, its mid-phase trigger time
                 h.idx.repetition = 0
                 h.physiology_time_stamp[0] = int(round((p + 0.5) / t * self.ecg["rr"]))
+        known = self.noise_stds and None not in self.noise_stds  # every image line prewhitened
         return CineData(self.key_dict(), k, mask, headers, ref, ref_mask,
-                        frame_axis="phase" if self.axis == "ecg" else self.axis, frame_offset=self.offset)
+                        frame_axis="phase" if self.axis == "ecg" else self.axis, frame_offset=self.offset,
+                        noise_std=float(np.mean(self.noise_stds)) if known else None)
 
     def _bin(self) -> None:
         """ecg: each line's frame, its cardiac phase from its trigger delay (:func:`ecg_bins`)."""

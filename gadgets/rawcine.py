@@ -102,8 +102,9 @@ def full_mask(cine: CineData, where: str) -> np.ndarray:
     return common
 
 
-def read_raw_cines(source, slices: str = "all", group: str = "dataset") -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """``(name, kspace [coil, frame, ky, kx] complex64, sampled [ky, kx] bool)`` for every slice
+def read_raw_cines(source, slices: str = "all", group: str = "dataset") -> list[tuple]:
+    """``(name, kspace [coil, frame, ky, kx] complex64, sampled [ky, kx] bool, noise std or None)``
+    (the noise std per real component where a noise scan prewhitened the data) for every slice
     (``slices`` ``mid``: the middle slice of each file) of the fully sampled raw ``source``
     (a file or a folder of them). Errors (ValueError / FileNotFoundError) name the file and slice.
 
@@ -135,7 +136,7 @@ def read_raw_cines(source, slices: str = "all", group: str = "dataset") -> list[
                                  f"real-time series), got {c.kspace.shape[1]}")
             sampled = full_mask(c, where)
             tail = "".join(f"_{k}{v}" for k, v in c.key.items() if v and k != "slice")
-            out.append((f"{f.stem}_slice{c.key['slice']}{tail}", c.kspace, sampled))
+            out.append((f"{f.stem}_slice{c.key['slice']}{tail}", c.kspace, sampled, c.noise_std))
     return out
 
 

@@ -162,7 +162,8 @@ class Engine:
 
             try:
                 self.load_models(rec)
-                x = rec.recon(cine.kspace, cine.mask, maps, seed=gs.seed, callback=check, refine_maps=True)
+                x = rec.recon(cine.kspace, cine.mask, maps, seed=gs.seed, callback=check, refine_maps=True,
+                              noise_std=cine.noise_std)
                 if rec.coils_used[1] < rec.coils_used[0]:
                     log.info("%s: %d coils compressed to %d virtual coils, %.2f %% of the signal energy kept",
                              slice_name(cine.key), *rec.coils_used, 100 * rec.coil_energy_kept)
@@ -176,7 +177,7 @@ class Engine:
                 log.warning("%s: %s", slice_name(cine.key), warning)
                 fb = Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "method": FALLBACK, "device": "cpu"}))
                 x = fb.recon(cine.kspace, cine.mask, None if maps is None else maps.cpu(), seed=gs.seed, callback=check,
-                             refine_maps=True)
+                             refine_maps=True, noise_std=cine.noise_std)
                 return x, FALLBACK, fb.device, warning
         finally:
             if rec is not None and rec.device.type == "cuda":

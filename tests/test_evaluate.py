@@ -237,8 +237,8 @@ def test_raw_real_time_series_is_read_as_frames(tmp_path):
     k-space as the same data labelled as cardiac phases."""
     from gadgets.rawcine import read_raw_cines
 
-    (n1, k1, s1), = read_raw_cines(_raw(tmp_path, "rt.h5", real_time=True, noise=0))
-    (n2, k2, s2), = read_raw_cines(_raw(tmp_path, "cine.h5", noise=0))
+    (n1, k1, s1, _), = read_raw_cines(_raw(tmp_path, "rt.h5", real_time=True, noise=0))
+    (n2, k2, s2, _), = read_raw_cines(_raw(tmp_path, "cine.h5", noise=0))
     assert (n1, n2) == ("rt_slice0", "cine_slice0") and k1.shape == (4, 6, 32, 32) and s1.all() and s2.all()
     np.testing.assert_array_equal(k1, k2)
 
@@ -248,7 +248,7 @@ def test_raw_partial_fourier_stays_as_acquired(tmp_path):
     from gadgets.rawcine import read_raw_cines
 
     raw = _raw(tmp_path, partial_fourier=0.75, asymmetric_echo=0.8)
-    (name, k, sampled), = read_raw_cines(raw)
+    (name, k, sampled, _), = read_raw_cines(raw)
     lines = sampled.any(axis=1)
     assert 0.7 < lines.mean() < 0.8 and not sampled.all(axis=0).all()  # lines and readout points missing
     case = raw_case(raw_series([(name, k, sampled)])[0], 2.0, 0.0, seed=0)
@@ -386,7 +386,7 @@ def test_raw_mid_slice_buffers_only_that_slice(tmp_path, monkeypatch):
     real = rawcine._Collecting._reconstruct
     monkeypatch.setattr(rawcine._Collecting, "_reconstruct", lambda self, cine, natural: kept.append(cine.key["slice"])
                         or real(self, cine, natural))
-    (name, k, sampled), = rawcine.read_raw_cines(raw, slices="mid")
+    (name, k, sampled, _), = rawcine.read_raw_cines(raw, slices="mid")
     assert name == "cine_slice2" and kept == [2]  # the middle of slices 0..3, as before: the upper one
     assert np.array_equal(k, everything[2][1]) and np.array_equal(sampled, everything[2][2])
 

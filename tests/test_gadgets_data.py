@@ -832,3 +832,25 @@ def test_every_server_limit_is_documented_at_its_default():
         assert f.name in listed, f"config/recon.yaml does not list server: {f.name}"
         assert listed[f.name] == getattr(Limits(), f.name), f.name
         assert f"| `{f.name}` |" in readme, f"README's limits table lacks {f.name}"
+
+
+@pytest.mark.parametrize("oversampling", [1, 2])
+def test_prewhitened_cines_carry_their_noise_level(tmp_path, oversampling):
+    """With a noise scan the session knows the k-space noise of each cine after prewhitening and
+    readout-oversampling removal (README "Noise": the reconstruction's weights follow it); it is
+    the std the samples really have. Without a noise scan it is unknown (None)."""
+    from gadgets.rawcine import read_raw_cines
+
+    np.save(tmp_path / "zero.npy", np.zeros((3, 24, 20), np.complex64))  # noise only
+    for noise_scan in (True, False):
+        path = tmp_path / f"n{noise_scan}.h5"
+        simulate(str(path), images=str(tmp_path / "zero.npy"), coils=3, accel=1, acs=0, noise=0.02,
+                 oversampling=oversampling, noise_scan=noise_scan, seed=2)
+        (_, k, sampled, noise_std), = read_raw_cines(path)
+        if not noise_scan:
+            assert noise_std is None
+            continue
+        v = k[:, :, sampled]
+        measured = float(np.sqrt((np.mean(v.real ** 2) + np.mean(v.imag ** 2)) / 2))
+        assert noise_std == pytest.approx(measured, rel=0.05)
+        assert noise_std == pytest.approx(np.sqrt(0.5 / oversampling), rel=0.02)  # unit variance, oversampling removed

@@ -493,3 +493,31 @@ def test_a_scale_percentile_in_the_background_is_named(tiny_config):
     cfg = ReconConfig.from_dict({**tiny_config.to_dict(), "method": "zero_filled", "scale_percentile": 1e-9})
     with pytest.raises(ValueError, match="scale_percentile too low"):
         Reconstructor(cfg).recon(k)
+
+
+def test_a_known_noise_level_strengthens_lr_tv_and_lifts_the_sampler(tiny_config):
+    """noise_std (from a noise scan): above noise_reference the LLR and temporal-TV weights grow
+    in proportion (noise_adapt 1) and the pnp sampler's noise levels by the ratio ** 0.4; at or
+    below it, or unknown, nothing changes; noise_adapt 0 turns it off."""
+    x = cine_phantom(4, 24, seed=3)
+    k = simulate_kspace(x, coil_maps(2, 24), variable_density_mask(4, 24, 3, seed=1))
+    rec = Reconstructor(tiny_config, device="cpu")
+    plain = rec.recon(k, method="llr_ttv")
+    assert rec.noise_factor == 1.0 and rec.noise_ratio == 1.0
+    quiet = rec.recon(k, method="llr_ttv", noise_std=1e-6)
+    assert rec.noise_factor == 1.0 and np.array_equal(quiet, plain)
+    noisy = rec.recon(k, method="llr_ttv", noise_std=0.5)
+    assert rec.noise_ratio > 5 and rec.noise_factor == pytest.approx(rec.noise_ratio)
+    tv = lambda v: float(np.abs(np.diff(v, axis=0)).sum())  # noqa: E731
+    assert tv(noisy) < tv(plain)  # stronger temporal TV
+    base = rec.pnp_settings()
+    lifted = rec.pnp_settings(noise_ratio=4.0)
+    assert lifted.sigma_max == pytest.approx(base.sigma_max * 4 ** 0.4)
+    assert lifted.sigma_min == pytest.approx(base.sigma_min * 4 ** 0.4)
+    off = Reconstructor(ReconConfig.from_dict({**tiny_config.to_dict(), "noise_adapt": 0, "noise_adapt_sigma": 0}))
+    assert np.array_equal(off.recon(k, method="llr_ttv", noise_std=0.5), plain) and off.noise_factor == 1.0
+    assert off.pnp_settings(noise_ratio=4.0).sigma_max == base.sigma_max
+    with pytest.raises(ValueError, match="noise_std must be"):
+        rec.recon(k, method="llr_ttv", noise_std=-1.0)
+    with pytest.raises(ValueError, match="noise_reference must be > 0"):
+        ReconConfig(noise_reference=0).validate()
