@@ -101,7 +101,7 @@ class ReconConfig:
     noise_reference: float = 0.005      #   k-space noise std (per real component, normalised units) the weights suit,
     noise_adapt: float = 1.0            #   and where the data's noise is known (a noise scan): the LLR and temporal-TV
                                         #   weights x max(1, noise / noise_reference) ** noise_adapt (0: off),
-    noise_adapt_sigma: float = 0.4      #   and the pnp sampler's noise levels x that ratio ** noise_adapt_sigma (0: off)
+    noise_adapt_sigma: float = 0.6      #   and the pnp sampler's noise levels x that ratio ** noise_adapt_sigma (0: off)
     dc_mode: str = "replace"            # multi-coil data consistency: replace (coil k-space) or cg
     dc_iters: int = 5                   # conjugate-gradient steps when dc_mode is cg
     dc_lambda: float = 0.0
