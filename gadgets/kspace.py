@@ -142,11 +142,11 @@ def readout_to_grid(lines: np.ndarray, center: int, geometry: Geometry):
     os = geometry.readout_oversampling
     nx = geometry.nx
     lo, hi = -center, n - center  # sampled k range in units of the line's own spacing
-    if os > 1.01 and full > 1.25 * nx:  # still at the encoded (oversampled) sampling
+    m = _decimated_length(n, center, geometry)
+    if m:  # still at the encoded (oversampled) sampling
         pad = np.zeros(lines.shape[:-1] + (full,), dtype=np.complex64)
         pad[..., half - center:half - center + n] = lines
         img = np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(pad, axes=-1), axis=-1), axes=-1)
-        m = max(2, int(round(full / os)))
         start = full // 2 - m // 2
         img = img[..., start:start + m]
         line = np.fft.fftshift(np.fft.fft(np.fft.ifftshift(img, axes=-1), axis=-1), axes=-1)
@@ -164,21 +164,22 @@ def readout_to_grid(lines: np.ndarray, center: int, geometry: Geometry):
     return grid, sampled
 
 
-_NOISE_GAIN: dict = {}
+def _decimated_length(n: int, center: int, geometry: Geometry) -> int:
+    """The length a readout of ``n`` samples (echo at ``center``) keeps when
+    :func:`readout_to_grid` removes its oversampling, or 0 where it is already at the
+    reconstruction's sampling."""
+    full = 2 * max(center, n - center)
+    os = geometry.readout_oversampling
+    return max(2, int(round(full / os))) if os > 1.01 and full > 1.25 * geometry.nx else 0
 
 
 def whitened_noise_std(n: int, center: int, geometry: Geometry) -> float:
     """The noise std per real component that prewhitened readouts of ``n`` samples (echo at
-    ``center``; unit variance per complex sample) have on the grid after :func:`readout_to_grid`
-    (its oversampling removal lowers it): measured once per line shape on fixed white noise."""
-    key = (n, center, geometry.nx, geometry.readout_oversampling)
-    if key not in _NOISE_GAIN:
-        rng = np.random.default_rng(0)
-        noise = ((rng.standard_normal((256, n)) + 1j * rng.standard_normal((256, n))) / math.sqrt(2)).astype(np.complex64)
-        grid, sampled = readout_to_grid(noise, center, geometry)
-        v = grid[:, sampled]
-        _NOISE_GAIN[key] = float(np.sqrt((np.mean(v.real ** 2) + np.mean(v.imag ** 2)) / 2)) if v.size else 0.0
-    return _NOISE_GAIN[key]
+    ``center``; unit variance per complex sample) have on the grid after :func:`readout_to_grid`:
+    its oversampling removal (an inverse FFT of the padded line, a crop to ``m`` of its ``full``
+    samples, a forward FFT) scales the noise variance by ``m / full``."""
+    m = _decimated_length(n, center, geometry)
+    return math.sqrt(0.5 * (m / (2 * max(center, n - center)) if m else 1.0))
 
 
 def ky_to_grid(ky, ky_center: int, ny: int):
