@@ -854,3 +854,25 @@ def test_prewhitened_cines_carry_their_noise_level(tmp_path, oversampling):
         measured = float(np.sqrt((np.mean(v.real ** 2) + np.mean(v.imag ** 2)) / 2))
         assert noise_std == pytest.approx(measured, rel=0.05)
         assert noise_std == pytest.approx(np.sqrt(0.5 / oversampling), rel=0.02)  # unit variance, oversampling removed
+
+
+def test_a_noisy_scan_strengthens_the_weights_and_says_so(tmp_path, caplog):
+    """A scan far noisier than noise_reference, prewhitened with its noise scan: the session passes
+    its noise to the reconstruction, which raises the LLR + TV weights, and the log says by how
+    much; the same scan without a noise scan (noise unknown) keeps the weights as set."""
+    for noise_scan in (True, False):
+        path = tmp_path / f"noisy{noise_scan}.h5"
+        simulate(str(path), frames=6, size=32, coils=4, accel=2, acs=8, noise=0.05, noise_scan=noise_scan, seed=4)
+        hdr, acqs = read_file(path)
+        cfg, gs = load_settings(operator={"method": "llr_ttv", "llr_iters": "3", "llr_continue_iters": "2",
+                                          "device": "cpu"})
+        s = ReconSession(hdr, cfg, gs, Engine())
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="ddugm"):
+            out = [im for a in acqs for im in s.handle(a)] + s.finish()
+        assert len(out) == 6 and not s.errors
+        said = [r.getMessage() for r in caplog.records if "times noise_reference" in r.getMessage()]
+        if noise_scan:
+            assert len(said) == 1 and "LLR and temporal-TV weights x" in said[0] and "sampler" not in said[0], said
+        else:
+            assert said == []
