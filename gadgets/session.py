@@ -190,7 +190,6 @@ class Engine:
             self._lock.release()
 
 
-
 #: the classical method a failed score-based reconstruction falls back to (the strongest one
 #: measured: ``ddugm evaluate``, README)
 FALLBACK = "llr_ttv"
