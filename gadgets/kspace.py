@@ -380,6 +380,8 @@ class AcquisitionCollector:
         if not images:
             raise ValueError(f"group {self.describe()}: no imaging lines (only calibration or no data)")
         t = self.phases if self.axis == "ecg" else max(ln[0] for ln in images) + 1
+        if self.axis != "ecg":
+            self._check_counters(images, t)
         c, ny, nx = self.channels, g.ny, g.nx
         k = np.zeros((c, t, ny, nx), np.complex64)
         count = np.zeros((t, ny, nx), np.float32)
@@ -418,6 +420,38 @@ class AcquisitionCollector:
         return CineData(self.key_dict(), k, mask, headers, ref, ref_mask,
                         frame_axis="phase" if self.axis == "ecg" else self.axis, frame_offset=self.offset,
                         noise_std=float(np.mean(self.noise_stds)) if known else None)
+
+    def _check_counters(self, images: list, t: int) -> None:
+        """Lines that repeat a position already acquired in their frame are averaged with it. Where
+        they betray counters a sequence never set (research sequences that do not label their lines,
+        a retrospectively gated scan read as a cine), averaging would blur the frames or lines
+        together into a plausible, wrong image, so those cases are refused by name: every line at
+        one phase-encoding position, or the announced frames mostly empty while lines repeat."""
+        positions = {(ln[0], ln[1]) for ln in images}
+        repeated = len(images) - len(positions)
+        if not repeated:
+            return
+        where = self.describe()
+        if len({row for _, row in positions}) == 1:
+            step = int(images[0][4].idx.kspace_encode_step_1)
+            raise ValueError(f"group {where}: all {len(images)} imaging lines carry one phase-encoding position "
+                             f"(kspace_encode_step_1 = {step}): the acquisitions' line counters look unset (a "
+                             "sequence that does not label its lines?); each line's position in k-space is needed")
+        g = self.geometry
+        if self.axis == "phase":
+            announced, counter, what = g.phases, "phase", "cardiac phases"
+        else:
+            announced = g.repetitions if g.repetitions_announced and not self.block else 0
+            counter, what = "repetition", "repetitions"
+        beats = (f"; the lines' trigger delays run through {self.heartbeats + 1} heartbeats: frame_axis ecg bins "
+                 "them into cardiac phases by their ECG trigger time") if self.heartbeats else ""
+        if announced >= 2 * t:
+            raise ValueError(f"group {where}: the header announces {announced} {what}, but the acquisitions' "
+                             f"{counter} counters fill only {t}, and {repeated} of the {len(images)} imaging lines "
+                             f"repeat a line already acquired in their frame: the {counter} counter looks unset "
+                             f"(averaging the repeats would blur the frames together){beats}")
+        log.info("%s: %d of %d imaging lines repeat a line already acquired in their frame and are averaged with "
+                 "it%s", where, repeated, len(images), beats)
 
     def _bin(self) -> None:
         """ecg: each line's frame, its cardiac phase from its trigger delay (:func:`ecg_bins`)."""
@@ -476,6 +510,11 @@ def _buffer_lines(buf, s: int, loc: int, geometry: Geometry, whitener: NoiseWhit
         hs = None
     if not acquired.any():
         raise ValueError(f"ReconData S={s} LOC={loc}: no acquired lines")
+    rows_acquired = np.nonzero(acquired.any(axis=0))[0]
+    if len(rows_acquired) == 1 and e1 > 1:  # what a chain's buffer holds of lines whose counters were never set
+        raise ValueError(f"ReconData S={s} LOC={loc}: every frame's data lie on one phase-encoding line (E1 = "
+                         f"{rows_acquired[0]} of {e1}): the acquisitions' line counters look unset (a sequence that "
+                         "does not label its lines?); each line's position in k-space is needed")
     cols = np.nonzero(np.abs(d).sum(axis=(0, 1, 2)) > 0)[0]
     a, b = int(cols[0]), int(cols[-1]) + 1
     lim = buf.sampling.sampling_limits

@@ -524,6 +524,67 @@ def test_one_bad_slice_does_not_lose_the_others(sim):
         s.raise_errors()
 
 
+def test_unset_line_or_phase_counters_are_named_not_averaged(sim):
+    """A sequence that never sets its counters (research sequences without labels) put every line
+    of a frame, or every frame, at one position, and the collector averaged the repeats: all lines
+    at one phase-encoding position failed only later, as "the k-space centre line is not sampled";
+    all phases labelled 0 under a header announcing 6 gave one plausible, wrong image, the cycle
+    averaged. Both are now named in that slice's error (the other slice is reconstructed)."""
+    for edit, message in ((lambda a: setattr(a.idx, "kspace_encode_step_1", 3),
+                           "carry one phase-encoding position (kspace_encode_step_1 = 3): the acquisitions' line "
+                           "counters look unset"),
+                          (lambda a: setattr(a.idx, "phase", 0),
+                           "the header announces 6 cardiac phases, but the acquisitions' phase counters fill only 1")):
+        out, s = run_session(sim[0], edit=lambda a, e=edit: e(a) if a.idx.slice == 0 else None)
+        assert len(out) == 6 and all(im.slice == 1 for im in out)
+        assert len(s.errors) == 1 and "slice=0" in s.errors[0] and message in s.errors[0], s.errors
+
+
+def test_a_line_acquired_twice_in_its_frame_is_averaged(sim, caplog):
+    """Repeats under counters that fill every announced frame are kept: averaged with the line
+    they repeat, said in the log. The same line twice gives the images of the line once."""
+    hdr, acqs = read_file(sim[0])
+    images = []
+    for twice in (False, True):
+        s = ReconSession(hdr, *load_settings({"method": "zero_filled", "device": "cpu"}))
+        out = []
+        with caplog.at_level(logging.INFO, logger="ddugm.gadget"):
+            for a in acqs:
+                if twice and a.idx.slice == 0 and a.idx.phase == 2 and not a.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) \
+                        and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+                    out += s.handle(ismrmrd.Acquisition(a.getHead(), a.data))
+                out += s.handle(a)
+            out += s.finish()
+        assert len(out) == 12 and not s.errors
+        images.append(np.stack([np.asarray(i.data) for i in out]))
+    np.testing.assert_allclose(images[1], images[0], rtol=1e-5, atol=1e-7)
+    assert any("imaging lines repeat a line already acquired in their frame and are averaged" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_unset_repetition_counters_of_a_real_time_series_are_named(tmp_path):
+    path = tmp_path / "rt.h5"
+    simulate(str(path), frames=6, size=32, coils=3, accel=3, acs=8, noise=0, seed=3, real_time=True)
+    out, s = run_session(path, edit=lambda a: setattr(a.idx, "repetition", 0))
+    assert not out and len(s.errors) == 1
+    assert "the header announces 6 repetitions, but the acquisitions' repetition counters fill only 1" in s.errors[0]
+
+
+def test_recon_data_whose_lines_share_one_row_is_named(tmp_path):
+    """What a chain's BucketToBuffer makes of lines without counters: every frame's data on one
+    row of E1. Named, instead of failing later at the coil maps."""
+    from gadgetron_peer import recon_data_from_file
+
+    path = tmp_path / "c.h5"
+    simulate(str(path), frames=4, size=32, coils=3, accel=3, acs=8, noise=0, seed=3)
+    hdr, rd = recon_data_from_file(str(path))
+    data = rd.bits[0].data.data
+    data[:, :16] = 0  # only the centre row (an ACS line, in every frame) keeps data
+    data[:, 17:] = 0
+    s = ReconSession(hdr, *load_settings({"method": "zero_filled", "device": "cpu"}))
+    assert s.handle(rd) == [] and "every frame's data lie on one phase-encoding line (E1 = 16 of 32)" in s.errors[0]
+
+
 def test_failed_score_model_falls_back_with_a_warning(sim, tmp_path):
     path, _ = sim
     hdr, acqs = read_file(path)
