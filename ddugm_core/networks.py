@@ -147,21 +147,69 @@ class ResBlock(nn.Module):
         return (x + h) / math.sqrt(2.0)
 
 
+ATTENTION = ("window", "global")
+
+
 class AttnBlock(nn.Module):
-    def __init__(self, ch: int):
+    """Self-attention over the feature map. ``window``: the side of the token grid this block
+    saw in training (its level's resolution at the training size). With ``windowed`` set
+    (:func:`set_attention`) a larger map attends within tiles of about that size instead of
+    globally: a 256 x 208 frame has 13 times the tokens of a 64 x 64 training crop at that level,
+    and global attention, quadratic in them, took most of a network call there."""
+
+    def __init__(self, ch: int, window: int = 0):
         super().__init__()
         self.norm = nn.GroupNorm(_groups(ch), ch, eps=1e-6)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = nn.Conv2d(ch, ch, 1)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
+        self.window = int(window)
+        self.windowed = False
 
     def forward(self, x):
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).unbind(1)
-        a = F.scaled_dot_product_attention(q.transpose(1, 2)[:, None], k.transpose(1, 2)[:, None],
-                                           v.transpose(1, 2)[:, None])[:, 0]
-        return (x + self.proj(a.transpose(1, 2).reshape(b, c, h, w))) / math.sqrt(2.0)
+        qkv = self.qkv(self.norm(x))
+        if self.windowed and self.window and (h > self.window or w > self.window):
+            a = _tiled_attention(qkv, self.window)
+        else:
+            q, k, v = qkv.reshape(b, 3, c, h * w).unbind(1)
+            a = F.scaled_dot_product_attention(q.transpose(1, 2)[:, None], k.transpose(1, 2)[:, None],
+                                               v.transpose(1, 2)[:, None])[:, 0].transpose(1, 2).reshape(b, c, h, w)
+        return (x + self.proj(a)) / math.sqrt(2.0)
+
+
+def _tiled_attention(qkv: torch.Tensor, window: int) -> torch.Tensor:
+    """Attention within tiles: ``qkv [B, 3C, H, W]`` -> ``[B, C, H, W]``. Each axis is cut into
+    round(n / window) (at least 1) tiles of equal size, the last padded; padded tokens are masked
+    out as keys, so every tile attends only to its own pixels."""
+    b, c3, h, w = qkv.shape
+    c = c3 // 3
+    ny, nx = max(1, round(h / window)), max(1, round(w / window))
+    sy, sx = -(-h // ny), -(-w // nx)
+    hp, wp = sy * ny, sx * nx
+    mask = None
+    if (hp, wp) != (h, w):
+        qkv = F.pad(qkv, (0, wp - w, 0, hp - h))
+        valid = torch.zeros(hp, wp, dtype=torch.bool, device=qkv.device)
+        valid[:h, :w] = True
+        mask = valid.reshape(ny, sy, nx, sx).permute(0, 2, 1, 3).reshape(1, ny * nx, 1, 1, sy * sx)
+        mask = mask.expand(b, -1, -1, -1, -1).reshape(b * ny * nx, 1, 1, sy * sx)
+    tiles = qkv.reshape(b, c3, ny, sy, nx, sx).permute(0, 2, 4, 3, 5, 1).reshape(b * ny * nx, 1, sy * sx, c3)
+    q, k, v = tiles.split(c, dim=-1)
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[:, 0]
+    a = a.reshape(b, ny, nx, sy, sx, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, hp, wp)
+    return a[:, :, :h, :w]
+
+
+def set_attention(net: nn.Module, mode: str) -> None:
+    """``window``: attention blocks attend within tiles of their training size on larger maps;
+    ``global``: over the whole map (as in training, where the two agree)."""
+    if mode not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {mode!r}")
+    for m in net.modules():
+        if isinstance(m, AttnBlock):
+            m.windowed = mode == "window"
 
 
 class NCSNpp(nn.Module):
@@ -182,13 +230,13 @@ class NCSNpp(nn.Module):
                 self.down.append(ResBlock(ch, nf * mult, temb, cfg.dropout))
                 ch = nf * mult
                 if res in cfg.attn_resolutions:
-                    self.down.append(AttnBlock(ch))
+                    self.down.append(AttnBlock(ch, res))
                 chans.append(ch)
             if level != len(cfg.ch_mult) - 1:
                 self.down.append(ResBlock(ch, ch, temb, cfg.dropout, down=True))
                 chans.append(ch)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(ch, ch, temb, cfg.dropout), AttnBlock(ch),
+        self.mid = nn.ModuleList([ResBlock(ch, ch, temb, cfg.dropout), AttnBlock(ch, res),
                                   ResBlock(ch, ch, temb, cfg.dropout)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.ch_mult))):
@@ -196,7 +244,7 @@ class NCSNpp(nn.Module):
                 self.up.append(ResBlock(ch + chans.pop(), nf * mult, temb, cfg.dropout))
                 ch = nf * mult
                 if res in cfg.attn_resolutions:
-                    self.up.append(AttnBlock(ch))
+                    self.up.append(AttnBlock(ch, res))
             if level != 0:
                 self.up.append(ResBlock(ch, ch, temb, cfg.dropout, up=True))
                 res *= 2
@@ -267,11 +315,15 @@ class ScoreFunction:
     activations of hundreds of MB, which glibc maps fresh from the kernel on every call;
     in batches of 2^18 pixels they stay in reused memory and in cache (the cine8 bench
     case, 2-core CPU: network stage 25.5 -> 19.3 s, the same results).
+
+    ``attention``: ``window`` or ``global`` (:func:`set_attention`; the reconstructor passes its
+    setting, default ``window``).
     """
 
     def __init__(self, net: NCSNpp, amp: bool = False, compile: bool = False,
-                 chunk_pixels: int | None = CPU_CHUNK_PIXELS):
+                 chunk_pixels: int | None = CPU_CHUNK_PIXELS, attention: str = "global"):
         self.net = net.eval().to(memory_format=torch.channels_last)
+        set_attention(self.net, attention)
         self.amp = amp
         self.divisor = net.config.divisor
         self._forward = self.net

@@ -25,7 +25,7 @@ from .checkpoints import DEFAULT_WEIGHTS, load_model
 from .coils import compress_coils, estimate_coil_maps, refine_coil_maps, time_averaged_kspace
 from .consistency import DataConsistency
 from .lowrank import default_rank
-from .networks import PlaneScore, ScoreFunction, bf16_is_fast
+from .networks import ATTENTION, PlaneScore, ScoreFunction, bf16_is_fast
 from .operators import KWeight, expand_mask, fft2c, ifft2c, kspace_weight
 from .sampler import PHASES, XT_PLANES, PnPSettings, SamplerSettings, ddugm_sample, pnp_sample
 
@@ -121,6 +121,7 @@ class ReconConfig:
     device: str = "auto"
     amp: bool = True                    # bf16 network calls where bf16 is fast (CUDA; CPUs with AVX512-BF16/AMX)
     compile: bool = False               # torch.compile the networks (CUDA: CUDA graphs); compiles per frame size
+    attention: str = "window"           # the networks' attention on frames larger than training: window | global
 
     def ttv_weight(self, accel: float = TTV_REFERENCE_ACCEL) -> float:
         """The temporal-TV weight of LLR + TV at acceleration ``accel`` (samples of the full grid
@@ -186,6 +187,8 @@ class ReconConfig:
         if self.pnp_eta < 0 or self.pnp_ensemble not in (1, 2, 4) or self.pnp_reg_scale < 0 or self.start_reg_scale < 0:
             raise ValueError(f"pnp_eta, pnp_reg_scale and start_reg_scale must be >= 0 and pnp_ensemble 1, 2 or 4, "
                              f"got {self.pnp_eta}, {self.pnp_reg_scale}, {self.start_reg_scale}, {self.pnp_ensemble}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.pnp_xt_planes not in XT_PLANES:
             raise ValueError(f"pnp_xt_planes must be one of {XT_PLANES}, got {self.pnp_xt_planes!r}")
         if self.pnp_phase not in PHASES:
@@ -405,7 +408,8 @@ class Reconstructor:
         """What the loaded models depend on: reconstructors with equal keys can share them."""
         cfg = self.config
         paths = tuple(str(p) for p in self._model_paths().values())
-        return paths + (str(self.device), bool(cfg.amp and bf16_is_fast(self.device)), bool(cfg.compile))
+        return paths + (str(self.device), bool(cfg.amp and bf16_is_fast(self.device)), bool(cfg.compile),
+                         cfg.attention)
 
     def use_models(self, scores: dict) -> None:
         """Share the score models another reconstructor with the same :meth:`model_key` loaded."""
@@ -421,7 +425,8 @@ class Reconstructor:
                                  f"prior at {paths['xt']}: train one (ddugm train --domain xt), name it with "
                                  f"xt_weights, or set pnp_xt_weight: 0")
             amp = cfg.amp and bf16_is_fast(self.device)
-            scores = {d: ScoreFunction(load_model(p, self.device, expect_domain=d), amp=amp, compile=cfg.compile)
+            scores = {d: ScoreFunction(load_model(p, self.device, expect_domain=d), amp=amp, compile=cfg.compile,
+                                       attention=cfg.attention)
                       for d, p in paths.items()}
             if "xt" in scores:
                 scores["xt"] = PlaneScore(scores["xt"])

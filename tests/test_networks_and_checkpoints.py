@@ -152,3 +152,68 @@ def test_saved_models_are_readable_by_other_users(tmp_path):
     path = tmp_path / "m.safetensors"
     save_model(path, NCSNpp(NetConfig(nf=8, ch_mult=(1, 2), attn_resolutions=(), image_size=16)), "image")
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("shape", [(27, 40), (26, 23), (9, 70)])
+def test_tiled_attention_is_attention_within_each_tile(shape):
+    """Each tile attends to its own pixels only, padded tiles included: the result equals global
+    attention run on every tile cut out by hand."""
+    import torch.nn.functional as F
+
+    from ddugm_core.networks import _tiled_attention
+
+    torch.manual_seed(0)
+    c, window, (h, w) = 8, 16, shape
+    qkv = torch.randn(2, 3 * c, h, w)
+    out = _tiled_attention(qkv, window)
+    ny, nx = max(1, round(h / window)), max(1, round(w / window))
+    sy, sx = -(-h // ny), -(-w // nx)
+    assert out.shape == (2, c, h, w) and (ny, nx) != (1, 1)
+    for y0 in range(0, h, sy):
+        for x0 in range(0, w, sx):
+            tile = qkv[:, :, y0:y0 + sy, x0:x0 + sx]
+            th, tw = tile.shape[-2:]
+            q, k, v = tile.reshape(2, 3, c, th * tw).transpose(2, 3).unbind(1)
+            ref = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, c, th, tw)
+            torch.testing.assert_close(out[:, :, y0:y0 + th, x0:x0 + tw], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_windowed_attention_only_on_maps_larger_than_training():
+    """At the training size (and smaller) windowed and global attention are the same network; on a
+    larger frame they differ (tiles), and training code, which calls the network itself, keeps
+    global attention. An unknown mode is refused by name."""
+    from ddugm_core.networks import set_attention
+    from ddugm_core.reconstruction import ReconConfig
+
+    torch.manual_seed(0)
+    net = NCSNpp(NetConfig(nf=8, image_size=32, attn_resolutions=(8,))).eval()
+    for p in net.parameters():  # the attention projections start at zero: give them weights
+        p.data.normal_(0, 0.05)
+    s = torch.full((2,), 0.1)
+    outs = {}
+    for mode in ("global", "window"):
+        set_attention(net, mode)
+        with torch.no_grad():
+            outs[mode] = [net(torch.randn(2, 2, *size, generator=torch.Generator().manual_seed(1)), s)
+                          for size in ((32, 32), (24, 16), (96, 64))]
+    for small_g, small_w in zip(outs["global"][:2], outs["window"][:2]):
+        torch.testing.assert_close(small_w, small_g)
+    assert not torch.allclose(outs["window"][2], outs["global"][2])
+    assert not any(m.windowed for m in NCSNpp(NetConfig(nf=8)).modules() if hasattr(m, "windowed"))
+    assert ScoreFunction(NCSNpp(NetConfig(nf=8))).net.mid[1].windowed is False
+    with pytest.raises(ValueError, match="attention must be one of"):
+        set_attention(net, "local")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        ReconConfig.from_dict({"attention": "tiles"})
+    assert ReconConfig().attention == "window"
+
+
+def test_the_reconstructor_serves_its_attention_setting():
+    from ddugm_core.reconstruction import ReconConfig, Reconstructor
+
+    recs = {m: Reconstructor(ReconConfig.from_dict({"attention": m}), device="cpu") for m in ("window", "global")}
+    assert recs["window"].model_key() != recs["global"].model_key()  # cached models are not shared across modes
+    for mode, rec in recs.items():
+        scores = rec.load_models()
+        blocks = [m for s in scores.values() for m in getattr(s, "score", s).net.modules() if hasattr(m, "windowed")]
+        assert blocks and all(b.windowed == (mode == "window") for b in blocks)
