@@ -204,3 +204,39 @@ def compress_coils(kspace: torch.Tensor, mask: torch.Tensor, virtual: int,
     kept = float(evals[-virtual:].sum() / total)
     squeeze = lambda x: torch.tensordot(a, x, dims=([1], [0]))  # noqa: E731
     return squeeze(kspace), (squeeze(maps) if maps is not None else None), kept
+
+
+#: noise_estimate: the fewest coils, the most a floor's two lowest eigenvalues may differ
+NOISE_MIN_COILS, NOISE_FLAT = 8, 1.25
+
+
+def estimate_noise_std(kspace: torch.Tensor, mask: torch.Tensor, min_coils: int = NOISE_MIN_COILS,
+                       flat: float = NOISE_FLAT) -> float | None:
+    """The k-space noise std (each real component) of prewhitened multi-coil data from the data
+    themselves, or None where they cannot tell it.
+
+    Over the acquired samples of the outer half of the readout (|kx| above a quarter of the
+    matrix, where the image's signal is weakest), the coil covariance's smallest eigenvalue is
+    the noise variance (2 sigma^2 per complex sample) wherever some direction across the coils
+    holds noise only, as it does for an array of more coils than the object fills: the signal
+    adds to the other eigenvalues. Refused (None) with fewer than ``min_coils`` coils, too few
+    samples, or no floor (the two smallest eigenvalues more than ``flat`` apart: signal in
+    every direction, the smallest would overstate the noise). Noise that is not white across
+    the coils (not prewhitened) makes it the smallest coil's noise: an underestimate, never more.
+    Measured: 0.97 to 1.00 times the simulated noise on the 9 validation series (8 coils, noise
+    0.005 to 0.03); 1.06 times the noise scan's on the real 14-coil Siemens file (README)."""
+    c, nx = kspace.shape[0], kspace.shape[-1]
+    if c < min_coils:
+        return None
+    m = mask > 0
+    if m.dim() == 2:
+        m = m[:, :, None].expand(-1, -1, nx)
+    outer = (torch.arange(nx, device=m.device) - nx // 2).abs() >= nx // 4
+    x = kspace[:, m & outer]
+    if x.shape[1] < 20 * c:
+        return None
+    evals = torch.linalg.eigvalsh((x @ x.mH).to(torch.complex128) / x.shape[1]).real
+    low, second = float(evals[0]), float(evals[1])
+    if not low > 0 or second > flat * low:
+        return None
+    return (low / 2) ** 0.5

@@ -22,7 +22,7 @@ import yaml
 
 from . import baselines
 from .checkpoints import DEFAULT_WEIGHTS, load_model
-from .coils import compress_coils, estimate_coil_maps, refine_coil_maps, time_averaged_kspace
+from .coils import compress_coils, estimate_coil_maps, estimate_noise_std, refine_coil_maps, time_averaged_kspace
 from .consistency import DataConsistency
 from .lowrank import default_rank
 from .networks import ATTENTION, PlaneScore, ScoreFunction, bf16_is_fast
@@ -49,6 +49,10 @@ PRESETS: dict[str, dict[str, Any]] = {
             "pnp_xt_weight": 0.6},
 }
 PRESETS["default"] = PRESETS["pnp"]  # chosen by measurement on the validation split (README, "Settings")
+
+
+#: noise_estimate: where no noise is told, estimate it from the coils (:func:`estimate_noise_std`) or not
+NOISE_ESTIMATES = ("coils", "off")
 
 
 @dataclass
@@ -102,6 +106,7 @@ class ReconConfig:
     noise_adapt: float = 1.0            #   and where the data's noise is known (a noise scan): the LLR and temporal-TV
                                         #   weights x max(1, noise / noise_reference) ** noise_adapt (0: off),
     noise_adapt_sigma: float = 0.6      #   and the pnp sampler's noise levels x that ratio ** noise_adapt_sigma (0: off)
+    noise_estimate: str = "coils"       #   unknown noise: estimated from the coil covariance (coils) or left unknown (off)
     dc_mode: str = "replace"            # multi-coil data consistency: replace (coil k-space) or cg
     dc_iters: int = 5                   # conjugate-gradient steps when dc_mode is cg
     dc_lambda: float = 0.0
@@ -187,6 +192,8 @@ class ReconConfig:
         if self.pnp_eta < 0 or self.pnp_ensemble not in (1, 2, 4) or self.pnp_reg_scale < 0 or self.start_reg_scale < 0:
             raise ValueError(f"pnp_eta, pnp_reg_scale and start_reg_scale must be >= 0 and pnp_ensemble 1, 2 or 4, "
                              f"got {self.pnp_eta}, {self.pnp_reg_scale}, {self.start_reg_scale}, {self.pnp_ensemble}")
+        if self.noise_estimate not in NOISE_ESTIMATES:
+            raise ValueError(f"noise_estimate must be one of {NOISE_ESTIMATES}, got {self.noise_estimate!r}")
         if self.attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.pnp_xt_planes not in XT_PLANES:
@@ -392,6 +399,8 @@ class Reconstructor:
         self.coils_used = (0, 0)     # of the last reconstruction: (coils in the data, coils reconstructed)
         self.noise_ratio = 1.0       # of the last reconstruction: max(1, its known noise / noise_reference),
         self.noise_factor = 1.0      #   and its LLR and temporal-TV weights x this (noise_adapt)
+        self.noise_std = None        #   its noise std (input units; None: unknown),
+        self.noise_source = None     #   "told" (noise_std=), "estimated" (noise_estimate) or None
 
     def _model_domains(self) -> tuple:
         """The score models this configuration uses: image and k-space always (they are the
@@ -451,7 +460,10 @@ class Reconstructor:
         noise_std: the standard deviation of the k-space noise (each real component) in the input's
         units, where it is known (prewhitened with a noise scan: the gadgets pass it); the LLR and
         temporal-TV weights then grow with it above ``noise_reference`` (``noise_adapt``), and
-        ``self.noise_factor`` says by how much. None: unknown, the weights as set.
+        ``self.noise_factor`` says by how much. None: unknown; with ``noise_estimate: coils`` (the
+        default) estimated from the data's coil covariance where it can be
+        (:func:`~ddugm_core.coils.estimate_noise_std`: 8 coils or more, a noise floor), else the
+        weights as set. ``self.noise_std`` and ``self.noise_source`` say what was used.
         A reconstruction that breaks down numerically (NaN or inf; settings far outside their range)
         raises FloatingPointError naming the method, never returns such an image.
         """
@@ -476,6 +488,11 @@ class Reconstructor:
         out_device = None if as_numpy else getattr(kspace, "device", None)
         k, m, maps = prepare_inputs(kspace, mask, coil_maps, self.device)
         coils = k.shape[0]
+        self.noise_source = "told" if noise_std is not None else None
+        if noise_std is None and cfg.noise_estimate == "coils":  # before compression drops the noise-only coils
+            noise_std = estimate_noise_std(k, m)
+            self.noise_source = "estimated" if noise_std is not None else None
+        self.noise_std = noise_std
         k, maps, self.coil_energy_kept = compress_coils(k, m, cfg.virtual_coils, maps, cfg.virtual_coils_energy)
         self.coils_used = (coils, k.shape[0])
         estimated = maps is None and coils > 1  # also for data compressed to one virtual coil

@@ -167,8 +167,10 @@ class Engine:
                 if rec.noise_ratio > 1:
                     lift = (f", sampler noise levels x {rec.noise_ratio ** cfg.noise_adapt_sigma:.2f}"
                             if cfg.method == "ddugm" and cfg.resolved("sampler") == "pnp" else "")
-                    log.info("%s: noise %.2f times noise_reference (from the noise scan): LLR and temporal-TV weights "
-                             "x %.2f%s", slice_name(cine.key), rec.noise_ratio, rec.noise_factor, lift)
+                    source = ("from the noise scan" if rec.noise_source == "told"
+                              else "estimated from the coil covariance of the data (noise_estimate)")
+                    log.info("%s: noise %.2f times noise_reference (%s): LLR and temporal-TV weights "
+                             "x %.2f%s", slice_name(cine.key), rec.noise_ratio, source, rec.noise_factor, lift)
                 if rec.coils_used[1] < rec.coils_used[0]:
                     log.info("%s: %d coils compressed to %d virtual coils, %.2f %% of the signal energy kept",
                              slice_name(cine.key), *rec.coils_used, 100 * rec.coil_energy_kept)

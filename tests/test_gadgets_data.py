@@ -937,3 +937,42 @@ def test_a_noisy_scan_strengthens_the_weights_and_says_so(tmp_path, caplog):
             assert len(said) == 1 and "LLR and temporal-TV weights x" in said[0] and "sampler" not in said[0], said
         else:
             assert said == []
+
+
+def test_data_whitened_upstream_get_their_noise_estimated(tmp_path, caplog):
+    """What the shipped Gadgetron chains deliver: data prewhitened by NoiseAdjustGadget, which
+    keeps the noise scan, so the noise used to be unknown and the weights stayed as set however
+    noisy the scan. With 8 coils the reconstruction now estimates it from the data and the log
+    says so, close to what the noise scan itself tells the session."""
+    from gadgets.kspace import NoiseWhitener
+
+    path = tmp_path / "noisy8.h5"
+    simulate(str(path), frames=6, size=32, coils=8, accel=2, acs=8, noise=0.05, seed=4)
+    hdr, acqs = read_file(path)
+    w = NoiseWhitener()
+    for a in acqs:
+        if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            w.add(np.asarray(a.data), a.sample_time_us)
+    ratios = {}
+    for upstream in (False, True):
+        cfg, gs = load_settings(operator={"method": "llr_ttv", "llr_iters": "3", "llr_continue_iters": "2",
+                                          "device": "cpu"})
+        engine = Engine()
+        s = ReconSession(hdr, cfg, gs, engine)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="ddugm"):
+            out = []
+            for a in acqs:
+                if upstream:  # the chain whitens every readout and keeps the noise scan to itself
+                    if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+                        continue
+                    a = ismrmrd.Acquisition(a.getHead(), w.apply(np.asarray(a.data), a.sample_time_us)
+                                            .astype(np.complex64))
+                out += s.handle(a)
+            out += s.finish()
+        assert len(out) == 6 and not s.errors
+        said = [r.getMessage() for r in caplog.records if "times noise_reference" in r.getMessage()]
+        assert len(said) == 1, said
+        assert ("estimated from the coil covariance" in said[0]) == upstream
+        ratios[upstream] = float(said[0].split("noise ")[1].split(" times")[0])
+    assert ratios[True] == pytest.approx(ratios[False], rel=0.15), ratios
