@@ -217,3 +217,29 @@ def test_the_reconstructor_serves_its_attention_setting():
         scores = rec.load_models()
         blocks = [m for s in scores.values() for m in getattr(s, "score", s).net.modules() if hasattr(m, "windowed")]
         assert blocks and all(b.windowed == (mode == "window") for b in blocks)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tiled_attention_and_the_noise_estimate_on_cuda_match_the_cpu():
+    """The GPU kernels of masked attention (padded tiles) and of the coil eigenvalues give the
+    CPU's numbers: the shipped image prior on a frame larger than its training crops, windowed."""
+    from ddugm_core.checkpoints import load_model
+    from ddugm_core.coils import estimate_noise_std
+    from ddugm_core.masks import variable_density_mask
+    from ddugm_core.networks import set_attention
+    from ddugm_core.phantom import cine_phantom, coil_maps, simulate_kspace
+
+    g = torch.Generator().manual_seed(0)
+    x, s = torch.randn(2, 2, 104, 88, generator=g), torch.full((2,), 0.05)
+    outs = []
+    for dev in ("cpu", "cuda"):
+        net = load_model(DEFAULT_WEIGHTS["image"], dev).eval()
+        set_attention(net, "window")
+        with torch.no_grad():
+            outs.append(net(x.to(dev), s.to(dev)).cpu())
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-3 * float(outs[0].abs().max()), rtol=1e-3)
+    mask = variable_density_mask(4, 48, 4, seed=0)
+    k = torch.from_numpy(simulate_kspace(cine_phantom(4, 48, seed=2), coil_maps(10, 48), mask, noise=0.02, seed=1))
+    m = torch.from_numpy(mask)
+    assert estimate_noise_std(k.cuda(), m.cuda()) == pytest.approx(estimate_noise_std(k, m), rel=1e-4)
