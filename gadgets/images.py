@@ -44,7 +44,8 @@ def image_header(acq_head, frame: int, key: dict, geometry: Geometry, shape, dty
     return h
 
 
-def make_meta(method: str, preset: str, warning: str | None, frame: int, frames: int) -> ismrmrd.Meta:
+def make_meta(method: str, preset: str, warning: str | None, frame: int, frames: int,
+              noise: dict | None = None) -> ismrmrd.Meta:
     m = ismrmrd.Meta()
     m["GADGETRON_DataRole"] = "Image"
     m["GADGETRON_ImageProcessingHistory"] = ["DDUGM"]
@@ -55,6 +56,9 @@ def make_meta(method: str, preset: str, warning: str | None, frame: int, frames:
     m["DDUGM_Frame"] = f"{frame + 1}/{frames}"
     if warning:
         m["DDUGM_Warning"] = warning
+    if noise is not None:  # what the weights followed: the noise scan's, an estimate, or none
+        m["DDUGM_NoiseSource"] = noise["source"]
+        m["DDUGM_NoiseRatio"] = f"{noise['ratio']:.2f}"
     return m
 
 
@@ -62,7 +66,8 @@ INT16_MAX = 4095  # int16 output: 12-bit magnitudes, as scanners store them
 
 
 def frames_to_images(x: np.ndarray, cine, geometry: Geometry, *, complex_output: bool = False, first_index: int,
-                     series_index: int, method: str, preset: str, warning: str | None, output: str | None = None) -> list:
+                     series_index: int, method: str, preset: str, warning: str | None, output: str | None = None,
+                     noise: dict | None = None) -> list:
     """``x [frame, y, x]`` complex -> list of ``ismrmrd.Image`` (data ``[1, 1, y, x]``).
 
     ``output``: ``magnitude`` (float32), ``complex`` (complex64) or ``int16`` (magnitude scaled
@@ -88,7 +93,7 @@ def frames_to_images(x: np.ndarray, cine, geometry: Geometry, *, complex_output:
                             first_index + f, series_index, cine.frame_axis)
         img = ismrmrd.Image(head=head)  # allocates [channels, z, y, x] from the header
         img.data[:] = data[None, None]
-        img.meta = make_meta(method, preset, warning, f, t)
+        img.meta = make_meta(method, preset, warning, f, t, noise)
         if output == "int16":
             img.meta["WindowCenter"], img.meta["WindowWidth"] = str(window[0]), str(window[1])
         out.append(img)

@@ -132,9 +132,10 @@ class Engine:
     def run(self, cine: CineData, cfg: ReconConfig, gs: GadgetSettings, alive: Optional[Callable[[], bool]] = None,
             job_seconds: float = 0.0, gpu_memory_gb: float = 0.0):
         """Reconstruct one slice: returns (frames ``[T, y, x]`` complex64 on the encoded grid,
-        method used, device used, warning or None). Falls back to LLR + temporal TV on CPU if the score-based
-        reconstruction fails and ``gs.fallback`` is on. ``alive()`` is polled while waiting for
-        the queue and at every iteration; when it turns false the job stops with :class:`Cancelled`.
+        method used, device used, warning or None, the noise the weights followed: :func:`noise_of`).
+        Falls back to LLR + temporal TV on CPU if the score-based reconstruction fails and
+        ``gs.fallback`` is on. ``alive()`` is polled while waiting for the queue and at every
+        iteration; when it turns false the job stops with :class:`Cancelled`.
         With ``job_seconds`` > 0 (``ddugm serve``'s ``max_job_seconds``, counted from leaving the
         queue) a job still running after that long stops with :class:`TimeLimit`, without fallback:
         the per-setting caps allow products of nested loops (steps x pnp_inner, llr_iters x
@@ -174,7 +175,7 @@ class Engine:
                 if rec.coils_used[1] < rec.coils_used[0]:
                     log.info("%s: %d coils compressed to %d virtual coils, %.2f %% of the signal energy kept",
                              slice_name(cine.key), *rec.coils_used, 100 * rec.coil_energy_kept)
-                return x, cfg.method, rec.device, None
+                return x, cfg.method, rec.device, None, noise_of(rec)
             except (Cancelled, TimeLimit):
                 raise
             except Exception as e:  # noqa: BLE001 - any failure of the primary method
@@ -185,11 +186,19 @@ class Engine:
                 fb = Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "method": FALLBACK, "device": "cpu"}))
                 x = fb.recon(cine.kspace, cine.mask, None if maps is None else maps.cpu(), seed=gs.seed, callback=check,
                              refine_maps=True, noise_std=cine.noise_std)
-                return x, FALLBACK, fb.device, warning
+                return x, FALLBACK, fb.device, warning, noise_of(fb)
         finally:
             if rec is not None and rec.device.type == "cuda":
                 torch.cuda.empty_cache()
             self._lock.release()
+
+
+def noise_of(rec: Reconstructor) -> dict:
+    """What the last reconstruction of ``rec`` knew of the noise: ``source`` (``noise scan``,
+    ``estimated`` from the data, or ``unknown``) and ``ratio`` (max(1, noise / noise_reference):
+    the LLR + TV weights grew by ratio ** noise_adapt)."""
+    source = {"told": "noise scan", "estimated": "estimated"}.get(rec.noise_source, "unknown")
+    return {"source": source, "ratio": float(rec.noise_ratio)}
 
 
 #: the classical method a failed score-based reconstruction falls back to (the strongest one
@@ -513,8 +522,8 @@ class ReconSession:
         log.info("%s: reconstructing %d frames (%s)", where, cine.kspace.shape[1], self.cfg.method)
         t0 = time.perf_counter()
         try:
-            x, method, device, warning = self.engine.run(cine, self.cfg, self.gs, self.alive, self.job_seconds,
-                                                         self.limits.gpu_memory_gb)
+            x, method, device, warning, noise = self.engine.run(cine, self.cfg, self.gs, self.alive,
+                                                                self.job_seconds, self.limits.gpu_memory_gb)
             x = finalize_images(np.asarray(x), self.geometry)
         except Cancelled:
             raise  # the stream is over: nobody to send the other slices to
@@ -527,7 +536,7 @@ class ReconSession:
                  f" (WARNING: {warning})" if warning else "")
         images = frames_to_images(x, cine, self.geometry, output=self.gs.output,
                                   first_index=self.next_index, series_index=self.gs.series_index,
-                                  method=method, preset=self.cfg.preset, warning=warning)
+                                  method=method, preset=self.cfg.preset, warning=warning, noise=noise)
         self.next_index += len(images)
         self.sent_images += len(images)
         if self.gs.debug_dir:

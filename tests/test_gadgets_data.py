@@ -937,6 +937,7 @@ def test_a_noisy_scan_strengthens_the_weights_and_says_so(tmp_path, caplog):
             assert len(said) == 1 and "LLR and temporal-TV weights x" in said[0] and "sampler" not in said[0], said
         else:
             assert said == []
+            assert out[0].meta["DDUGM_NoiseSource"] == "unknown" and out[0].meta["DDUGM_NoiseRatio"] == "1.00"
 
 
 def test_data_whitened_upstream_get_their_noise_estimated(tmp_path, caplog):
@@ -975,4 +976,7 @@ def test_data_whitened_upstream_get_their_noise_estimated(tmp_path, caplog):
         assert len(said) == 1, said
         assert ("estimated from the coil covariance" in said[0]) == upstream
         ratios[upstream] = float(said[0].split("noise ")[1].split(" times")[0])
+        meta = out[0].meta  # each image says what its weights followed
+        assert meta["DDUGM_NoiseSource"] == ("estimated" if upstream else "noise scan")
+        assert float(meta["DDUGM_NoiseRatio"]) == pytest.approx(ratios[upstream], abs=0.01)
     assert ratios[True] == pytest.approx(ratios[False], rel=0.15), ratios
