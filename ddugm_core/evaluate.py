@@ -256,6 +256,9 @@ def add_parser(sub):
                    help="complex k-space noise std per real component, in units of the normalised image "
                         f"(99th percentile of the time average = 1) (default: {SIM_NOISE}; raw data: 0, their "
                         "own noise only, any value is added to it)")
+    p.add_argument("--noise-known", default="yes", choices=["yes", "no"],
+                   help="tell every method the noise, as a noise scan tells the gadgets (yes, the default), or not "
+                        "(no: as in a Gadgetron chain that whitens upstream; noise_estimate may estimate it)")
     p.add_argument("--maps", default="estimated", choices=["estimated", "true"],
                    help="coil maps given to every method: estimated from the data (default) or the simulated ones")
     p.add_argument("--methods", default=",".join(ALL_METHODS),
@@ -372,8 +375,12 @@ def run(a, raw_reader=None) -> int:
 
     def case_of(i: int, r: float) -> Case:
         if raw:
-            return raw_case(series[i], r, a.noise, a.seed * 1000 + i)
-        return simulate_case(series[i][0], truth_of(i), r, a.coils, a.noise, a.seed * 1000 + i)
+            case = raw_case(series[i], r, a.noise, a.seed * 1000 + i)
+        else:
+            case = simulate_case(series[i][0], truth_of(i), r, a.coils, a.noise, a.seed * 1000 + i)
+        if a.noise_known == "no":
+            case.noise_std = None
+        return case
 
     if a.tune_l_plus_s:
         return tune_l_plus_s(case_of, len(series), base, rec.device, accels[0], a)
@@ -574,7 +581,9 @@ def _simulated_text(e: dict) -> list[str]:
         "sensitivities and the noise are always simulated, so these numbers are not those of a real raw acquisition.",
         f"- Acquisition: {e['coils']} simulated coil(s) (smooth ring sensitivities, normalised), complex Gaussian "
         f"k-space noise std {e['noise']} per real component (normalised image units, orthonormal FFT), one "
-        "variable-density random Cartesian mask per frame with the centre lines always sampled."]
+        "variable-density random Cartesian mask per frame with the centre lines always sampled."] + (
+        ["- The noise is not told to the methods (`--noise-known no`): `noise_estimate` may estimate it."]
+        if e.get("noise_known") == "no" else [])
 
 
 def _raw_text(e: dict) -> list[str]:
@@ -586,7 +595,9 @@ def _raw_text(e: dict) -> list[str]:
         "data's own noise.",
         f"- Acquisition: the same data retrospectively undersampled{extra}: one variable-density random Cartesian "
         "mask per frame with the centre lines always sampled, within the lines and readout points the scan acquired "
-        "(partial Fourier and asymmetric echoes stay as acquired; R counts all phase-encoding lines)."]
+        "(partial Fourier and asymmetric echoes stay as acquired; R counts all phase-encoding lines)."] + (
+        ["- The noise is not told to the methods (`--noise-known no`): `noise_estimate` may estimate it."]
+        if e.get("noise_known") == "no" else [])
 
 
 def report_markdown(rows: list[dict], settings: dict, figure: bool, n_series: int, failures: list[dict] = ()) -> str:

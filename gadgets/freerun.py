@@ -101,6 +101,9 @@ def run(a) -> int:
     if a.maps == "true" or a.trace or a.tune_l_plus_s:
         raise ValueError("--free-running reconstructs through the gadgets, which estimate their own coil maps: leave "
                          "out --maps true, --trace and --tune-l-plus-s")
+    if getattr(a, "noise_known", "yes") == "no":
+        raise ValueError("--noise-known no: a free-running scan is simulated with its noise scan, which tells the "
+                         "gadgets the noise; leave it out with --free-running")
     coils = ev.SIM_COILS if a.coils is None else a.coils
     noise = ev.SIM_NOISE if a.noise is None else a.noise
     if beats < 1 or coils < 1 or noise < 0 or any(not 1 <= r <= 64 for r in accels) or a.max_series < 0:

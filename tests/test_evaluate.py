@@ -416,7 +416,8 @@ def test_free_running_acquisitions_read_both_ways(tmp_path, capsys):
     capsys.readouterr()
     for extra, message in ((["--frame-axes", "phase"], "unknown method(s) or frame axes"),
                            (["--maps", "true"], "estimate their own coil maps"),
-                           (["--max-frames", "4"], "cuts the cardiac cycle")):
+                           (["--max-frames", "4"], "cuts the cardiac cycle"),
+                           (["--noise-known", "no"], "simulated with its noise scan")):
         assert main(args + extra) == 2
         assert message in capsys.readouterr().err
     raw = _raw(tmp_path, truth=False)
@@ -424,3 +425,29 @@ def test_free_running_acquisitions_read_both_ways(tmp_path, capsys):
     assert "image stacks" in capsys.readouterr().err
     assert core_main(args) == 2
     assert "`ddugm` command" in capsys.readouterr().err
+
+
+def test_the_noise_can_be_withheld_from_the_methods(series_dir, tmp_path, monkeypatch):
+    """`--noise-known no`: the methods are not told the simulated noise (as behind a Gadgetron
+    chain that whitens upstream), so noise_estimate estimates it (8 coils); the report says so.
+    With the default they are told it."""
+    from ddugm_core import reconstruction
+
+    seen = []
+    real = reconstruction.Reconstructor.recon
+
+    def spy(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        seen.append((kwargs.get("noise_std"), self.noise_source))
+        return out
+
+    monkeypatch.setattr(reconstruction.Reconstructor, "recon", spy)
+    args = ["evaluate", "--data", str(series_dir), "--split", "all", "--max-series", "1", "--accels", "4",
+            "--coils", "8", "--noise", "0.05", "--methods", "llr_ttv", "--device", "cpu", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "told")]) == 0
+    assert seen == [(0.05, "told")]
+    seen.clear()
+    assert main(args + ["--noise-known", "no", "--out", str(tmp_path / "withheld")]) == 0
+    assert seen == [(None, "estimated")]
+    assert "not told to the methods" in (tmp_path / "withheld" / "report.md").read_text()
+    assert "not told to the methods" not in (tmp_path / "told" / "report.md").read_text()
