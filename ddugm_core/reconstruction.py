@@ -126,7 +126,7 @@ class ReconConfig:
     device: str = "auto"
     amp: bool = True                    # bf16 network calls where bf16 is fast (CUDA; CPUs with AVX512-BF16/AMX)
     compile: bool = False               # torch.compile the networks (CUDA: CUDA graphs); compiles per frame size
-    attention: str = "window"           # the networks' attention on frames larger than training: window | global
+    attention: str = "window"           # image-domain priors' attention on frames larger than training: window | global
 
     def ttv_weight(self, accel: float = TTV_REFERENCE_ACCEL) -> float:
         """The temporal-TV weight of LLR + TV at acceleration ``accel`` (samples of the full grid
@@ -434,8 +434,10 @@ class Reconstructor:
                                  f"prior at {paths['xt']}: train one (ddugm train --domain xt), name it with "
                                  f"xt_weights, or set pnp_xt_weight: 0")
             amp = cfg.amp and bf16_is_fast(self.device)
+            # tiles for the image-domain priors, trained on crops of larger frames; the k-space prior
+            # saw the whole k-space of its training frames, so it keeps attending to all of it
             scores = {d: ScoreFunction(load_model(p, self.device, expect_domain=d), amp=amp, compile=cfg.compile,
-                                       attention=cfg.attention)
+                                       attention="global" if d == "kspace" else cfg.attention)
                       for d, p in paths.items()}
             if "xt" in scores:
                 scores["xt"] = PlaneScore(scores["xt"])
