@@ -426,7 +426,8 @@ class AcquisitionCollector:
         they betray counters a sequence never set (research sequences that do not label their lines,
         a retrospectively gated scan read as a cine), averaging would blur the frames or lines
         together into a plausible, wrong image, so those cases are refused by name: every line at
-        one phase-encoding position, or the announced frames mostly empty while lines repeat."""
+        one phase-encoding position, the announced frames mostly empty while lines repeat, or one
+        frame of lines repeated through several heartbeats at varying trigger delays."""
         positions = {(ln[0], ln[1]) for ln in images}
         repeated = len(images) - len(positions)
         if not repeated:
@@ -450,6 +451,13 @@ class AcquisitionCollector:
                              f"{counter} counters fill only {t}, and {repeated} of the {len(images)} imaging lines "
                              f"repeat a line already acquired in their frame: the {counter} counter looks unset "
                              f"(averaging the repeats would blur the frames together){beats}")
+        if t == 1 and self.heartbeats and repeated >= len(positions):
+            raise ValueError(f"group {where}: {len(images)} imaging lines acquired through {self.heartbeats + 1} "
+                             f"heartbeats, at varying trigger delays, fill one frame, each line "
+                             f"{len(images) / len(positions):.1f} times on average: a retrospectively gated or "
+                             "free-running cine whose cardiac phases are not labelled? Averaging would blur the "
+                             "cardiac cycle into one image; frame_axis ecg bins the lines into cardiac phases by "
+                             "their ECG trigger time")
         log.info("%s: %d of %d imaging lines repeat a line already acquired in their frame and are averaged with "
                  "it%s", where, repeated, len(images), beats)
 

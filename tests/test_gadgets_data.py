@@ -540,6 +540,24 @@ def test_unset_line_or_phase_counters_are_named_not_averaged(sim):
         assert len(s.errors) == 1 and "slice=0" in s.errors[0] and message in s.errors[0], s.errors
 
 
+def test_an_unlabelled_gated_cine_under_a_one_phase_header_is_named(sim):
+    """Every phase labelled 0 and a header that announces 1 phase (as a retrospectively gated scan
+    may come): the lines of the whole cardiac cycle, through many heartbeats, used to be averaged
+    into one image. Now an error suggesting frame_axis ecg; a static scan (one trigger delay, no
+    repeats) is untouched (the other tests' files)."""
+    import re
+
+    hdr, _ = read_file(sim[0])
+    xml = hdr.toXML()
+    xml = xml.decode() if isinstance(xml, bytes) else xml
+    one = re.sub(r"(<phase>\s*<minimum>0</minimum>\s*<maximum>)\d+", r"\g<1>0", xml, count=1)
+    assert one != xml
+    out, s = run_session(sim[0], header=ismrmrd.xsd.CreateFromDocument(one),
+                         edit=lambda a: setattr(a.idx, "phase", 0) if a.idx.slice == 0 else None)
+    assert len(out) == 6 and len(s.errors) == 1 and "slice=0" in s.errors[0], s.errors
+    assert "fill one frame" in s.errors[0] and "frame_axis ecg bins the lines" in s.errors[0]
+
+
 def test_a_line_acquired_twice_in_its_frame_is_averaged(sim, caplog):
     """Repeats under counters that fill every announced frame are kept: averaged with the line
     they repeat, said in the log. The same line twice gives the images of the line once."""
