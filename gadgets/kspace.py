@@ -293,6 +293,12 @@ def ecg_bins(delay, phases: int = 20, rr_tolerance: float = 0.0) -> tuple[np.nda
     return phase, info
 
 
+class UnlabelledCine(ValueError):
+    """A cine's lines ran through heartbeats at varying trigger delays while their phase counters
+    stayed unset: binning them by their ECG trigger time (frame_axis ecg) reads them as they were
+    acquired; the session does so under frame_axis auto."""
+
+
 class AcquisitionCollector:
     """Collects the acquisitions of one group (slice, contrast, repetition, set, average; with
     ``axis`` ``repetition`` the repetitions are the frames, and the key's repetition is the phase;
@@ -305,7 +311,7 @@ class AcquisitionCollector:
         self.geometry = geometry
         self.axis = axis
         self.phases = phases if axis == "ecg" else 0  # ecg: the cardiac phases the lines are binned into
-        self.delays = []  # ecg: each line's trigger delay, in arrival order
+        self.delays = []  # each line's trigger delay, in arrival order (binned where the axis is ecg)
         self.last_delay, self.heartbeats = 0, 0  # other axes: trigger delays that fall (new beats), for a hint
         self.rr_tolerance = rr_tolerance  # ecg: arrhythmia rejection (0: every beat)
         self.block = block if axis == "repetition" else 0
@@ -363,9 +369,8 @@ class AcquisitionCollector:
             self.noise_stds.append(whitened_noise_std(data.shape[1], center, g) if whitened else None)
         frame = self.frame_of(acq)
         delay = int(acq.physiology_time_stamp[0])
-        if self.axis == "ecg":  # binned at build(), once every beat is known
-            self.delays.append(delay)
-        elif delay < self.last_delay:
+        self.delays.append(delay)  # ecg: binned at build(), once every beat is known (others: see bin_by_ecg)
+        if self.axis != "ecg" and delay < self.last_delay:
             self.heartbeats += 1
         self.last_delay = delay
         self.lines.append((frame, row, grid, sampled, acq.getHead(), is_image, is_ref))
@@ -447,19 +452,28 @@ class AcquisitionCollector:
         beats = (f"; the lines' trigger delays run through {self.heartbeats + 1} heartbeats: frame_axis ecg bins "
                  "them into cardiac phases by their ECG trigger time") if self.heartbeats else ""
         if announced >= 2 * t:
-            raise ValueError(f"group {where}: the header announces {announced} {what}, but the acquisitions' "
-                             f"{counter} counters fill only {t}, and {repeated} of the {len(images)} imaging lines "
-                             f"repeat a line already acquired in their frame: the {counter} counter looks unset "
-                             f"(averaging the repeats would blur the frames together){beats}")
+            kind = UnlabelledCine if self.axis == "phase" and self.heartbeats else ValueError
+            raise kind(f"group {where}: the header announces {announced} {what}, but the acquisitions' "
+                       f"{counter} counters fill only {t}, and {repeated} of the {len(images)} imaging lines "
+                       f"repeat a line already acquired in their frame: the {counter} counter looks unset "
+                       f"(averaging the repeats would blur the frames together){beats}")
         if t == 1 and self.heartbeats and repeated >= len(positions):
-            raise ValueError(f"group {where}: {len(images)} imaging lines acquired through {self.heartbeats + 1} "
-                             f"heartbeats, at varying trigger delays, fill one frame, each line "
-                             f"{len(images) / len(positions):.1f} times on average: a retrospectively gated or "
-                             "free-running cine whose cardiac phases are not labelled? Averaging would blur the "
-                             "cardiac cycle into one image; frame_axis ecg bins the lines into cardiac phases by "
-                             "their ECG trigger time")
+            kind = UnlabelledCine if self.axis == "phase" else ValueError
+            raise kind(f"group {where}: {len(images)} imaging lines acquired through {self.heartbeats + 1} "
+                       f"heartbeats, at varying trigger delays, fill one frame, each line "
+                       f"{len(images) / len(positions):.1f} times on average: a retrospectively gated or "
+                       "free-running cine whose cardiac phases are not labelled? Averaging would blur the "
+                       "cardiac cycle into one image; frame_axis ecg bins the lines into cardiac phases by "
+                       "their ECG trigger time")
         log.info("%s: %d of %d imaging lines repeat a line already acquired in their frame and are averaged with "
                  "it%s", where, repeated, len(images), beats)
+
+    def bin_by_ecg(self, phases: int) -> None:
+        """Read this group as a retrospectively gated cine (after :class:`UnlabelledCine`): its lines
+        binned into ``phases`` cardiac phases by their trigger delays at :meth:`build`, as with
+        frame_axis ecg; the repetition leaves the group's key, as there."""
+        self.key = tuple(v for n, v in zip(group_names(self.axis), self.key) if n != "repetition")
+        self.axis, self.phases, self.frames = "ecg", int(phases), int(phases)
 
     def _bin(self) -> None:
         """ecg: each line's frame, its cardiac phase from its trigger delay (:func:`ecg_bins`)."""

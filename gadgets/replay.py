@@ -243,9 +243,10 @@ def add_parser(sub):
     p.add_argument("--steps", default=None, help="sampler iterations")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--output-type", default=None, help="magnitude | complex")
-    p.add_argument("--frame-axis", default=None, help="phase (a cine) | repetition (a real-time series) | auto "
-                                                      "(repetition where the header has 1 phase, several repetitions) "
-                                                      "| ecg (bin every line by its ECG trigger time)")
+    p.add_argument("--frame-axis", default=None,
+                   help="phase (a cine) | repetition (a real-time series) | auto (repetition where the header has 1 "
+                        "phase, several repetitions; ecg where unset phase counters run through heartbeats) | ecg "
+                        "(bin every line by its ECG trigger time)")
     p.add_argument("--cardiac-phases", default=None, help="frame axis ecg: cardiac phases to bin into (default: the header's "
                                                           "phase count where above 1, else 20)")
     p.add_argument("--arrhythmia-rejection", default=None,

@@ -47,6 +47,7 @@ from .kspace import (
     AcquisitionCollector,
     CineData,
     NoiseWhitener,
+    UnlabelledCine,
     cine_from_recon_bit,
     finalize_images,
     flag_set,
@@ -267,7 +268,9 @@ def resolve_frame_axis(setting: str, g: Geometry, limits: Limits, block: int = 0
     """The acquisition counter that numbers the frames, and the block size: ``phase`` (a cine:
     cardiac phases; block 0) or ``repetition`` (a real-time series, as real-time cine sequences label
     their frames). ``auto`` takes repetition where the header announces one phase and several
-    repetitions. A real-time series is reconstructed ``block`` repetitions at a time (the setting
+    repetitions (and a slice whose phase counters turn out unset while its lines run through
+    heartbeats is binned by its trigger times at the end: :meth:`ReconSession._bin_unlabelled`).
+    A real-time series is reconstructed ``block`` repetitions at a time (the setting
     ``realtime_block``); with 0 as one series, or, where that would exceed the operator's limits,
     in the fewest blocks of even length that fit (each at least 2 repetitions: else repetition by
     repetition, with a warning, under ``auto``)."""
@@ -477,7 +480,12 @@ class ReconSession:
             col = self.collectors.pop(key)
             self.buffered -= col.samples
             try:
-                cine = col.build()
+                try:
+                    cine = col.build()
+                except UnlabelledCine as e:
+                    if self.gs.frame_axis != "auto":  # the operator chose the phase counter: say why it fails
+                        raise
+                    cine = self._bin_unlabelled(col, e)
             except ValueError as e:
                 self._fail(col.describe(), e)
                 continue
@@ -488,6 +496,22 @@ class ReconSession:
                          col.heartbeats + 1)
             out += self._reconstruct(cine, "images")
         return out
+
+    def _bin_unlabelled(self, col: AcquisitionCollector, why: UnlabelledCine) -> CineData:
+        """frame_axis auto: a cine whose phase counters were never set but whose lines run through
+        heartbeats at varying trigger delays (a retrospectively gated scan) is binned by its ECG
+        trigger times into the session's cardiac phases, as frame_axis ecg does, within the limits."""
+        phases, lim = self.cardiac_phases, self.limits
+        elements = (col.channels or 1) * phases * self.geometry.ny * self.geometry.nx
+        if phases > lim.max_frames or elements > lim.max_slice_elements or \
+                phases * self.geometry.ny * self.geometry.nx > lim.max_slice_pixels:
+            raise ValueError(f"{why}; binned into {phases} cardiac phases it would exceed the server's limits "
+                             "(max_frames, max_slice_elements, max_slice_pixels)")
+        log.info("%s: its phase counters are unset but its lines run through %d heartbeats at varying trigger "
+                 "delays (a retrospectively gated cine): frame_axis auto bins them by their ECG trigger time "
+                 "into %d cardiac phases, as frame_axis ecg does", col.describe(), col.heartbeats + 1, phases)
+        col.bin_by_ecg(phases)
+        return col.build()
 
     def finish(self) -> list:
         """End of stream: reconstruct what is still buffered; raise ScanErrors if any slice failed."""

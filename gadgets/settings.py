@@ -55,7 +55,8 @@ class GadgetSettings:
     log_level: str = "INFO"  # DEBUG | INFO | WARNING | ERROR
     frame_axis: str = "auto"  # the acquisitions' counter that numbers the frames: phase (cine) | repetition (real-time) | auto
     # | ecg (retrospective binning: every line of a slice to a cardiac phase by its ECG trigger time)
-    cardiac_phases: int = 0  # frame_axis ecg: cardiac phases to bin into (0: the header's phase count if above 1, else 20)
+    cardiac_phases: int = 0  # frame_axis ecg (or auto, binning an unlabelled gated cine): cardiac phases to bin into
+    #                          (0: the header's phase count if above 1, else 20)
     arrhythmia_rejection: float = 0.0  # frame_axis ecg: leave out beats whose RR is this fraction off the median (0: none)
     realtime_block: int = 0  # real-time series: repetitions per reconstruction (0: all, or even blocks within the limits)
 

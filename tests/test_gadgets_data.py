@@ -530,12 +530,13 @@ def test_unset_line_or_phase_counters_are_named_not_averaged(sim):
     at one phase-encoding position failed only later, as "the k-space centre line is not sampled";
     all phases labelled 0 under a header announcing 6 gave one plausible, wrong image, the cycle
     averaged. Both are now named in that slice's error (the other slice is reconstructed)."""
+    phase = {"method": "zero_filled", "device": "cpu", "frame_axis": "phase"}  # auto bins them instead (below)
     for edit, message in ((lambda a: setattr(a.idx, "kspace_encode_step_1", 3),
                            "carry one phase-encoding position (kspace_encode_step_1 = 3): the acquisitions' line "
                            "counters look unset"),
                           (lambda a: setattr(a.idx, "phase", 0),
                            "the header announces 6 cardiac phases, but the acquisitions' phase counters fill only 1")):
-        out, s = run_session(sim[0], edit=lambda a, e=edit: e(a) if a.idx.slice == 0 else None)
+        out, s = run_session(sim[0], settings=phase, edit=lambda a, e=edit: e(a) if a.idx.slice == 0 else None)
         assert len(out) == 6 and all(im.slice == 1 for im in out)
         assert len(s.errors) == 1 and "slice=0" in s.errors[0] and message in s.errors[0], s.errors
 
@@ -552,10 +553,37 @@ def test_an_unlabelled_gated_cine_under_a_one_phase_header_is_named(sim):
     xml = xml.decode() if isinstance(xml, bytes) else xml
     one = re.sub(r"(<phase>\s*<minimum>0</minimum>\s*<maximum>)\d+", r"\g<1>0", xml, count=1)
     assert one != xml
-    out, s = run_session(sim[0], header=ismrmrd.xsd.CreateFromDocument(one),
-                         edit=lambda a: setattr(a.idx, "phase", 0) if a.idx.slice == 0 else None)
+    out, s = run_session(sim[0], header=ismrmrd.xsd.CreateFromDocument(one), settings={
+        "method": "zero_filled", "device": "cpu", "frame_axis": "phase"},
+        edit=lambda a: setattr(a.idx, "phase", 0) if a.idx.slice == 0 else None)
     assert len(out) == 6 and len(s.errors) == 1 and "slice=0" in s.errors[0], s.errors
     assert "fill one frame" in s.errors[0] and "frame_axis ecg bins the lines" in s.errors[0]
+
+
+@pytest.mark.parametrize("one_phase_header", [False, True])
+def test_frame_axis_auto_bins_an_unlabelled_gated_cine_by_its_trigger_times(sim, caplog, one_phase_header):
+    """Under frame_axis auto (the default) such a slice is read as what it is, a retrospectively
+    gated cine: its lines binned by their ECG trigger times into the header's phases (6) or
+    cardiac_phases, as frame_axis ecg does, said in the log. Its images match the labelled cine's."""
+    import re
+
+    hdr, _ = read_file(sim[0])
+    labelled, _ = run_session(sim[0])
+    if one_phase_header:
+        xml = hdr.toXML()
+        xml = xml.decode() if isinstance(xml, bytes) else xml
+        hdr = ismrmrd.xsd.CreateFromDocument(re.sub(r"(<phase>\s*<minimum>0</minimum>\s*<maximum>)\d+", r"\g<1>0",
+                                                    xml, count=1))
+    settings = {"method": "zero_filled", "device": "cpu", **({"cardiac_phases": "6"} if one_phase_header else {})}
+    with caplog.at_level(logging.INFO, logger="ddugm.gadget"):
+        out, s = run_session(sim[0], header=hdr, settings=settings, edit=lambda a: setattr(a.idx, "phase", 0))
+    assert len(out) == 12 and not s.errors, s.errors
+    assert sum("frame_axis auto bins them by their ECG trigger time into 6 cardiac phases" in r.getMessage()
+               for r in caplog.records) == 2
+    ref = {(im.slice, im.phase): np.abs(np.asarray(im.data)) for im in labelled}
+    for im in out:
+        a, b = np.abs(np.asarray(im.data)), ref[(im.slice, im.phase)]
+        assert np.linalg.norm(a - b) < 0.05 * np.linalg.norm(b), (im.slice, im.phase, np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def test_a_line_acquired_twice_in_its_frame_is_averaged(sim, caplog):
