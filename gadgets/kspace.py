@@ -451,7 +451,9 @@ class AcquisitionCollector:
             counter, what = "repetition", "repetitions"
         beats = (f"; the lines' trigger delays run through {self.heartbeats + 1} heartbeats: frame_axis ecg bins "
                  "them into cardiac phases by their ECG trigger time") if self.heartbeats else ""
-        if announced >= 2 * t:
+        # a cine's phases interleave within every heartbeat, so even a stopped scan fills them all; a
+        # real-time series stopped early fills its first repetitions, so there only "all in one" counts
+        if announced >= 2 * t and (self.axis == "phase" or t == 1):
             kind = UnlabelledCine if self.axis == "phase" and self.heartbeats else ValueError
             raise kind(f"group {where}: the header announces {announced} {what}, but the acquisitions' "
                        f"{counter} counters fill only {t}, and {repeated} of the {len(images)} imaging lines "

@@ -616,6 +616,20 @@ def test_unset_repetition_counters_of_a_real_time_series_are_named(tmp_path):
     assert "the header announces 6 repetitions, but the acquisitions' repetition counters fill only 1" in s.errors[0]
 
 
+def test_a_real_time_series_stopped_early_with_a_repeated_line_is_reconstructed(tmp_path):
+    """A real-time series fills its first repetitions when the scan stops early: 2 of 6 announced,
+    one line acquired twice, is no sign of unset counters (only all lines in one repetition is)."""
+    path = tmp_path / "rt.h5"
+    simulate(str(path), frames=6, size=32, coils=3, accel=3, acs=8, noise=0, seed=3, real_time=True)
+    hdr, acqs = read_file(path)
+    s = ReconSession(hdr, *load_settings({"method": "zero_filled", "device": "cpu"}))
+    kept = [a for a in acqs if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT) or a.idx.repetition < 2]
+    twice = next(a for a in kept if a.idx.repetition == 1 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT))
+    out = [im for a in kept + [ismrmrd.Acquisition(twice.getHead(), twice.data)] for im in s.handle(a)]
+    out += s.finish()
+    assert len(out) == 2 and not s.errors, s.errors
+
+
 def test_recon_data_whose_lines_share_one_row_is_named(tmp_path):
     """What a chain's BucketToBuffer makes of lines without counters: every frame's data on one
     row of E1. Named, instead of failing later at the coil maps."""
