@@ -11,8 +11,9 @@ out of time is recorded as such and the next one runs):
 
 a. ``env``: GPU name, torch and CUDA versions; ``pytest -m gpu`` on the test files that do
    not need gadgetron;
-b. ``bench``: ``bench --device cuda`` on the three standard cases (eager); ``bench_fp32``: the
-   same with ``amp: false`` (float32 networks: bf16's PSNR against it);
+b. ``bench``: ``bench --device cuda`` on the three standard cases (eager); ``bench_global``: the
+   paper and cine16 cases again with ``attention: global`` (the default's tiles against it);
+   ``bench_fp32``: the same with ``amp: false`` (float32 networks: bf16's PSNR against it);
 c. ``train``: the trainings side by side on the one GPU (small networks are launch-bound,
    so they share it well) for the time left: the image prior continued from the committed
    weights (``image``), a wider image prior (nf 48) from scratch (``image_wide``), the k-space
@@ -133,31 +134,34 @@ def stage_env(run: Run) -> dict:
     return info
 
 
-def bench_cmd(run: Run, json_path: Path, config: Path | None) -> list:
+def bench_cmd(run: Run, json_path: Path, config: Path | None, cases: str = "") -> list:
     cmd = [sys.executable, "-m", "ddugm_core.cli", "bench", "--device", run.device, "--json", json_path]
     if run.dry:
         cmd += ["--cases", "paper", "--steps", "1", "--repeat", "0", "--no-warmup"]
     else:
-        cmd += ["--repeat", "3"]
+        cmd += ["--repeat", "3"] + (["--cases", cases] if cases else [])
     if config is not None:
         cmd += ["--config", config]
     return cmd
 
 
-def stage_bench(run: Run, compile_: bool, budget: float, fp32: bool = False) -> dict:
-    """``bench``: eager (bf16 network calls where bf16 is fast), with ``compile: true``, or eager
-    in float32 (``amp: false``: the reference that bf16's PSNR is held against)."""
+def stage_bench(run: Run, compile_: bool, budget: float, fp32: bool = False, attention_global: bool = False) -> dict:
+    """``bench``: eager (bf16 network calls where bf16 is fast), with ``compile: true``, eager
+    in float32 (``amp: false``: the reference that bf16's PSNR is held against), or with
+    ``attention: global`` on the two cases of large frames (the default's tiles against it)."""
     run.work.mkdir(parents=True, exist_ok=True)
     config = None
-    tag = "compile" if compile_ else "fp32" if fp32 else ""
+    tag = "compile" if compile_ else "fp32" if fp32 else "global" if attention_global else ""
     if tag or run.dry:
         config = run.work / f"{tag or 'dry'}.yaml"
-        text = "recon:\n" + ("  compile: true\n" if compile_ else "") + ("  amp: false\n" if fp32 else "")
+        text = "recon:\n" + ("  compile: true\n" if compile_ else "") + ("  amp: false\n" if fp32 else "") + \
+            ("  attention: global\n" if attention_global else "")
         if run.dry:  # the plumbing, without minutes of CPU work
             text += "  method: zero_filled\n" if compile_ else "  ls_iters: 3\n"
         config.write_text(text)
     path = run.work / (f"bench_{tag}.json" if tag else "bench.json")
-    result = run.sh("bench" + (f" {tag}" if tag else ""), bench_cmd(run, path, config), budget)
+    cases = "paper,cine16" if attention_global else ""
+    result = run.sh("bench" + (f" {tag}" if tag else ""), bench_cmd(run, path, config, cases), budget)
     if path.is_file():
         data = json.loads(path.read_text())
         result["results"] = [{k: r.get(k) for k in ("case", "seconds_per_slice", "instrumented_s", "stages_s",
@@ -446,7 +450,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train", default="",
                     help=f"which trainings to run (comma-separated among {', '.join(TRAININGS)}; default: all): "
                          "fewer share the GPU for more steps each")
-    ap.add_argument("--stages", default="env,bench,bench_fp32,train,outputs,compare,compile",
+    ap.add_argument("--stages", default="env,bench,bench_global,bench_fp32,train,outputs,compare,compile",
                     help="which stages to run, in their fixed order (default: all); e.g. compare alone measures "
                          "the committed weights, env,train,outputs,compare gives the training the benches' time")
     a = ap.parse_args(argv)
@@ -469,18 +473,21 @@ def main(argv=None) -> int:
     device = "cpu" if a.dry_run and a.device == "cuda" else a.device
     run = Run(out, a.minutes, a.dry_run, device, pack)
     total = a.minutes * 60
-    budgets = {"env": min(120, 0.12 * total), "bench": min(120, 0.15 * total), "bench_fp32": min(60, 0.1 * total),
+    budgets = {"env": min(120, 0.12 * total), "bench": min(120, 0.15 * total), "bench_global": min(60, 0.08 * total),
+               "bench_fp32": min(60, 0.1 * total),
                "compare": min(90, 0.12 * total), "compile": min(150, 0.2 * total)}
     # training gets whatever the stages before it left over, less what the stages after it may take
     train_budget = max(30.0, total - sum(budgets.values()) - 30)
     if a.dry_run:  # fixed, generous stage limits, 15 s of training; --minutes caps it all. A CPU shared with other
         # torch processes runs these 4 to 10 times slower (their threads oversubscribe it): the float32 bench's
         # 14 s took 63 s beside one evaluate run, and 90 s limits expired
-        budgets, train_budget = {"env": 120, "bench": 240, "bench_fp32": 240, "compare": 180, "compile": 30}, 15.0
+        budgets, train_budget = {"env": 120, "bench": 240, "bench_global": 240, "bench_fp32": 240, "compare": 180,
+                                 "compile": 30}, 15.0
     run.summary["budgets_s"] = {**budgets, "train": train_budget}
     stages = {
         "env": lambda: stage_env(run),
         "bench": lambda: stage_bench(run, False, budgets["bench"]),
+        "bench_global": lambda: stage_bench(run, False, budgets["bench_global"], attention_global=True),
         "bench_fp32": lambda: stage_bench(run, False, budgets["bench_fp32"], fp32=True),
         "train": lambda: stage_train(run, train_budget if a.dry_run else
                                      max(30.0, run.left() - sum(budgets[k] for k in ("compare", "compile")

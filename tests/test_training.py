@@ -282,7 +282,8 @@ def test_gpu_run_script_dry_run(tmp_path):
     files = list(out.iterdir())
     assert len(files) <= 8 and all(f.stat().st_size <= 16 << 20 for f in files)
     s = json.loads((out / "summary.json").read_text())
-    assert set(s["stages"]) == {"env", "bench", "bench_fp32", "train", "compare", "compile", "outputs"}
+    assert set(s["stages"]) == {"env", "bench", "bench_global", "bench_fp32", "train", "compare", "compile", "outputs"}
+    assert s["stages"]["bench_global"]["status"] == "ok" and s["stages"]["bench_global"]["results"]
     assert s["stages"]["env"]["pytest_gpu"]["status"] == "ok" and s["stages"]["bench"]["status"] == "ok"
     assert s["stages"]["bench_fp32"]["status"] == "ok" and s["stages"]["bench_fp32"]["results"]
     assert all(r["exit"] == 0 and r["step"] > 0 for r in s["stages"]["train"]["runs"].values())
