@@ -581,9 +581,12 @@ def _simulated_text(e: dict) -> list[str]:
         "sensitivities and the noise are always simulated, so these numbers are not those of a real raw acquisition.",
         f"- Acquisition: {e['coils']} simulated coil(s) (smooth ring sensitivities, normalised), complex Gaussian "
         f"k-space noise std {e['noise']} per real component (normalised image units, orthonormal FFT), one "
-        "variable-density random Cartesian mask per frame with the centre lines always sampled."] + (
-        ["- The noise is not told to the methods (`--noise-known no`): `noise_estimate` may estimate it."]
-        if e.get("noise_known") == "no" else [])
+        "variable-density random Cartesian mask per frame with the centre lines always sampled."] + _withheld_text(e)
+
+
+def _withheld_text(e: dict) -> list[str]:
+    return (["- The noise is not told to the methods (`--noise-known no`): `noise_estimate` may estimate it."]
+            if e.get("noise_known") == "no" else [])
 
 
 def _raw_text(e: dict) -> list[str]:
@@ -595,9 +598,8 @@ def _raw_text(e: dict) -> list[str]:
         "data's own noise.",
         f"- Acquisition: the same data retrospectively undersampled{extra}: one variable-density random Cartesian "
         "mask per frame with the centre lines always sampled, within the lines and readout points the scan acquired "
-        "(partial Fourier and asymmetric echoes stay as acquired; R counts all phase-encoding lines)."] + (
-        ["- The noise is not told to the methods (`--noise-known no`): `noise_estimate` may estimate it."]
-        if e.get("noise_known") == "no" else [])
+        "(partial Fourier and asymmetric echoes stay as acquired; R counts all phase-encoding lines)."] + \
+        _withheld_text(e)
 
 
 def report_markdown(rows: list[dict], settings: dict, figure: bool, n_series: int, failures: list[dict] = ()) -> str:
