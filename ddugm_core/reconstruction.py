@@ -632,6 +632,9 @@ class Reconstructor:
         avg = ifft2c(time_averaged_kspace(k, m))
         img = (maps.conj() * avg[:, None] if maps.dim() == 4 else maps.conj() * avg).sum(0) if maps is not None else avg[0]
         mag = img.abs().flatten()
+        if not torch.isfinite(mag).all():  # (it used to end as "the data have no signal")
+            raise FloatingPointError("the time-averaged coil-combined image is not finite: the k-space values "
+                                     "overflow single precision on the way (samples of 1e19 or more?)")
         scale = torch.quantile(mag, self.config.scale_percentile / 100.0) if mag.numel() <= 2**24 else mag.max()
         if not scale > 0:
             if float(mag.max()) > 0:  # a signal, but the percentile falls in the empty background

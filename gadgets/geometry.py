@@ -42,11 +42,48 @@ class Geometry:
         return int(self.enc_matrix[1])
 
 
+def _number(value, field: str, kind=int):
+    """A header number as ``kind``. The ISMRMRD schema parser keeps a value it cannot convert as
+    its text (with a warning), so ``abc``, ``nan`` or ``1e-30`` in an integer field surfaced as a
+    bare "invalid literal for int()": an integer field that holds no integer is a ValueError
+    naming the field (a whole float, ``16.0``, is read as the integer); a float field that holds
+    no number is NaN, which the callers take as not given (a field of view), and is logged."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if kind is int:
+        if not math.isfinite(v) or v != int(v):
+            raise ValueError(f"the ISMRMRD header's {field} is {str(value)[:40]!r}, not an integer")
+        return int(v)
+    if math.isnan(v) and not isinstance(value, float):
+        log.warning("the ISMRMRD header's %s is %r, not a number: taken as not given", field, str(value)[:40])
+    return v  # nan, inf: callers treat a field of view that is not one as not given
+
+
 def _limit(limits, name):
     lim = getattr(limits, name, None) if limits is not None else None
     if lim is None:
         return None
-    return int(lim.minimum or 0), int(lim.center or 0), int(lim.maximum or 0)
+    out = tuple(_number(getattr(lim, k) or 0, f"encodingLimits {name} {k}") for k in ("minimum", "center", "maximum"))
+    if min(out) < 0:
+        raise ValueError(f"the ISMRMRD header's encodingLimits {name} {out} holds a negative index")
+    return out
+
+
+def _bandwidth(bw) -> float:
+    """relativeReceiverNoiseBandwidth, or Gadgetron's default 0.793 where it is missing."""
+    if not bw:
+        return 0.793
+    try:
+        v = float(bw)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not 0 < v < math.inf:  # (not read by the reconstruction: said, and the default kept)
+        log.warning("the ISMRMRD header's relativeReceiverNoiseBandwidth %r is not a positive number; taking 0.793",
+                    str(bw)[:40])
+        return 0.793
+    return v
 
 
 def geometry_from_header(header, encoding: int = 0) -> Geometry:
@@ -63,15 +100,20 @@ def geometry_from_header(header, encoding: int = 0) -> Geometry:
     em, ef = e.encodedSpace.matrixSize, e.encodedSpace.fieldOfView_mm
     rs = e.reconSpace if e.reconSpace is not None else e.encodedSpace
     rm, rf = rs.matrixSize, rs.fieldOfView_mm
-    enc_matrix = (int(em.x), int(em.y), int(em.z or 1))
+    enc_matrix = tuple(_number(v, f"encodedSpace matrixSize {k}") for k, v in (("x", em.x), ("y", em.y),
+                                                                                 ("z", em.z or 1)))
     if enc_matrix[0] < 2 or enc_matrix[1] < 2:
         raise ValueError(f"encoded matrix {enc_matrix[:2]} is too small for a 2D reconstruction")
     if enc_matrix[2] > 1:
         raise ValueError(f"3D encoding (encoded matrix z = {enc_matrix[2]}) is not supported: DD-UGM is a 2D cine method")
-    recon_matrix = (int(rm.x), int(rm.y), int(rm.z or 1))
+    where = "reconSpace" if e.reconSpace is not None else "encodedSpace"
+    recon_matrix = tuple(_number(v, f"{where} matrixSize {k}") for k, v in (("x", rm.x), ("y", rm.y), ("z", rm.z or 1)))
     if any(v < 0 or v == 1 for v in recon_matrix[:2]):  # (0: not given, the encoded grid is kept)
         raise ValueError(f"recon matrix {recon_matrix[:2]} is too small for a 2D reconstruction")
-    fov = (lambda f: (float(f.x), float(f.y), float(f.z)) if f is not None else (0.0, 0.0, 0.0))
+    def fov(f, space):
+        if f is None:
+            return 0.0, 0.0, 0.0
+        return tuple(_number(getattr(f, k), f"{space} fieldOfView_mm {k}", float) for k in "xyz")
     ky = _limit(e.encodingLimits, "kspace_encoding_step_1")
     ph = _limit(e.encodingLimits, "phase")
     rep = _limit(e.encodingLimits, "repetition")
@@ -87,12 +129,12 @@ def geometry_from_header(header, encoding: int = 0) -> Geometry:
     bw = getattr(asi, "relativeReceiverNoiseBandwidth", None) if asi is not None else None
     coils = getattr(asi, "receiverChannels", None) if asi is not None else None
     g = Geometry(
-        enc_matrix=enc_matrix, enc_fov=fov(ef),
-        recon_matrix=recon_matrix, recon_fov=fov(rf),
+        enc_matrix=enc_matrix, enc_fov=fov(ef, "encodedSpace"),
+        recon_matrix=recon_matrix, recon_fov=fov(rf, where),
         ky_center=int(ky_center), ky_max=int(ky_max),
         phases=(ph[2] + 1) if ph is not None else 1,
-        noise_bandwidth=float(bw) if bw else 0.793,
-        trajectory=str(traj), coils=int(coils) if coils else None,
+        noise_bandwidth=_bandwidth(bw),
+        trajectory=str(traj), coils=_number(coils, "acquisitionSystemInformation receiverChannels") if coils else None,
         repetitions=(rep[2] + 1) if rep is not None else 1,
         repetitions_announced=rep is not None,
     )

@@ -45,11 +45,14 @@ def image_header(acq_head, frame: int, key: dict, geometry: Geometry, shape, dty
 
 
 def make_meta(method: str, preset: str, warning: str | None, frame: int, frames: int,
-              noise: dict | None = None) -> ismrmrd.Meta:
+              noise: dict | None = None, fallback: bool | None = None) -> ismrmrd.Meta:
+    """``fallback``: the primary method failed and ``method`` stood in (``FALLBACK`` in the image
+    comment); None: whenever there is a warning (callers that only warn of a fallback)."""
     m = ismrmrd.Meta()
     m["GADGETRON_DataRole"] = "Image"
     m["GADGETRON_ImageProcessingHistory"] = ["DDUGM"]
-    m["GADGETRON_ImageComment"] = ["DDUGM", method] + (["FALLBACK"] if warning else [])
+    m["GADGETRON_ImageComment"] = ["DDUGM", method] + (["FALLBACK"] if (bool(warning) if fallback is None
+                                                                               else fallback) else [])
     m["GADGETRON_SeqDescription"] = "_DDUGM"
     m["DDUGM_Method"] = method
     m["DDUGM_Preset"] = preset
@@ -67,7 +70,7 @@ INT16_MAX = 4095  # int16 output: 12-bit magnitudes, as scanners store them
 
 def frames_to_images(x: np.ndarray, cine, geometry: Geometry, *, complex_output: bool = False, first_index: int,
                      series_index: int, method: str, preset: str, warning: str | None, output: str | None = None,
-                     noise: dict | None = None) -> list:
+                     noise: dict | None = None, fallback: bool | None = None) -> list:
     """``x [frame, y, x]`` complex -> list of ``ismrmrd.Image`` (data ``[1, 1, y, x]``).
 
     ``output``: ``magnitude`` (float32), ``complex`` (complex64) or ``int16`` (magnitude scaled
@@ -93,7 +96,7 @@ def frames_to_images(x: np.ndarray, cine, geometry: Geometry, *, complex_output:
                             first_index + f, series_index, cine.frame_axis)
         img = ismrmrd.Image(head=head)  # allocates [channels, z, y, x] from the header
         img.data[:] = data[None, None]
-        img.meta = make_meta(method, preset, warning, f, t, noise)
+        img.meta = make_meta(method, preset, warning, f, t, noise, fallback)
         if output == "int16":
             img.meta["WindowCenter"], img.meta["WindowWidth"] = str(window[0]), str(window[1])
         out.append(img)

@@ -75,12 +75,16 @@ class NoiseWhitener:
         self._n = 0
         self.dwell_us = None
         self._matrix = None
+        self._medians = []  # per readout, each channel's median |sample|^2 (a robust noise power)
 
     def add(self, data: np.ndarray, dwell_us: float):
-        d = np.asarray(data, dtype=np.complex128)  # [coil, samples]
+        with np.errstate(all="ignore"):  # non-finite samples are reported by matrix()
+            d = np.asarray(data, dtype=np.complex128)  # [coil, samples]
         if self._sum is not None and d.shape[0] != self._sum.shape[0]:
             raise ValueError(f"noise readouts have {d.shape[0]} channels, earlier ones had {self._sum.shape[0]}")
-        s = d @ d.conj().T
+        with np.errstate(all="ignore"):  # non-finite samples are reported by matrix()
+            self._medians.append(np.median(np.abs(d) ** 2, axis=1))
+            s = d @ d.conj().T
         self._sum = s if self._sum is None else self._sum + s
         self._n += d.shape[1]
         self.dwell_us = float(dwell_us) if _usable_dwell(dwell_us) else self.dwell_us
@@ -100,9 +104,21 @@ class NoiseWhitener:
             c = cov.shape[0]
             if not np.isfinite(cov).all():
                 raise ValueError("noise scan: it holds non-finite samples (NaN or inf); cannot prewhiten")
-            dead = np.nonzero(np.real(np.diag(cov)) <= 0)[0].tolist()
+            power = np.real(np.diag(cov))
+            dead = np.nonzero(power <= 0)[0].tolist()
             if dead:
                 raise ValueError(f"noise scan: channel(s) {dead} carry no noise; cannot prewhiten")
+            # Gaussian noise: |x|^2 is exponential, its median ln 2 times its mean. A channel whose
+            # mean power is 100 times that holds samples far outside its noise (a corrupted sample,
+            # a spike of some 450 sigma in 2048 samples): its covariance would whiten the data by a
+            # wrong scale (a corrupted float gave "the data have no signal")
+            robust = np.median(np.stack(self._medians), axis=0) / math.log(2)
+            wild = np.nonzero(power > 100 * robust)[0].tolist()
+            if wild:
+                with np.errstate(divide="ignore"):
+                    ratio = float(power[wild[0]] / robust[wild[0]])
+                raise ValueError(f"noise scan: channel(s) {wild} hold samples far outside their noise (mean power "
+                                 f"{ratio:.3g} times what the median sample says; corrupted?); cannot prewhiten")
             cov = cov + np.eye(c) * 1e-9 * np.real(np.trace(cov)) / c
             try:
                 chol = np.linalg.cholesky(cov)
@@ -117,12 +133,100 @@ class NoiseWhitener:
         if data.shape[0] != w.shape[0]:
             raise ValueError(f"data have {data.shape[0]} channels but the noise scan had {w.shape[0]}")
         scale = np.sqrt(dwell_us / self.dwell_us) if (_usable_dwell(dwell_us) and self.dwell_us) else 1.0
-        out = np.tensordot(w * scale, data, axes=(1, 0))
-        return out.astype(np.complex64)
+        with np.errstate(all="ignore"):  # corrupted samples: left out by the collector, named in the warning
+            out = np.tensordot(w * scale, data, axes=(1, 0))
+            return out.astype(np.complex64)
+
+
+SPIKE_RATIO = 10.0  # a sample this many times the k-space peak of a typical frame is no MR signal (cine: <= 1.1)
+CORRUPT_SHARE = 0.1  # beyond this share of the acquired samples corrupted, the slice is an error
+
+
+def _peak_reference(peaks: np.ndarray, frames: np.ndarray, rows: np.ndarray, ny: int):
+    """Each coil's k-space peak ``[coil]`` from the lines' largest samples ``peaks [line, coil]``
+    (finite), their frames and grid rows: the median over frames of each frame's largest line.
+    Only frames that hold a line within 2 rows of the grid's centre count (each frame's largest
+    line is its centre's), and at least 3 frames and half of them must: else None (no robust
+    reference; an ECG bin or a real-time frame may lack the centre)."""
+    if not len(peaks):
+        return None
+    central = np.abs(rows - ny // 2) <= 2
+    kept = sorted(set(frames[central].tolist()))
+    if len(kept) < 3 or 2 * len(kept) < len(set(frames.tolist())):
+        return None
+    return np.median(np.stack([peaks[frames == f].max(axis=0) for f in kept]), axis=0)
+
+
+def _corrupted(k: np.ndarray, mask: np.ndarray, peak) -> np.ndarray:
+    """The acquired positions ``[..., ky, kx]`` of every line (all of its readout) where any
+    coil's sample is not finite or more than ``SPIKE_RATIO`` times that coil's ``peak`` (None:
+    non-finite samples only): a corrupted raw sample spreads over its whole line when the
+    readout oversampling is removed."""
+    with np.errstate(all="ignore"):
+        bad = ~np.isfinite(k)
+        if peak is not None:
+            shape = (-1,) + (1,) * (k.ndim - 1)
+            bad |= np.abs(k) > SPIKE_RATIO * np.asarray(peak).reshape(shape)
+    return (bad & mask).any(axis=(0, -1))[..., None] & mask
+
+
+def drop_spikes(cine: CineData) -> str | None:
+    """Corrupted samples (a flipped bit in transfer, an RF spike): a sample that is NaN or inf, or
+    more than ``SPIKE_RATIO`` times its coil's k-space peak (the median over frames of each frame's
+    largest finite sample, :func:`_peak_reference`; real cine stays within 1.1 times it),
+    cannot be MR signal. Left in, one such sample failed the whole slice ("kspace contains NaN"),
+    striped the image, or, past 1e19 or so, overflowed single precision in the coil maps ("the
+    data have no signal"). Its position is taken out of the mask (the reconstruction fills it like
+    any sample not acquired), in the calibration lines too, and zeroed; returns a warning saying
+    how many, or None. More than ``CORRUPT_SHARE`` of the acquired samples corrupted is a
+    ValueError: such data are not to be repaired. Without a robust reference (fewer than 3 frames
+    with their centre): non-finite samples only. A safety net for what the collector's check on the
+    raw lines cannot see (Gadgetron's ReconData buffers)."""
+    k, mask = cine.kspace, cine.mask
+    if not mask.any():
+        return None
+    with np.errstate(all="ignore"):
+        mag = np.where(np.isfinite(k), np.abs(k), 0).max(axis=-1)  # [coil, frame, ky]
+    f, y = np.nonzero(mask.any(axis=-1))
+    peak = _peak_reference(mag[:, f, y].T, f, y, mask.shape[1])
+    where = _corrupted(k, mask, peak)  # [frame, ky, kx]
+    ref_where = None
+    if cine.ref is not None and cine.ref_mask is not None and cine.ref.shape[0] == k.shape[0]:
+        ref_where = _corrupted(cine.ref[:, None], cine.ref_mask[None], peak)[0]
+    n, acquired = int(where.sum()), int(mask.sum())
+    if n > CORRUPT_SHARE * acquired:
+        what = "not finite (NaN or inf)" if not np.isfinite(k[:, where]).all() else \
+            f"more than {SPIKE_RATIO:g} times the k-space peak"
+        raise ValueError(f"kspace: {n} of the {acquired} acquired samples are corrupted ({what}): more than "
+                         f"{100 * CORRUPT_SHARE:g} %, not repaired")
+    notes = []
+    if ref_where is not None and ref_where.any():  # calibration lines: the same, for the coil maps
+        cine.ref[:, ref_where] = 0
+        cine.ref_mask[ref_where] = False
+        notes.append(f"{int(ref_where.any(axis=-1).sum())} calibration line(s) with corrupted samples")
+    if n:
+        lines = where.any(axis=-1)  # [frame, ky]
+        f, y = (int(v[0]) for v in np.nonzero(lines))
+        nonfinite = int((~np.isfinite(k[:, where])).any(axis=0).sum())
+        k[:, where] = 0
+        mask[where] = False
+        notes.insert(0, f"{int(lines.sum())} k-space line(s) with corrupted samples ({nonfinite} of their {n} "
+                        f"samples not finite; the first: frame {f}, line {y})")
+    if not notes:
+        return None
+    return (" and ".join(notes) + f" left out: a sample NaN, inf or more than {SPIKE_RATIO:g} times the k-space "
+            "peak is no MR signal (an RF spike or a corrupted transfer?)")
 
 
 # ------------------------------------------------------------------ readout handling
 def readout_to_grid(lines: np.ndarray, center: int, geometry: Geometry):
+    """:func:`_readout_to_grid`, quietly for a corrupted (non-finite) line: the collector leaves
+    it out and names it."""
+    with np.errstate(all="ignore"):
+        return _readout_to_grid(lines, center, geometry)
+
+
+def _readout_to_grid(lines: np.ndarray, center: int, geometry: Geometry):
     """Put readouts ``[..., samples]`` whose echo centre is at sample ``center`` on the
     reconstruction's readout grid (``geometry.nx`` samples, centre at ``nx // 2``).
 
@@ -316,7 +420,7 @@ class AcquisitionCollector:
         self.rr_tolerance = rr_tolerance  # ecg: arrhythmia rejection (0: every beat)
         self.block = block if axis == "repetition" else 0
         self.offset = key[-1] * self.block if self.block else 0  # the first frame's index
-        self.lines = []  # (frame, row, grid [coil, nx], sampled [nx], header, is_image, is_ref)
+        self.lines = []  # (frame, row, grid [coil, nx], sampled [nx], header, is_image, is_ref, raw peak [coil])
         self.channels = None
         self.frames = 0  # largest frame index + 1 so far
         self.samples = 0  # grid samples buffered (coils x nx per line)
@@ -345,6 +449,9 @@ class AcquisitionCollector:
                 self.center_noted = True
                 log.info("%s: center_sample is 0 (not set): the echo is taken at the middle of the readout, "
                          "sample %d", self.describe(), center)
+        if not 0 <= center < data.shape[1]:  # it used to be moved silently to the middle: a wrong image
+            raise ValueError(f"center_sample {center} lies outside the line's {data.shape[1]} readout samples "
+                             "(number_of_samples): the echo centre is not on the line")
         if pre or post:
             if pre < 0 or post < 0 or pre + post >= data.shape[1]:
                 raise ValueError(f"discard_pre {pre} and discard_post {post} leave none of the line's {data.shape[1]} "
@@ -361,6 +468,8 @@ class AcquisitionCollector:
         whitened = whitener is not None and whitener.ready
         if whitened:
             data = whitener.apply(data, acq.sample_time_us)
+        with np.errstate(all="ignore"):
+            peak = np.abs(data).max(axis=1)  # [coil]: the raw line's largest sample (spike check at build)
         grid, sampled = readout_to_grid(data, center, g)
         row = int(ky_to_grid(int(acq.idx.kspace_encode_step_1), g.ky_center, g.ny))
         is_ref = flag_set(acq.flags, CALIBRATION) or flag_set(acq.flags, CALIBRATION_AND_IMAGING)
@@ -373,7 +482,7 @@ class AcquisitionCollector:
         if self.axis != "ecg" and delay < self.last_delay:
             self.heartbeats += 1
         self.last_delay = delay
-        self.lines.append((frame, row, grid, sampled, acq.getHead(), is_image, is_ref))
+        self.lines.append((frame, row, grid, sampled, acq.getHead(), is_image, is_ref, peak))
         self.frames = max(self.frames, frame + 1)
         self.samples += grid.shape[0] * grid.shape[1]
 
@@ -381,6 +490,7 @@ class AcquisitionCollector:
         g = self.geometry
         if self.axis == "ecg":
             self._bin()
+        notes = self._drop_corrupted()
         images = [ln for ln in self.lines if ln[5]]
         if not images:
             raise ValueError(f"group {self.describe()}: no imaging lines (only calibration or no data)")
@@ -391,7 +501,7 @@ class AcquisitionCollector:
         k = np.zeros((c, t, ny, nx), np.complex64)
         count = np.zeros((t, ny, nx), np.float32)
         best = {}
-        for phase, row, grid, sampled, head, _, _ in images:
+        for phase, row, grid, sampled, head, *_ in images:
             k[:, phase, row, sampled] += grid[:, sampled]
             count[phase, row, sampled] += 1
             dist = abs(row - ny // 2)
@@ -422,9 +532,51 @@ class AcquisitionCollector:
                 h.idx.repetition = 0
                 h.physiology_time_stamp[0] = int(round((p + 0.5) / t * self.ecg["rr"]))
         known = self.noise_stds and None not in self.noise_stds  # every image line prewhitened
-        return CineData(self.key_dict(), k, mask, headers, ref, ref_mask,
+        return CineData(self.key_dict(), k, mask, headers, ref, ref_mask, notes=notes,
                         frame_axis="phase" if self.axis == "ecg" else self.axis, frame_offset=self.offset,
                         noise_std=float(np.mean(self.noise_stds)) if known else None)
+
+    def _drop_corrupted(self) -> list:
+        """Raw lines with a corrupted sample (a flipped bit in transfer, an RF spike) are left out:
+        a sample that is NaN or inf, or more than ``SPIKE_RATIO`` times its coil's raw k-space peak
+        (the median over frames of each frame's largest sample, :func:`_peak_reference`),
+        cannot be MR signal. Checked on the raw readouts, where a spike is one sample; removing the
+        readout oversampling spreads it over the whole line, below any threshold on the grid.
+        Without a robust reference (fewer than 3 frames with their centre): non-finite samples
+        only. More than ``CORRUPT_SHARE`` of the imaging
+        lines corrupted is a ValueError (not repaired). Returns the notes for the slice's warning."""
+        if not self.lines:
+            return []
+        peaks = np.stack([ln[7] for ln in self.lines])  # [line, coil]
+        with np.errstate(all="ignore"):
+            bad = ~np.isfinite(peaks).all(axis=1)
+            frames = np.array([ln[0] for ln in self.lines])
+            image = np.array([ln[5] for ln in self.lines])
+            rows = np.array([ln[1] for ln in self.lines])
+            ref = _peak_reference(np.where(np.isfinite(peaks), peaks, 0)[image], frames[image], rows[image],
+                                  self.geometry.ny)
+            if ref is not None:
+                bad |= (peaks > SPIKE_RATIO * ref[None]).any(axis=1)
+        if not bad.any():
+            return []
+        n_image = int(image.sum())
+        if (bad & image).sum() > CORRUPT_SHARE * max(n_image, 1):
+            what = "NaN or inf" if not np.isfinite(peaks[bad & image]).all() else \
+                f"more than {SPIKE_RATIO:g} times the k-space peak"
+            raise ValueError(f"group {self.describe()}: {int((bad & image).sum())} of the {n_image} imaging lines hold "
+                             f"corrupted samples ({what}): more than {100 * CORRUPT_SHARE:g} %, not repaired")
+        first = int(np.nonzero(bad)[0][0])
+        f0, h0 = self.lines[first][0], self.lines[first][4]
+        nonfinite = int((~np.isfinite(peaks[bad]).all(axis=1)).sum())
+        self.lines = [ln for ln, b in zip(self.lines, bad) if not b]
+        kinds = ([f"{nonfinite} with NaN or inf"] if nonfinite else []) + \
+            ([f"{int(bad.sum()) - nonfinite} with a sample more than {SPIKE_RATIO:g} times the k-space peak"]
+             if bad.sum() > nonfinite else [])
+        note = (f"{int(bad.sum())} k-space line(s) left out, {' and '.join(kinds)} (the first: frame {f0}, "
+                f"kspace_encode_step_1 {int(h0.idx.kspace_encode_step_1)}, scan_counter {int(h0.scan_counter)}): "
+                "no MR signal, an RF spike or a corrupted transfer?")
+        log.warning("%s: %s", self.describe(), note)
+        return [note]
 
     def _check_counters(self, images: list, t: int) -> None:
         """Lines that repeat a position already acquired in their frame are averaged with it. Where

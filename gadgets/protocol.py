@@ -23,6 +23,7 @@ import select
 import socket
 import struct
 import time
+import warnings
 
 import ismrmrd
 import numpy as np
@@ -182,10 +183,18 @@ def strip_nul(data: bytes) -> bytes:
 
 
 def parse_header(data: bytes):
-    try:
-        return ismrmrd.xsd.CreateFromDocument(strip_nul(data))
-    except Exception as e:  # noqa: BLE001 - xsdata raises several types
-        raise ProtocolError(f"the ISMRMRD header is not valid XML for the ISMRMRD schema: {e}") from None
+    """The ISMRMRD header. A value the schema parser cannot convert (text in a number field) is
+    kept as text, and its warning goes to the log, one line each, not to stderr; the fields the
+    reconstruction reads are checked where they are read (:func:`gadgets.geometry.geometry_from_header`)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            header = ismrmrd.xsd.CreateFromDocument(strip_nul(data))
+        except Exception as e:  # noqa: BLE001 - xsdata raises several types
+            raise ProtocolError(f"the ISMRMRD header is not valid XML for the ISMRMRD schema: {e}") from None
+    for w in caught[:20]:
+        log.warning("ISMRMRD header: %s", " ".join(str(w.message).split())[:300])
+    return header
 
 
 def _replay_first(head: bytes, stream):

@@ -49,6 +49,7 @@ from .kspace import (
     NoiseWhitener,
     UnlabelledCine,
     cine_from_recon_bit,
+    drop_spikes,
     finalize_images,
     flag_set,
     group_key,
@@ -546,6 +547,9 @@ class ReconSession:
         log.info("%s: reconstructing %d frames (%s)", where, cine.kspace.shape[1], self.cfg.method)
         t0 = time.perf_counter()
         try:
+            spikes = drop_spikes(cine)
+            if spikes:
+                log.warning("%s: %s", where, spikes)
             x, method, device, warning, noise = self.engine.run(cine, self.cfg, self.gs, self.alive,
                                                                 self.job_seconds, self.limits.gpu_memory_gb)
             x = finalize_images(np.asarray(x), self.geometry)
@@ -554,13 +558,15 @@ class ReconSession:
         except Exception as e:  # noqa: BLE001 - one slice's failure must not lose the others
             self._fail(where, e)
             return []
+        fallback, warning = warning is not None, "; ".join(w for w in (*cine.notes, spikes, warning) if w) or None
         seconds = time.perf_counter() - t0
         self.timings.append(seconds)
         log.info("%s: %d frames %s on %s in %.2f s%s", where, x.shape[0], method, device, seconds,
                  f" (WARNING: {warning})" if warning else "")
         images = frames_to_images(x, cine, self.geometry, output=self.gs.output,
                                   first_index=self.next_index, series_index=self.gs.series_index,
-                                  method=method, preset=self.cfg.preset, warning=warning, noise=noise)
+                                  method=method, preset=self.cfg.preset, warning=warning, noise=noise,
+                                  fallback=fallback)
         self.next_index += len(images)
         self.sent_images += len(images)
         if self.gs.debug_dir:
