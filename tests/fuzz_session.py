@@ -1,0 +1,195 @@
+"""Mutation fuzzing of the gadgets' acquisition path: ``python tests/fuzz_session.py [CASES] [SEED]
+[METHOD]``.
+
+Three small simulated scans (a two-slice cine, a real-time series, partial Fourier with an
+asymmetric echo); each case applies one to three random mutations (a header XML number set to
+0, -1, 65535, nan, inf, text or deleted; an acquisition's counter, flag bit, centre, discards,
+channel count, dwell time, sample count or data (NaN, inf, 1e30, zeros); a line deleted,
+duplicated or moved) and replays the scan through a ``ReconSession`` in process. Every case must
+end in images or an error of a clean type naming the problem, within 60 s, with finite images;
+anything else is listed at the end as BAD (exit code 1). Not a test: it found the cases that
+``test_corrupted_input.py`` now tests, and is here to run again after changes to the data path.
+"""
+import copy
+import re
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import ismrmrd
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gadgets.protocol import parse_header  # noqa: E402
+from gadgets.replay import open_dataset  # noqa: E402
+from gadgets.session import Engine, ReconSession  # noqa: E402
+from gadgets.settings import Limits, load_settings  # noqa: E402
+from gadgets.simulate import simulate  # noqa: E402
+
+CLEAN = {"ValueError", "ProtocolError", "ScanErrors", "FloatingPointError", "UnlabelledCine", "TimeLimit"}
+FIELDS_IDX = ["kspace_encode_step_1", "kspace_encode_step_2", "average", "slice", "contrast", "phase",
+              "repetition", "set", "segment"]
+FIELDS = ["flags", "center_sample", "discard_pre", "discard_post", "encoding_space_ref", "sample_time_us",
+          "available_channels", "trajectory_dimensions", "measurement_uid", "scan_counter"]
+VALUES = [0, 1, 2, 3, 7, 15, 31, 63, 64, 100, 255, 1000, 32767, 65535]
+
+
+def load(path):
+    ds = open_dataset(str(path))
+    xml = ds.read_xml_header()
+    acqs = [ds.read_acquisition(i) for i in range(ds.number_of_acquisitions())]
+    ds.close()
+    return xml.decode() if isinstance(xml, bytes) else xml, acqs
+
+
+def mutate_xml(xml, rng):
+    nums = list(re.finditer(r">(-?[0-9.eE+]+)<", xml))
+    if rng.random() < 0.15:  # delete an element
+        tags = list(re.finditer(r"<(\w+)>[^<>]*</\1>", xml))
+        m = tags[rng.integers(len(tags))]
+        return xml[:m.start()] + xml[m.end():], f"xml del {m.group(1)}"
+    m = nums[rng.integers(len(nums))]
+    v = rng.choice(["0", "-1", "1", "2", "3", "65535", "1000000", "nan", "inf", "-inf", "0.5", "1e-30", "abc", ""])
+    ctx = xml[max(0, m.start() - 40):m.start()].split("<")[-1]
+    return xml[:m.start() + 1] + v + xml[m.end() - 1:], f"xml {ctx}={v}"
+
+
+def mutate_acq(acqs, rng):
+    i = int(rng.integers(len(acqs)))
+    a = acqs[i]
+    r = rng.random()
+    if r < 0.35:
+        f = FIELDS_IDX[rng.integers(len(FIELDS_IDX))]
+        v = int(rng.choice(VALUES))
+        setattr(a.idx, f, v)
+        return f"acq{i} idx.{f}={v}"
+    if r < 0.65:
+        f = FIELDS[rng.integers(len(FIELDS))]
+        if f == "flags":
+            v = int(a.flags) ^ (1 << int(rng.integers(64)))
+        elif f == "sample_time_us":
+            v = float(rng.choice([0.0, -1.0, float("nan"), float("inf"), 1e-30, 1e30]))
+        else:
+            v = int(rng.choice(VALUES))
+        try:
+            setattr(a, f, v)
+        except Exception as e:  # noqa: BLE001 - ismrmrd refuses some fields (read-only)
+            return f"acq{i} {f}={v} (refused by ismrmrd: {e})"
+        return f"acq{i} {f}={v}"
+    if r < 0.75:
+        d = np.array(a.data)
+        kind = rng.choice(["nan", "inf", "huge", "zero", "tiny"])
+        j = int(rng.integers(d.shape[1]))
+        d[:, j] = {"nan": np.nan, "inf": np.inf, "huge": 1e30, "zero": 0, "tiny": 1e-38}[kind]
+        if kind == "zero":
+            d[:] = 0
+        a.data[:] = d
+        return f"acq{i} data {kind}"
+    if r < 0.85:  # shape change
+        c, n = a.data.shape
+        nc = int(rng.choice([1, max(1, c - 1), c + 1, c]))
+        ns = int(rng.choice([1, 2, n // 2, n - 1, n + 1, 2 * n, n]))
+        b = ismrmrd.Acquisition.from_array(np.zeros((nc, ns), np.complex64))
+        b.setHead(a.getHead())
+        b.resize(ns, nc)
+        b.data[:] = 0
+        b.data[:min(c, nc), :min(n, ns)] = a.data[:min(c, nc), :min(n, ns)]
+        acqs[i] = b
+        return f"acq{i} shape {c}x{n} -> {nc}x{ns}"
+    if r < 0.9:
+        del acqs[i]
+        return f"del acq{i}"
+    if r < 0.95:
+        acqs.insert(i, copy.deepcopy(a))
+        return f"dup acq{i}"
+    j = int(rng.integers(len(acqs)))
+    acqs[i], acqs[j] = acqs[j], acqs[i]
+    return f"swap {i},{j}"
+
+
+class Timeout(Exception):
+    pass
+
+
+def alarm(*_):
+    raise Timeout()
+
+
+def run_case(xml, acqs, props, engine):
+    header = parse_header(xml.encode())
+    lim = Limits()
+    cfg, gs = load_settings(props, None, limits=lim)
+    s = ReconSession(header, cfg, gs, engine, lim)
+    out = []
+    for a in acqs:
+        out += s.handle(a)
+    out += s.finish()
+    for item in out:
+        d = np.asarray(item.data) if hasattr(item, "data") else None
+        if d is not None and d.dtype.kind in "fc" and not np.all(np.isfinite(d)):
+            raise AssertionError("non-finite image")
+    return s, out
+
+
+def main(n=200, seed=0, method="zero_filled") -> int:
+    d = tempfile.mkdtemp()
+    files = []
+    for k, kw in enumerate([dict(frames=3, size=16, coils=2, accel=2, acs=4, noise=0.002, slices=2),
+                            dict(frames=3, size=16, coils=3, accel=2, acs=4, noise=0.002, real_time=True),
+                            dict(frames=3, size=16, coils=2, accel=2, acs=4, noise=0.002, partial_fourier=0.75,
+                                 asymmetric_echo=0.8)]):
+        p = f"{d}/f{k}.h5"
+        simulate(p, seed=k, **kw)
+        files.append(load(p))
+    props = {"method": method, "device": "cpu", "llr_iters": "3", "llr_cg_iters": "2", "coil_refine": "0"}
+    engine = Engine()
+    bad = []
+    signal.signal(signal.SIGALRM, alarm)
+    for case in range(n):
+        rng = np.random.default_rng(seed * 100000 + case)
+        xml, acqs = files[case % len(files)]
+        acqs = [copy.deepcopy(a) for a in acqs]
+        muts = []
+        for _ in range(int(rng.integers(1, 4))):
+            if rng.random() < 0.3:
+                xml, m = mutate_xml(xml, rng)
+            else:
+                m = mutate_acq(acqs, rng)
+            muts.append(m)
+        t0 = time.time()
+        signal.alarm(60)
+        try:
+            s, out = run_case(xml, acqs, props, engine)
+            errs = s.errors
+            res = f"{len(out)} out, {len(errs)} errors"
+            for e in errs:
+                tname = e.split(": ")[1] if ": " in e else "?"
+                if tname not in CLEAN:
+                    bad.append((case, muts, e))
+                    res += " UNCLEAN " + e[:300]
+        except Timeout:
+            bad.append((case, muts, "TIMEOUT"))
+            res = "TIMEOUT"
+        except Exception as e:  # noqa: BLE001 - every other type is what the fuzzer looks for
+            tname = type(e).__name__
+            res = f"raised {tname}: {str(e)[:200]}"
+            if tname not in CLEAN:
+                bad.append((case, muts, traceback.format_exc()[-1500:]))
+        finally:
+            signal.alarm(0)
+        print(case, f"{time.time() - t0:.1f}s", muts, "->", res, flush=True)
+    print("\nBAD:", len(bad))
+    for b in bad:
+        print(b[0], b[1])
+        print(b[2])
+        print("----")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    sys.exit(main(int(args[0]) if args else 200, int(args[1]) if len(args) > 1 else 0,
+                  args[2] if len(args) > 2 else "zero_filled"))
