@@ -45,14 +45,13 @@ def image_header(acq_head, frame: int, key: dict, geometry: Geometry, shape, dty
 
 
 def make_meta(method: str, preset: str, warning: str | None, frame: int, frames: int,
-              noise: dict | None = None, fallback: bool | None = None) -> ismrmrd.Meta:
+              noise: dict | None = None, fallback: bool = False) -> ismrmrd.Meta:
     """``fallback``: the primary method failed and ``method`` stood in (``FALLBACK`` in the image
-    comment); None: whenever there is a warning (callers that only warn of a fallback)."""
+    comment); ``warning`` may also say other things (corrupted lines left out)."""
     m = ismrmrd.Meta()
     m["GADGETRON_DataRole"] = "Image"
     m["GADGETRON_ImageProcessingHistory"] = ["DDUGM"]
-    m["GADGETRON_ImageComment"] = ["DDUGM", method] + (["FALLBACK"] if (bool(warning) if fallback is None
-                                                                               else fallback) else [])
+    m["GADGETRON_ImageComment"] = ["DDUGM", method] + (["FALLBACK"] if fallback else [])
     m["GADGETRON_SeqDescription"] = "_DDUGM"
     m["DDUGM_Method"] = method
     m["DDUGM_Preset"] = preset
@@ -70,7 +69,7 @@ INT16_MAX = 4095  # int16 output: 12-bit magnitudes, as scanners store them
 
 def frames_to_images(x: np.ndarray, cine, geometry: Geometry, *, complex_output: bool = False, first_index: int,
                      series_index: int, method: str, preset: str, warning: str | None, output: str | None = None,
-                     noise: dict | None = None, fallback: bool | None = None) -> list:
+                     noise: dict | None = None, fallback: bool = False) -> list:
     """``x [frame, y, x]`` complex -> list of ``ismrmrd.Image`` (data ``[1, 1, y, x]``).
 
     ``output``: ``magnitude`` (float32), ``complex`` (complex64) or ``int16`` (magnitude scaled

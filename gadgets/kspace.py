@@ -180,8 +180,8 @@ def drop_spikes(cine: CineData) -> str | None:
     any sample not acquired), in the calibration lines too, and zeroed; returns a warning saying
     how many, or None. More than ``CORRUPT_SHARE`` of the acquired samples corrupted is a
     ValueError: such data are not to be repaired. Without a robust reference (fewer than 3 frames
-    with their centre): non-finite samples only. A safety net for what the collector's check on the
-    raw lines cannot see (Gadgetron's ReconData buffers)."""
+    with their centre): non-finite samples only. For Gadgetron's ReconData buffers, already on the
+    grid; plain acquisitions are checked on their raw lines (:meth:`AcquisitionCollector._drop_corrupted`)."""
     k, mask = cine.kspace, cine.mask
     if not mask.any():
         return None
@@ -676,7 +676,8 @@ def _buffer_lines(buf, s: int, loc: int, geometry: Geometry, whitener: NoiseWhit
         raise ValueError(f"ReconData buffer has E2 = {e2}: 3D data are not supported")
     d = np.transpose(data[:, :, 0, :, :, s, loc], (2, 3, 1, 0))  # [CHA, N, E1, E0]
     heads = np.asarray(buf.headers)
-    acquired = np.abs(d).sum(axis=(0, 3)) > 0  # [N, E1]
+    with np.errstate(all="ignore"):  # a line with a NaN counts as acquired: drop_spikes leaves it out, and says so
+        acquired = (np.abs(d).sum(axis=(0, 3)) > 0) | ~np.isfinite(d).all(axis=(0, 3))  # [N, E1]
     if heads.ndim == 5 and heads.shape[:1] == (e1,):
         hs = heads[:, 0, :, s, loc]  # [E1, N]
         ns_arr = np.array([[int(h.number_of_samples) for h in row] for row in hs]).T  # [N, E1]
@@ -691,7 +692,8 @@ def _buffer_lines(buf, s: int, loc: int, geometry: Geometry, whitener: NoiseWhit
         raise ValueError(f"ReconData S={s} LOC={loc}: every frame's data lie on one phase-encoding line (E1 = "
                          f"{rows_acquired[0]} of {e1}): the acquisitions' line counters look unset (a sequence that "
                          "does not label its lines?); each line's position in k-space is needed")
-    cols = np.nonzero(np.abs(d).sum(axis=(0, 1, 2)) > 0)[0]
+    with np.errstate(all="ignore"):
+        cols = np.nonzero((np.abs(d).sum(axis=(0, 1, 2)) > 0) | ~np.isfinite(d).all(axis=(0, 1, 2)))[0]
     a, b = int(cols[0]), int(cols[-1]) + 1
     lim = buf.sampling.sampling_limits
     center_e0 = int(lim[0].center) if lim[0].max else e0 // 2
@@ -760,5 +762,10 @@ def cine_from_recon_bit(bit, geometry: Geometry, whitener: NoiseWhitener | None 
             key = {name: (int(getattr(first.idx, name)) if first is not None else 0) for name in group_names(axis)}
             if first is None:
                 key["slice"] = loc
-            out.append(CineData(key, k, mask, headers, ref, ref_mask, frame_axis=axis))
+            cine = CineData(key, k, mask, headers, ref, ref_mask, frame_axis=axis)
+            note = drop_spikes(cine)  # a buffer is on the grid: the collector's raw-line check cannot run
+            if note:
+                log.warning("ReconData S=%d LOC=%d: %s", s, loc, note)
+                cine.notes.append(note)
+            out.append(cine)
     return out

@@ -49,7 +49,6 @@ from .kspace import (
     NoiseWhitener,
     UnlabelledCine,
     cine_from_recon_bit,
-    drop_spikes,
     finalize_images,
     flag_set,
     group_key,
@@ -547,9 +546,6 @@ class ReconSession:
         log.info("%s: reconstructing %d frames (%s)", where, cine.kspace.shape[1], self.cfg.method)
         t0 = time.perf_counter()
         try:
-            spikes = drop_spikes(cine)
-            if spikes:
-                log.warning("%s: %s", where, spikes)
             x, method, device, warning, noise = self.engine.run(cine, self.cfg, self.gs, self.alive,
                                                                 self.job_seconds, self.limits.gpu_memory_gb)
             x = finalize_images(np.asarray(x), self.geometry)
@@ -558,7 +554,7 @@ class ReconSession:
         except Exception as e:  # noqa: BLE001 - one slice's failure must not lose the others
             self._fail(where, e)
             return []
-        fallback, warning = warning is not None, "; ".join(w for w in (*cine.notes, spikes, warning) if w) or None
+        fallback, warning = warning is not None, "; ".join(w for w in (*cine.notes, warning) if w) or None
         seconds = time.perf_counter() - t0
         self.timings.append(seconds)
         log.info("%s: %d frames %s on %s in %.2f s%s", where, x.shape[0], method, device, seconds,

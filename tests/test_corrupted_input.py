@@ -263,3 +263,21 @@ def test_byte_flipped_streams_end_cleanly(tmp_path):
     finally:
         srv.shutdown()
         srv.wait_for_clients(10)
+
+
+@pytest.mark.parametrize("value", [np.nan, 1e20])
+def test_recon_data_buffer_with_a_corrupted_sample(tmp_path, value):
+    """The same for a chain's ReconData buffer: the line is left out and the images say so (a
+    line with a NaN was taken as not acquired, without a word)."""
+    from gadgetron_peer import recon_data_from_file
+
+    path = tmp_path / "rd.h5"
+    simulate(str(path), frames=4, size=32, coils=3, accel=2, acs=6, noise=0.002, seed=3)
+    hdr, rd = recon_data_from_file(str(path))
+    rd.bits[0].data.data[5, 16, 0, 1, 2, 0, 0] = value
+    s = ReconSession(hdr, *load_settings(dict(ZF)))
+    arrays = s.handle(rd) + s.finish()
+    assert not s.errors and len(arrays) == 1
+    meta = ismrmrd.Meta.deserialize(arrays[0].meta[0])
+    assert "1 k-space line(s) with corrupted samples" in meta["DDUGM_Warning"]
+    assert "FALLBACK" not in meta["GADGETRON_ImageComment"]
