@@ -43,6 +43,16 @@ def calibration_width(mask: torch.Tensor, max_width: int = 0, min_fill: float = 
     return best
 
 
+def require_centre(mask: torch.Tensor, calib: int = 0, min_fill: float = 0.5) -> int:
+    """:func:`calibration_width`, or a ValueError where the data hold too little of the k-space
+    centre to estimate coil maps from (every method that estimates them fails alike)."""
+    width = calibration_width(mask, calib, min_fill)
+    if width < 3:
+        raise ValueError("cannot estimate coil maps: the k-space centre line is not sampled by any frame; "
+                         "pass coil_maps or sample the centre")
+    return width
+
+
 def estimate_coil_maps(kspace: torch.Tensor, mask: torch.Tensor, calib: int = 0, threshold: float = 0.02,
                        kernel: int = 0, power_iters: int = 12, min_fill: float = 0.5,
                        budget: int = WALSH_BUDGET) -> torch.Tensor:
@@ -63,10 +73,7 @@ def estimate_coil_maps(kspace: torch.Tensor, mask: torch.Tensor, calib: int = 0,
     maps, the former 24-line band with a 7-pixel kernel 2.36 dB.
     """
     c, _, ny, nx = kspace.shape
-    width = calibration_width(mask, calib, min_fill)
-    if width < 3:
-        raise ValueError("cannot estimate coil maps: the k-space centre line is not sampled by any frame; "
-                         "pass coil_maps or sample the centre")
+    width = require_centre(mask, calib, min_fill)
     if kernel <= 0:
         kernel = min(21, max(3, round(0.21 * max(ny, nx)) | 1))
     avg = time_averaged_kspace(kspace, mask)

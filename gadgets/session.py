@@ -34,7 +34,7 @@ import ismrmrd
 import numpy as np
 import torch
 
-from ddugm_core.coils import calibration_width, estimate_coil_maps
+from ddugm_core.coils import calibration_width, estimate_coil_maps, require_centre
 from ddugm_core.reconstruction import ReconConfig, Reconstructor, cap_gpu_memory, prepare_inputs
 
 from .geometry import Geometry, geometry_from_header
@@ -154,6 +154,8 @@ class Engine:
                 log.info("%s", note)
             prepare_inputs(cine.kspace, cine.mask)  # bad input: a clear error, no fallback (it would fail too)
             maps = coil_maps_from_ref(cine, cfg, rec.device)
+            if maps is None and cine.kspace.shape[0] > 1:  # the same: maps from data without their centre
+                require_centre(torch.from_numpy(np.asarray(cine.mask)), cfg.coil_calib)
 
             def check(i, n):
                 if alive is not None and not alive():

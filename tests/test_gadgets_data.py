@@ -645,6 +645,28 @@ def test_recon_data_whose_lines_share_one_row_is_named(tmp_path):
     assert s.handle(rd) == [] and "every frame's data lie on one phase-encoding line (E1 = 16 of 32)" in s.errors[0]
 
 
+def test_a_stray_line_fails_its_own_group_once(sim, tmp_path, caplog):
+    """One line with a wrong set counter forms a group of its own, without the k-space centre:
+    an error for it (the other slice's images are sent), and no fallback tried first, which
+    failed alike and logged the same failure twice."""
+    path, _ = sim
+    hdr, acqs = read_file(path)
+    cfg, gs = load_settings(operator={"image_weights": str(tmp_path / "missing.safetensors"), "device": "cpu"})
+    s = ReconSession(hdr, cfg, gs, Engine())
+    lines = [a for a in acqs if a.idx.slice == 0 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    stray = next(a for a in lines if abs(a.idx.kspace_encode_step_1 - 24) > 8 and a.idx.phase == 0)
+    stray.idx.set = 1
+    out = []
+    for a in acqs:
+        if a.idx.slice == 0:
+            out += s.handle(a)
+    out += s.finish()
+    assert len(out) == 6 and len(s.errors) == 1
+    assert "set=1" in s.errors[0] and "the k-space centre line is not sampled" in s.errors[0]
+    assert not [r for r in caplog.records if "set=1" in r.getMessage() and "DD-UGM failed" in r.getMessage()]
+    assert len([r for r in caplog.records if "set=1" in r.getMessage()]) == 1  # said once
+
+
 def test_failed_score_model_falls_back_with_a_warning(sim, tmp_path):
     path, _ = sim
     hdr, acqs = read_file(path)
