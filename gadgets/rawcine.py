@@ -95,6 +95,9 @@ def full_mask(cine: CineData, where: str) -> np.ndarray:
         short = [t for t in range(len(lines)) if (lines[t] != every).any()]
         detail = (f"frame {short[0]} lacks {int(every.sum() - lines[short[0]].sum())} of the {int(every.sum())} "
                   "phase-encoding lines the other frames have" if short else "the frames sampled different readout points")
+        if cine.notes:  # lines the collector left out (corrupted samples): the reason, not the acquisition
+            raise ValueError(f"{where}: not fully sampled after leaving out corrupted lines ({detail}): "
+                             + "; ".join(cine.notes) + "; a reference needs every line")
         raise ValueError(f"{where}: not fully sampled ({detail}); evaluate and train need fully sampled raw data "
                          "(evaluate undersamples it itself)")
     if not common[mask.shape[1] // 2].any():

@@ -258,6 +258,28 @@ def test_raw_partial_fourier_stays_as_acquired(tmp_path):
     assert 1.3 < case.measured_accel < 3.0  # against what the scan acquired
 
 
+def test_raw_reference_with_a_corrupted_line_names_it(tmp_path):
+    """A fully sampled file with a corrupted sample: the session leaves its line out, and the
+    reference was then refused as "not fully sampled", as if the scan had been accelerated."""
+    import ismrmrd
+
+    from gadgets.rawcine import read_raw_cines
+
+    src = ismrmrd.Dataset(str(_raw(tmp_path, truth=False)), "dataset", create_if_needed=False)
+    dst = ismrmrd.Dataset(str(tmp_path / "bad.h5"), "dataset", create_if_needed=True)
+    dst.write_xml_header(src.read_xml_header())
+    for j in range(src.number_of_acquisitions()):
+        acq = src.read_acquisition(j)
+        if j == 40:
+            acq.data[1, 7] = np.nan
+        dst.append_acquisition(acq)
+    src.close()
+    dst.close()
+    with pytest.raises(ValueError, match=r"not fully sampled after leaving out corrupted lines \(frame \d+ lacks 1 of "
+                                         r"the 32 .*1 k-space line\(s\) left out, 1 with NaN or inf"):
+        read_raw_cines(tmp_path / "bad.h5")
+
+
 @pytest.mark.parametrize("kind, extra, message", [
     ("undersampled", [], "not fully sampled"),
     ("full", ["--coils", "8"], "bring their own"),
