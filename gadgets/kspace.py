@@ -832,8 +832,8 @@ def cine_from_recon_bit(bit, geometry: Geometry, whitener: NoiseWhitener | None 
                 if rdata.ndim == 7 and rdata.shape[3] == data.shape[3]:
                     rk, rm, _, ref_spiky = _buffer_lines(bit.ref, min(s, rdata.shape[5] - 1),
                                                          min(loc, rdata.shape[6] - 1), geometry, whitener)
-                    if ref_spiky.sum() <= CORRUPT_SHARE * rm.any(axis=-1).sum():  # else kept, as image lines
-                        rm &= ~ref_spiky[..., None]  # a calibration line with an RF spike: left out of the maps
+                    if (rm.any(axis=-1) & ~ref_spiky).any():  # calibration lines with an RF spike: left out of
+                        rm &= ~ref_spiky[..., None]  # the maps, as the collector does, while any line is left
                         spiky_ref = int(ref_spiky.sum())
                     cnt = rm.sum(0)
                     ref_mask = cnt > 0

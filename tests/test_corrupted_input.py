@@ -267,6 +267,45 @@ def test_grid_safety_net_for_buffers():
     assert np.isfinite(cine.kspace).all()
 
 
+def test_grid_spike_flags_beyond_the_share_are_kept():
+    """The buffers' local test flags too many lines: kept and said, never a lost slice."""
+    from gadgets.kspace import CineData, drop_spikes
+
+    t, ny, nx = 4, 16, 16
+    k = (np.random.default_rng(2).standard_normal((2, t, ny, nx)) + 0j).astype(np.complex64)
+    mask = np.ones((t, ny, nx), bool)
+    spiky = np.zeros((t, ny), bool)
+    spiky[:, ::3] = True  # a third of the lines
+    cine = CineData({}, k.copy(), mask.copy(), [None] * t)
+    warning = drop_spikes(cine, spiky)
+    assert warning.startswith(f"{int(spiky.sum())} k-space lines hold a sample more than 30 times")
+    assert "kept" in warning and "left out" not in warning
+    assert cine.mask.all() and np.array_equal(cine.kspace, k)
+    spiky[:] = False
+    spiky[1, 5] = True
+    cine = CineData({}, k.copy(), mask.copy(), [None] * t)
+    assert drop_spikes(cine, spiky, spiky_ref=2).startswith("1 k-space line(s) with corrupted samples (0 of their 16 "
+                                                            "samples not finite; the first: frame 1, line 5) and 2 "
+                                                            "calibration line(s) with corrupted samples left out")
+    assert not cine.mask[1, 5].any() and cine.mask.sum() == mask.sum() - nx
+
+
+def test_recon_data_reference_line_with_a_spike(tmp_path):
+    """A spike in a ReconData reference (ACS) line: left out of the coil maps, and said."""
+    from gadgetron_peer import recon_data_from_file
+
+    path = tmp_path / "rd.h5"
+    simulate(str(path), frames=4, size=32, coils=3, accel=2, acs=6, noise=0.002, seed=3)
+    hdr, rd = recon_data_from_file(str(path))
+    ref = rd.bits[0].ref.data
+    rows = np.nonzero(np.abs(ref).sum(axis=(0, 2, 3, 4, 5, 6)))[0]
+    ref[5, rows[0], 0, 1, 0, 0, 0] += 3 * np.abs(ref).max()
+    s = ReconSession(hdr, *load_settings(dict(ZF)))
+    arrays = s.handle(rd) + s.finish()
+    assert not s.errors and len(arrays) == 1
+    assert "1 calibration line(s) with corrupted samples" in ismrmrd.Meta.deserialize(arrays[0].meta[0])["DDUGM_Warning"]
+
+
 def test_byte_flipped_streams_end_cleanly(tmp_path):
     """A valid MRD stream with random byte flips, insertions, deletions and truncations (40
     seeded cases, most in acquisition headers): every connection is answered and closed within
