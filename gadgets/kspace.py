@@ -142,6 +142,8 @@ SPIKE_RATIO = 10.0  # a sample this many times the k-space peak of a typical fra
 CORRUPT_SHARE = 0.1  # beyond this share of the acquired samples corrupted, the slice is an error
 LOCAL_RATIO = 30.0  # a sample this many times its readout neighbours is an RF spike (clean data: <= 14, README)
 ECHO_ZONE = 2  # samples either side of the echo, where k-space peaks sharply: the local test skips them
+ECHO_ROWS, ECHO_PEAK = 4, 2.0  # there, on lines this many rows or more from the centre, a sample over this
+#                               many times the k-space peak is a spike (clean data: <= 0.41 of it, README)
 
 
 _SORT6 = ((1, 2), (4, 5), (0, 2), (3, 5), (0, 1), (3, 4), (1, 4), (0, 3), (2, 5), (1, 3), (2, 4), (2, 3))  # 6 inputs
@@ -195,11 +197,12 @@ def _peak_reference(peaks: np.ndarray, frames: np.ndarray, rows: np.ndarray, ny:
 
 
 def _kept_note(n: int) -> str:
-    """Too many lines over the local spike test to leave out: more likely data unlike any it was
-    measured on than spikes, so they are kept, and the warning says so."""
-    return (f"{n} k-space lines hold a sample more than {LOCAL_RATIO:g} times its readout neighbours, like an RF "
-            f"spike: more than {100 * CORRUPT_SHARE:g} % of the lines, kept (RF interference, or data unlike any "
-            "this check was measured on?): the images may show stripes")
+    """Too many lines over the spike tests measured on clean data (local, echo) to leave out: more
+    likely data unlike any they were measured on than spikes, so they are kept, and said."""
+    return (f"{n} k-space lines hold a sample like an RF spike (more than {LOCAL_RATIO:g} times its readout "
+            f"neighbours, or at the echo of an outer line more than {ECHO_PEAK:g} times the k-space peak): more "
+            f"than {100 * CORRUPT_SHARE:g} % of the lines, kept (RF interference, or data unlike any this check "
+            "was measured on?): the images may show stripes")
 
 
 def _corrupted(k: np.ndarray, mask: np.ndarray, peak) -> np.ndarray:
@@ -478,8 +481,8 @@ class AcquisitionCollector:
         self.rr_tolerance = rr_tolerance  # ecg: arrhythmia rejection (0: every beat)
         self.block = block if axis == "repetition" else 0
         self.offset = key[-1] * self.block if self.block else 0  # the first frame's index
-        # (frame, row, grid [coil, nx], sampled [nx], header, is_image, is_ref, raw peak [coil],
-        #  local spike ratio [coil])
+        # (frame, row, grid [coil, nx], sampled [nx], header, is_image, is_ref, stats [3, coil]: the raw
+        #  line's largest sample, its largest within ECHO_ZONE of the echo, local_spike_ratio)
         self.lines = []
         self.channels = None
         self.frames = 0  # largest frame index + 1 so far
@@ -528,11 +531,12 @@ class AcquisitionCollector:
         whitened = whitener is not None and whitener.ready
         if whitened:
             data = whitener.apply(data, acq.sample_time_us)
-        with np.errstate(all="ignore"):
-            peak = np.abs(data).max(axis=1)  # [coil]: the raw line's largest sample (spike check at build)
+        with np.errstate(all="ignore"):  # [3, coil]: for the spike checks at build (_drop_corrupted)
+            mag = np.abs(data)
+            stats = np.stack([mag.max(axis=1), mag[:, max(0, center - ECHO_ZONE):center + ECHO_ZONE + 1].max(axis=1),
+                              local_spike_ratio(data, center)]).astype(np.float32)
         grid, sampled = readout_to_grid(data, center, g)
         row = int(ky_to_grid(int(acq.idx.kspace_encode_step_1), g.ky_center, g.ny))
-        spike = local_spike_ratio(data, center)  # [coil]: RF spikes stand out from their readout neighbours
         is_ref = flag_set(acq.flags, CALIBRATION) or flag_set(acq.flags, CALIBRATION_AND_IMAGING)
         is_image = not flag_set(acq.flags, CALIBRATION)
         if is_image:
@@ -543,7 +547,7 @@ class AcquisitionCollector:
         if self.axis != "ecg" and delay < self.last_delay:
             self.heartbeats += 1
         self.last_delay = delay
-        self.lines.append((frame, row, grid, sampled, acq.getHead(), is_image, is_ref, peak, spike))
+        self.lines.append((frame, row, grid, sampled, acq.getHead(), is_image, is_ref, stats))
         self.frames = max(self.frames, frame + 1)
         self.samples += grid.shape[0] * grid.shape[1]
 
@@ -604,26 +608,32 @@ class AcquisitionCollector:
         cannot be MR signal; nor can one more than ``LOCAL_RATIO`` times its readout neighbours
         (:func:`local_spike_ratio`: an RF spike of a tenth of the peak in the outer k-space, which
         the first test cannot see, striped its frame and, through the temporal regularisation, the
-        others). Checked on the raw readouts, where a spike is one sample; removing the readout
+        others), nor, at the echo that test skips, one more than ``ECHO_PEAK`` times the peak on a
+        line ``ECHO_ROWS`` or more rows from the centre. Checked on the raw readouts, where a spike
+        is one sample; removing the readout
         oversampling spreads it over the whole line, below any threshold on the grid. Without a
         robust peak reference (fewer than 3 frames with their centre): the peak test is skipped.
         More than ``CORRUPT_SHARE`` of the imaging lines NaN, inf or over the peak test is a
-        ValueError (not repaired); more than that share only over the local test are kept (data
-        unlike any measured, rather than spikes), and the note says so. Returns the notes for the
+        ValueError (not repaired); more than that share only over the local or echo tests are kept
+        (data unlike any measured, rather than spikes), and the note says so. Returns the notes for the
         slice's warning."""
         if not self.lines:
             return []
-        peaks = np.stack([ln[7] for ln in self.lines])  # [line, coil]
-        local = np.stack([ln[8] for ln in self.lines]).max(axis=1) > LOCAL_RATIO  # [line]
+        stats = np.stack([ln[7] for ln in self.lines])  # [line, 3, coil]
+        peaks, echo = stats[:, 0], stats[:, 1]
+        local = stats[:, 2].max(axis=1) > LOCAL_RATIO  # [line]
         with np.errstate(all="ignore"):
             nonfinite = ~np.isfinite(peaks).all(axis=1)
             frames = np.array([ln[0] for ln in self.lines])
             image = np.array([ln[5] for ln in self.lines])
             rows = np.array([ln[1] for ln in self.lines])
-            ref = _peak_reference(np.where(np.isfinite(peaks), peaks, 0)[image], frames[image], rows[image],
-                                  self.geometry.ny)
-            huge = (peaks > SPIKE_RATIO * ref[None]).any(axis=1) & ~nonfinite if ref is not None else \
-                np.zeros_like(nonfinite)
+            ny = self.geometry.ny
+            ref = _peak_reference(np.where(np.isfinite(peaks), peaks, 0)[image], frames[image], rows[image], ny)
+            huge = np.zeros_like(nonfinite)
+            if ref is not None:
+                huge = (peaks > SPIKE_RATIO * ref[None]).any(axis=1) & ~nonfinite
+                # the echo, which the local test skips: far from the centre the k-space holds no peak
+                local |= (np.abs(rows - ny // 2) >= ECHO_ROWS) & (echo > ECHO_PEAK * ref[None]).any(axis=1)
         local &= ~(nonfinite | huge)
         n_image = int(image.sum())
         bad = nonfinite | huge
@@ -642,7 +652,8 @@ class AcquisitionCollector:
             self.lines = [ln for ln, b in zip(self.lines, bad) if not b]
             kinds = [f"{int(n.sum())} {what}" for n, what in (
                 (nonfinite, "with NaN or inf"), (huge, f"with a sample more than {SPIKE_RATIO:g} times the k-space peak"),
-                (local, f"with a sample more than {LOCAL_RATIO:g} times its readout neighbours")) if n.any()]
+                (local, f"with a sample like an RF spike (more than {LOCAL_RATIO:g} times its readout neighbours, "
+                        f"or at the echo of an outer line more than {ECHO_PEAK:g} times the k-space peak)")) if n.any()]
             notes.insert(0, f"{int(bad.sum())} k-space line(s) left out, {' and '.join(kinds)} (the first: frame {f0}, "
                             f"kspace_encode_step_1 {int(h0.idx.kspace_encode_step_1)}, scan_counter "
                             f"{int(h0.scan_counter)}): no MR signal, an RF spike or a corrupted transfer?")

@@ -9,7 +9,8 @@ ACDC patients (``validation``, the default, where the threshold was chosen, or `
   0.005, variable-density lines; readout oversampling 2 at R = 8, none at R = 8, and oversampling 2
   at R = 4 with partial Fourier 0.75 and an asymmetric echo 0.75), replayed through a
   ``ReconSession`` (zero-filled, to be quick): the largest local ratio the check computed
-  (:func:`gadgets.kspace.local_spike_ratio`) and the lines it left out, which must be none. Then
+  (:func:`gadgets.kspace.local_spike_ratio`), the largest echo sample of a line ``ECHO_ROWS`` or
+  more from the centre against the k-space peak, and the lines left out, which must be none. Then
   the built-in phantom (sharp edges) at several sizes, and the real Siemens raw file.
 - ``detect``: the middle slice of each patient, R = 8, oversampling 2: spikes of ``a`` times the
   coil's raw k-space peak (one sample, one coil, random line, sample and phase; one line in 20
@@ -48,6 +49,22 @@ def _recording(lines, center):
 
 
 kspace.local_spike_ratio = _recording
+ECHOES = []  # per slice: the largest echo sample of the lines ECHO_ROWS or more from the centre / the peak
+_drop = kspace.AcquisitionCollector._drop_corrupted
+
+
+def _echo_recording(self):
+    if self.lines:
+        stats = np.stack([ln[7] for ln in self.lines])
+        rows, frames = np.array([ln[1] for ln in self.lines]), np.array([ln[0] for ln in self.lines])
+        ref = kspace._peak_reference(stats[:, 0], frames, rows, self.geometry.ny)
+        outer = np.abs(rows - self.geometry.ny // 2) >= kspace.ECHO_ROWS
+        if ref is not None and outer.any():
+            ECHOES.append(float((stats[outer, 1] / ref).max()))
+    return _drop(self)
+
+
+kspace.AcquisitionCollector._drop_corrupted = _echo_recording
 
 
 def load(path):
@@ -104,6 +121,7 @@ def clean(patients, tmp):
                                                                        asymmetric_echo=0.75)}
     for name, kw in configs.items():
         RATIOS.clear()
+        ECHOES.clear()
         left = lines = 0
         for j, p in enumerate(patients):
             xml, acqs = series(p, tmp, middle=False, seed=j, **kw)
@@ -111,7 +129,8 @@ def clean(patients, tmp):
             left, lines = left + n, lines + len(imaging(acqs))
         r = np.concatenate(RATIOS)
         print(f"clean, {name}: {lines} lines of {len(patients)} patients (all slices): largest local ratio "
-              f"{r.max():.1f} (99.9th percentile {np.quantile(r, 0.999):.1f}), lines left out {left}", flush=True)
+              f"{r.max():.1f} (99.9th percentile {np.quantile(r, 0.999):.1f}), largest echo of an outer line "
+              f"{max(ECHOES):.2f} x the peak, lines left out {left}", flush=True)
     for size, os_, noise, coils in ((64, 2, 0.002, 8), (128, 1, 0.0, 4), (192, 2, 0.002, 16), (96, 1, 0.002, 8)):
         RATIOS.clear()
         simulate(str(tmp / "ph.h5"), size=size, oversampling=os_, noise=noise, coils=coils, accel=4, seed=size)
