@@ -143,7 +143,7 @@ CORRUPT_SHARE = 0.1  # beyond this share of the acquired samples corrupted, the 
 LOCAL_RATIO = 30.0  # a sample this many times its readout neighbours is an RF spike (clean data: <= 14, README)
 ECHO_ZONE = 2  # samples either side of the echo, where k-space peaks sharply: the local test skips them
 ECHO_ROWS, ECHO_PEAK = 4, 2.0  # there, on lines this many rows or more from the centre, a sample over this
-#                               many times the k-space peak is a spike (clean data: <= 0.41 of it, README)
+#                               many times the k-space peak is a spike (clean data: <= 0.43 of it, README)
 
 
 _SORT6 = ((1, 2), (4, 5), (0, 2), (3, 5), (0, 1), (3, 4), (1, 4), (0, 3), (2, 5), (1, 3), (2, 4), (2, 3))  # 6 inputs
@@ -610,13 +610,12 @@ class AcquisitionCollector:
         the first test cannot see, striped its frame and, through the temporal regularisation, the
         others), nor, at the echo that test skips, one more than ``ECHO_PEAK`` times the peak on a
         line ``ECHO_ROWS`` or more rows from the centre. Checked on the raw readouts, where a spike
-        is one sample; removing the readout
-        oversampling spreads it over the whole line, below any threshold on the grid. Without a
-        robust peak reference (fewer than 3 frames with their centre): the peak test is skipped.
-        More than ``CORRUPT_SHARE`` of the imaging lines NaN, inf or over the peak test is a
-        ValueError (not repaired); more than that share only over the local or echo tests are kept
-        (data unlike any measured, rather than spikes), and the note says so. Returns the notes for the
-        slice's warning."""
+        is one sample; removing the readout oversampling spreads it over the whole line, below any
+        threshold on the grid. Without a robust peak reference (fewer than 3 frames with their
+        centre): the peak and echo tests are skipped. More than ``CORRUPT_SHARE`` of the imaging
+        lines NaN, inf or over the peak test is a ValueError (not repaired); more than that share
+        only over the local or echo tests are kept (data unlike any measured, rather than spikes),
+        and the note says so. Returns the notes for the slice's warning."""
         if not self.lines:
             return []
         stats = np.stack([ln[7] for ln in self.lines])  # [line, 3, coil]
