@@ -135,6 +135,30 @@ def test_an_rf_spike_below_the_peak_leaves_out_its_line(scan, amplitude, sample)
     assert "1 with a sample like an RF spike (more than 30 times its readout neighbours" in out[0].meta["DDUGM_Warning"]
 
 
+@pytest.mark.parametrize("kw, settings", [
+    (dict(ecg_beats=3, frames=8), {**ZF, "frame_axis": "ecg", "cardiac_phases": "8"}),
+    (dict(real_time=True), ZF),
+])
+def test_an_rf_spike_in_binned_and_real_time_scans(tmp_path, kw, settings):
+    """The same through ECG binning (lines regrouped before the check) and a real-time series."""
+    path = tmp_path / "s.h5"
+    simulate(str(path), **{**dict(frames=6, size=32, coils=4, accel=3, acs=8, noise=0.002, seed=5), **kw})
+    ds = open_dataset(str(path))
+    xml = ds.read_xml_header()
+    acqs = [ds.read_acquisition(i) for i in range(ds.number_of_acquisitions())]
+    ds.close()
+    xml = xml.decode() if isinstance(xml, bytes) else xml
+    i, peak = _outer_line(acqs)
+    without, _ = _run(xml, [a for j, a in enumerate(acqs) if j != i], settings)
+    acqs[i] = copy.deepcopy(acqs[i])
+    acqs[i].data[0, 9] += 3 * peak[0]
+    out, s = _run(xml, acqs, settings)
+    assert not s.errors and len(out) == len(without)
+    for a, b in zip(out, without):
+        np.testing.assert_allclose(a.data, b.data, rtol=1e-5, atol=1e-5 * np.abs(b.data).max())
+    assert "1 k-space line(s) left out, 1 with a sample like an RF spike" in out[0].meta["DDUGM_Warning"]
+
+
 def test_local_spike_ratio_measures_against_the_readout_neighbours():
     from gadgets.kspace import local_spike_ratio
 
