@@ -151,7 +151,7 @@ _SORT6 = ((1, 2), (4, 5), (0, 2), (3, 5), (0, 1), (3, 4), (1, 4), (0, 3), (2, 5)
 
 def local_spike_ratio(lines: np.ndarray, center: int) -> np.ndarray:
     """The largest ratio ``[..., coil]`` of a sample's magnitude in each readout line
-    ``[..., coil, samples]`` to the median of its 6 nearest readout neighbours, or to the line's
+    ``[..., coil, samples]`` (complex, or its magnitudes) to the median of its 6 nearest readout neighbours, or to the line's
     lower quartile (of its non-zero samples) where that is larger (noise; zero-padded readouts),
     outside ``ECHO_ZONE`` samples either side of the echo ``center``. MR signal is smooth along the
     readout (band-limited by the field of view): on clean data, simulated and the real Siemens
@@ -534,7 +534,7 @@ class AcquisitionCollector:
         with np.errstate(all="ignore"):  # [3, coil]: for the spike checks at build (_drop_corrupted)
             mag = np.abs(data)
             stats = np.stack([mag.max(axis=1), mag[:, max(0, center - ECHO_ZONE):center + ECHO_ZONE + 1].max(axis=1),
-                              local_spike_ratio(data, center)]).astype(np.float32)
+                              local_spike_ratio(mag, center)]).astype(np.float32)
         grid, sampled = readout_to_grid(data, center, g)
         row = int(ky_to_grid(int(acq.idx.kspace_encode_step_1), g.ky_center, g.ny))
         is_ref = flag_set(acq.flags, CALIBRATION) or flag_set(acq.flags, CALIBRATION_AND_IMAGING)
