@@ -792,9 +792,9 @@ def _buffer_lines(buf, s: int, loc: int, geometry: Geometry, whitener: NoiseWhit
     ny = max(geometry.ny, e1)
     k = np.zeros((cha, n, ny, geometry.nx), np.complex64)
     rows = ky_to_grid(np.arange(e1), center_e1, ny) if e1 <= ny else None
-    # RF spikes, on the buffer's readouts as they came (with their oversampling, if the chain kept it)
-    spiky_lines = np.stack([local_spike_ratio(seg[:, f].transpose(1, 0, 2), center_e0 - a).max(axis=-1)
-                            for f in range(n)]) > LOCAL_RATIO  # [N, E1]; per frame, to bound the memory
+    # RF spikes, on the buffer's readouts as they came (with their oversampling, if the chain kept it):
+    # the local test and the echo test, as the collector's (AcquisitionCollector._drop_corrupted)
+    spiky_lines = _buffer_spikes(seg, center_e0 - a, acquired, rows, ny)
     mask = np.zeros((n, ny, geometry.nx), bool)
     spiky = np.zeros((n, ny), bool)
     for f in range(n):
@@ -812,6 +812,35 @@ def _buffer_lines(buf, s: int, loc: int, geometry: Geometry, whitener: NoiseWhit
         else:
             headers.append(None)
     return k, mask, headers, spiky
+
+
+def _buffer_spikes(seg: np.ndarray, center: int, acquired: np.ndarray, rows: np.ndarray, ny: int) -> np.ndarray:
+    """The lines ``[N, E1]`` of a buffer's readouts ``seg [CHA, N, E1, samples]`` (echo at sample
+    ``center``; ``acquired [N, E1]``, their grid ``rows`` of ``ny``) over the local RF-spike test
+    (:func:`local_spike_ratio`) or the echo test: a sample within ``ECHO_ZONE`` of the echo more than
+    ``ECHO_PEAK`` times its coil's k-space peak (:func:`_peak_reference` of the lines' largest
+    samples) on a line ``ECHO_ROWS`` or more rows from the centre. One frame at a time, to bound
+    the memory; each line's magnitudes taken once."""
+    cha, n, e1, _ = seg.shape
+    ratio = np.zeros((n, e1), np.float32)
+    peaks = np.zeros((n, e1, cha), np.float32)
+    echo = np.zeros((n, e1, cha), np.float32)
+    zone = slice(max(0, center - ECHO_ZONE), center + ECHO_ZONE + 1)
+    for f in range(n):
+        with np.errstate(all="ignore"):
+            mag = np.abs(seg[:, f].transpose(1, 0, 2)).astype(np.float32, copy=False)  # [E1, CHA, samples]
+            mag[~np.isfinite(mag)] = 0  # (a line with NaN or inf: drop_spikes names it)
+        ratio[f] = local_spike_ratio(mag, center).max(axis=-1)
+        peaks[f] = mag.max(axis=-1)
+        echo[f] = mag[..., zone].max(axis=-1) if mag.shape[-1] else 0
+    spiky = ratio > LOCAL_RATIO
+    f, ky = np.nonzero(acquired)
+    grid_rows = np.asarray(rows)[ky]
+    ref = _peak_reference(peaks[f, ky], f, grid_rows, ny)
+    if ref is not None:
+        outer = np.abs(grid_rows - ny // 2) >= ECHO_ROWS
+        spiky[f, ky] |= outer & (echo[f, ky] > ECHO_PEAK * ref[None]).any(axis=1)
+    return spiky
 
 
 def _buffer_axis(headers: list) -> str:

@@ -18,6 +18,11 @@ ACDC patients (``validation``, the default, where the threshold was chosen, or `
 - ``damage``: the middle slice of the first 3 patients, one spike of ``a`` times the peak in one
   line, reconstructed by LLR + TV (``llr_ttv``) with the check and without it: PSNR of the spiked
   frame and of the series against the simulation's truth (magnitudes, least-squares scaled).
+- ``buffers``: the same check on Gadgetron ReconData buffers (what AcquisitionAccumulateTrigger and
+  BucketToBuffer deliver, :func:`gadgetron_peer.recon_data_from_file`; not part of the default):
+  every slice of every patient, R = 8, readout oversampling 2 and none, clean: the lines left out,
+  which must be none; then the middle slices with one spike of ``a`` times the coil's raw peak in
+  one line in 20 (random line, coil, sample and phase): the share left out. Needs gadgetron.
 """
 import copy
 import sys
@@ -28,6 +33,7 @@ import ismrmrd
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # (buffers: gadgetron_peer)
 import gadgets.kspace as kspace  # noqa: E402
 from ddugm_core.data import ACDC_TEST, ACDC_VALIDATION  # noqa: E402
 from ddugm_core.metrics import psnr  # noqa: E402
@@ -194,6 +200,53 @@ def damage(patients, tmp, amplitudes=(0.1, 0.3, 1.0, 3.0)):
               "(clean / without the check / with it)" % (len(patients[:3]), a, *m))
 
 
+def buffers(patients, tmp, amplitudes=(0.3, 1.0, 3.0)):
+    from gadgetron_peer import recon_data_from_file
+
+    def run(hdr, rd):
+        rd.bits[0].ref = None  # (no calibration lines: the buffer alone)
+        s = ReconSession(hdr, *load_settings({"method": "zero_filled", "device": "cpu"}))
+        out = s.handle(rd) + s.finish()
+        if s.errors:
+            raise RuntimeError(s.errors)
+        warnings = {ismrmrd.Meta.deserialize(o.meta[0]).get("DDUGM_Warning", "") for o in out}
+        return sum(int(w.split(" k-space line(s) with corrupted")[0].split()[-1]) for w in warnings
+                   if " k-space line(s) with corrupted" in w)
+
+    for name, kw in {"oversampling 2": dict(accel=8), "no oversampling": dict(accel=8, oversampling=1)}.items():
+        left = lines = 0
+        for j, p in enumerate(patients):
+            series(p, tmp, middle=False, seed=j, **kw)
+            ds = open_dataset(str(tmp / "scan.h5"))
+            slices = {ds.read_acquisition(i).idx.slice for i in range(ds.number_of_acquisitions())}
+            ds.close()
+            for z in sorted(slices):
+                hdr, rd = recon_data_from_file(str(tmp / "scan.h5"), z)
+                lines += int((np.abs(rd.bits[0].data.data).sum(axis=(0, 2, 3, 5, 6)) > 0).sum())
+                left += run(hdr, rd)
+        print(f"buffers, clean, R 8, {name}: {lines} lines of {len(patients)} patients (all slices), lines left out "
+              f"{left}", flush=True)
+    rng = np.random.default_rng(3)
+    found, total = {a: 0 for a in amplitudes}, {a: 0 for a in amplitudes}
+    for j, p in enumerate(patients):
+        series(p, tmp, seed=j, accel=8)
+        for a in amplitudes:
+            hdr, rd = recon_data_from_file(str(tmp / "scan.h5"))
+            data = rd.bits[0].data.data  # [E0, E1, 1, CHA, N, 1, 1]
+            peak = np.abs(data).max(axis=(0, 1, 2, 4, 5, 6))  # [coil]
+            acquired = np.argwhere(np.abs(data).sum(axis=(0, 2, 3, 5, 6)) > 0)  # [(E1, N)]
+            n = max(1, len(acquired) // 20)
+            for ky, f in acquired[rng.choice(len(acquired), n, replace=False)]:
+                c = int(rng.integers(data.shape[3]))
+                e = int(rng.choice(np.nonzero(np.abs(data[:, ky, 0, c, f, 0, 0]) > 0)[0]))
+                data[e, ky, 0, c, f, 0, 0] += a * peak[c] * np.exp(2j * np.pi * rng.random())
+            found[a] += run(hdr, rd)
+            total[a] += n
+    for a in amplitudes:
+        print(f"buffers, spikes of {a:g} x the coil's peak: {found[a]} of {total[a]} lines left out "
+              f"({100 * found[a] / total[a]:.0f} %)", flush=True)
+
+
 if __name__ == "__main__":
     split = sys.argv[1] if len(sys.argv) > 1 else "validation"
     parts = sys.argv[2:] or ["clean", "detect", "damage"]
@@ -202,4 +255,4 @@ if __name__ == "__main__":
         sys.exit(f"needs the ACDC cine in {DATA / 'acdc_cine'}")
     with tempfile.TemporaryDirectory() as d:
         for part in parts:
-            {"clean": clean, "detect": detect, "damage": damage}[part](list(patients), Path(d))
+            {"clean": clean, "detect": detect, "damage": damage, "buffers": buffers}[part](list(patients), Path(d))

@@ -411,7 +411,7 @@ def test_byte_flipped_streams_end_cleanly(tmp_path):
         srv.wait_for_clients(10)
 
 
-@pytest.mark.parametrize("value", [np.nan, 1e20, "3 x peak"])
+@pytest.mark.parametrize("value", [np.nan, 1e20, "3 x peak", "2.5 x peak at the echo"])
 def test_recon_data_buffer_with_a_corrupted_sample(tmp_path, value):
     """The same for a chain's ReconData buffer: the line is left out and the images say so (a
     line with a NaN was taken as not acquired, without a word)."""
@@ -421,8 +421,11 @@ def test_recon_data_buffer_with_a_corrupted_sample(tmp_path, value):
     simulate(str(path), frames=4, size=32, coils=3, accel=2, acs=6, noise=0.002, seed=3)
     hdr, rd = recon_data_from_file(str(path))
     data = rd.bits[0].data.data
-    if isinstance(value, str):  # an RF spike below the peak test, on the grid's outer rows
+    if value == "3 x peak":  # an RF spike below the peak test, on the grid's outer rows
         data[5, 25, 0, 1, 2, 0, 0] += 3 * np.abs(data[:, :, 0, 1]).max()  # row 25: acquired, 9 from the centre
+    elif isinstance(value, str):  # at the echo, which the local test skips: the echo test
+        echo = int(rd.bits[0].data.sampling.sampling_limits[0].center)
+        data[echo, 25, 0, 1, 2, 0, 0] += 2.5 * np.abs(data[:, :, 0, 1]).max() * np.exp(0.7j)
     else:
         data[5, 16, 0, 1, 2, 0, 0] = value
     s = ReconSession(hdr, *load_settings(dict(ZF)))
