@@ -821,18 +821,20 @@ def _buffer_spikes(seg: np.ndarray, center: int, acquired: np.ndarray, rows: np.
     ``ECHO_PEAK`` times its coil's k-space peak (:func:`_peak_reference` of the lines' largest
     samples) on a line ``ECHO_ROWS`` or more rows from the centre. One frame at a time, to bound
     the memory; each line's magnitudes taken once."""
-    cha, n, e1, _ = seg.shape
+    cha, n, e1, samples = seg.shape
+    if not 0 <= center < samples:  # an echo outside the acquired samples: the middle, as readout_to_grid takes
+        center = samples // 2
     ratio = np.zeros((n, e1), np.float32)
     peaks = np.zeros((n, e1, cha), np.float32)
     echo = np.zeros((n, e1, cha), np.float32)
-    zone = slice(max(0, center - ECHO_ZONE), center + ECHO_ZONE + 1)
+    zone = slice(max(0, center - ECHO_ZONE), center + ECHO_ZONE + 1)  # (never empty)
     for f in range(n):
         with np.errstate(all="ignore"):
             mag = np.abs(seg[:, f].transpose(1, 0, 2)).astype(np.float32, copy=False)  # [E1, CHA, samples]
             mag[~np.isfinite(mag)] = 0  # (a line with NaN or inf: drop_spikes names it)
         ratio[f] = local_spike_ratio(mag, center).max(axis=-1)
         peaks[f] = mag.max(axis=-1)
-        echo[f] = mag[..., zone].max(axis=-1) if mag.shape[-1] else 0
+        echo[f] = mag[..., zone].max(axis=-1)
     spiky = ratio > LOCAL_RATIO
     f, ky = np.nonzero(acquired)
     grid_rows = np.asarray(rows)[ky]
