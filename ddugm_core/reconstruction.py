@@ -292,6 +292,11 @@ def _as_tensor(x, name: str) -> torch.Tensor:
     raise ValueError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
 
 
+#: The largest k-space sample (either real component) a reconstruction takes: its square times a
+#: hundred million samples stays within single precision (3.4e38). Scanner data are far below it.
+MAX_SAMPLE = 1e15
+
+
 def prepare_inputs(kspace, mask=None, coil_maps=None, device="cpu"):
     """Validate and convert. Returns (kspace ``[coil, frame, ky, kx]``, mask ``[frame, ky, kx]``
     float 0/1, maps or None), all on ``device``. Raises ValueError naming the problem."""
@@ -307,6 +312,10 @@ def prepare_inputs(kspace, mask=None, coil_maps=None, device="cpu"):
     k = k.to(device=device, dtype=torch.complex64)
     if not torch.isfinite(torch.view_as_real(k)).all():
         raise ValueError("kspace contains NaN or Inf values")
+    largest = float(torch.view_as_real(k).abs().max())
+    if largest > MAX_SAMPLE:  # (squared and summed, as coil covariances and norms are, it overflows float32)
+        raise ValueError(f"kspace holds a sample of {largest:.3g}, beyond {MAX_SAMPLE:.0e}, which single precision "
+                         "cannot square and sum: a corrupted sample, or data in far larger units than any scanner's?")
     c, t, ny, nx = k.shape
     if mask is None:
         m = (k.abs() > 0).any(dim=0).any(dim=-1)  # [frame, ky]: lines that carry data

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ddugm_core.reconstruction import MAX_SAMPLE
+
 from .geometry import Geometry
 
 log = logging.getLogger("ddugm.gadget")
@@ -205,13 +207,27 @@ def _kept_note(n: int) -> str:
             "was measured on?): the images may show stripes")
 
 
+def _unusable(x: np.ndarray) -> np.ndarray:
+    """Samples no reconstruction can take, whatever the data around them: NaN, inf, or beyond
+    ``MAX_SAMPLE`` (which single precision cannot square and sum)."""
+    with np.errstate(all="ignore"):
+        return ~np.isfinite(x) | (np.abs(x) > MAX_SAMPLE)
+
+
+def _unusable_words(x: np.ndarray, finite: str = "NaN or inf") -> str:
+    """How to name the unusable samples among ``x``: ``finite`` where all are NaN or inf."""
+    with np.errstate(all="ignore"):
+        beyond = (np.isfinite(x) & (np.abs(x) > MAX_SAMPLE)).any()
+    return f"NaN, inf or beyond {MAX_SAMPLE:.0e}" if beyond else finite
+
+
 def _corrupted(k: np.ndarray, mask: np.ndarray, peak) -> np.ndarray:
     """The acquired positions ``[..., ky, kx]`` of every line (all of its readout) where any
     coil's sample is not finite or more than ``SPIKE_RATIO`` times that coil's ``peak`` (None:
     non-finite samples only): a corrupted raw sample spreads over its whole line when the
     readout oversampling is removed."""
     with np.errstate(all="ignore"):
-        bad = ~np.isfinite(k)
+        bad = _unusable(k)
         if peak is not None:
             shape = (-1,) + (1,) * (k.ndim - 1)
             bad |= np.abs(k) > SPIKE_RATIO * np.asarray(peak).reshape(shape)
@@ -246,7 +262,7 @@ def drop_spikes(cine: CineData, spiky: np.ndarray | None = None, spiky_ref: int 
         ref_where = _corrupted(cine.ref[:, None], cine.ref_mask[None], peak)[0]
     n, acquired = int(where.sum()), int(mask.sum())
     if n > CORRUPT_SHARE * acquired:
-        what = "not finite (NaN or inf)" if not np.isfinite(k[:, where]).all() else \
+        what = _unusable_words(k[:, where], "not finite (NaN or inf)") if _unusable(k[:, where]).any() else \
             f"more than {SPIKE_RATIO:g} times the k-space peak"
         raise ValueError(f"kspace: {n} of the {acquired} acquired samples are corrupted ({what}): more than "
                          f"{100 * CORRUPT_SHARE:g} %, not repaired")
@@ -267,11 +283,12 @@ def drop_spikes(cine: CineData, spiky: np.ndarray | None = None, spiky_ref: int 
     if n:
         lines = where.any(axis=-1)  # [frame, ky]
         f, y = (int(v[0]) for v in np.nonzero(lines))
-        nonfinite = int((~np.isfinite(k[:, where])).any(axis=0).sum())
+        nonfinite = int(_unusable(k[:, where]).any(axis=0).sum())
+        words = _unusable_words(k[:, where], "not finite")
         k[:, where] = 0
         mask[where] = False
         notes.insert(0, f"{int(lines.sum())} k-space line(s) with corrupted samples ({nonfinite} of their {n} "
-                        f"samples not finite; the first: frame {f}, line {y})")
+                        f"samples {words}; the first: frame {f}, line {y})")
     if notes:
         notes = [" and ".join(notes) + f" left out: a sample NaN, inf, more than {SPIKE_RATIO:g} times the k-space "
                  f"peak or {LOCAL_RATIO:g} times its readout neighbours is no MR signal (an RF spike or a corrupted "
@@ -622,12 +639,12 @@ class AcquisitionCollector:
         peaks, echo = stats[:, 0], stats[:, 1]
         local = stats[:, 2].max(axis=1) > LOCAL_RATIO  # [line]
         with np.errstate(all="ignore"):
-            nonfinite = ~np.isfinite(peaks).all(axis=1)
+            nonfinite = _unusable(peaks).any(axis=1)
             frames = np.array([ln[0] for ln in self.lines])
             image = np.array([ln[5] for ln in self.lines])
             rows = np.array([ln[1] for ln in self.lines])
             ny = self.geometry.ny
-            ref = _peak_reference(np.where(np.isfinite(peaks), peaks, 0)[image], frames[image], rows[image], ny)
+            ref = _peak_reference(np.where(_unusable(peaks), 0, peaks)[image], frames[image], rows[image], ny)
             huge = np.zeros_like(nonfinite)
             if ref is not None:
                 huge = (peaks > SPIKE_RATIO * ref[None]).any(axis=1) & ~nonfinite
@@ -637,7 +654,8 @@ class AcquisitionCollector:
         n_image = int(image.sum())
         bad = nonfinite | huge
         if (bad & image).sum() > CORRUPT_SHARE * max(n_image, 1):
-            what = "NaN or inf" if (nonfinite & image).any() else f"more than {SPIKE_RATIO:g} times the k-space peak"
+            what = _unusable_words(peaks[nonfinite & image]) if (nonfinite & image).any() else \
+                f"more than {SPIKE_RATIO:g} times the k-space peak"
             raise ValueError(f"group {self.describe()}: {int((bad & image).sum())} of the {n_image} imaging lines hold "
                              f"corrupted samples ({what}): more than {100 * CORRUPT_SHARE:g} %, not repaired")
         notes = []
@@ -650,7 +668,8 @@ class AcquisitionCollector:
             f0, h0 = self.lines[first][0], self.lines[first][4]
             self.lines = [ln for ln, b in zip(self.lines, bad) if not b]
             kinds = [f"{int(n.sum())} {what}" for n, what in (
-                (nonfinite, "with NaN or inf"), (huge, f"with a sample more than {SPIKE_RATIO:g} times the k-space peak"),
+                (nonfinite, f"with {_unusable_words(peaks[nonfinite])}"),
+                (huge, f"with a sample more than {SPIKE_RATIO:g} times the k-space peak"),
                 (local, f"with a sample like an RF spike (more than {LOCAL_RATIO:g} times its readout neighbours, "
                         f"or at the echo of an outer line more than {ECHO_PEAK:g} times the k-space peak)")) if n.any()]
             notes.insert(0, f"{int(bad.sum())} k-space line(s) left out, {' and '.join(kinds)} (the first: frame {f0}, "
@@ -759,9 +778,12 @@ def _buffer_lines(buf, s: int, loc: int, geometry: Geometry, whitener: NoiseWhit
         raise ValueError(f"ReconData buffer has E2 = {e2}: 3D data are not supported")
     d = np.transpose(data[:, :, 0, :, :, s, loc], (2, 3, 1, 0))  # [CHA, N, E1, E0]
     heads = np.asarray(buf.headers)
+    if heads.ndim == 5 and heads.shape != (e1, e2, n, ns, nloc):
+        raise ValueError(f"ReconData headers have shape {heads.shape}, but its data [E0, E1, E2, CHA, N, S, LOC] "
+                         f"{data.shape} need [E1, E2, N, S, LOC] = {(e1, e2, n, ns, nloc)}")
     with np.errstate(all="ignore"):  # a line with a NaN counts as acquired: drop_spikes leaves it out, and says so
         acquired = (np.abs(d).sum(axis=(0, 3)) > 0) | ~np.isfinite(d).all(axis=(0, 3))  # [N, E1]
-    if heads.ndim == 5 and heads.shape[:1] == (e1,):
+    if heads.ndim == 5:
         hs = heads[:, 0, :, s, loc]  # [E1, N]
         ns_arr = np.array([[int(h.number_of_samples) for h in row] for row in hs]).T  # [N, E1]
         if (ns_arr == 0).any():
@@ -887,6 +909,10 @@ def cine_from_recon_bit(bit, geometry: Geometry, whitener: NoiseWhitener | None 
                 key["slice"] = loc
             cine = CineData(key, k, mask, headers, ref, ref_mask, frame_axis=axis)
             note = drop_spikes(cine, spiky, spiky_ref)  # a buffer is on the grid: the collector's check cannot run
+            empty = [f for f in range(mask.shape[0]) if not cine.mask[f].any()]
+            if empty:
+                raise ValueError(f"ReconData S={s} LOC={loc}: frame(s) {empty} have no acquired lines left after "
+                                 f"leaving out the corrupted ones ({note})")
             if note:
                 log.warning("ReconData S=%d LOC=%d: %s", s, loc, note)
                 cine.notes.append(note)

@@ -358,8 +358,8 @@ class ReconSession:
                 try:
                     self._check_recon_bit(bit)
                     cines = cine_from_recon_bit(bit, self.geometry, self.whitener)
-                except ValueError as e:
-                    self._fail("ReconData", e)
+                except Exception as e:  # noqa: BLE001 - a buffer this reader did not foresee fails its bit, not the
+                    self._fail("ReconData", e)  # stream (Gadgetron's handler ends the stream on any exception)
                     continue
                 for cine in cines:
                     out += self._reconstruct(cine, "image_array")

@@ -1,5 +1,5 @@
 """Mutation fuzzing of the gadgets' acquisition path: ``python tests/fuzz_session.py [CASES] [SEED]
-[METHOD]``.
+[METHOD] [buffers]``.
 
 Three small simulated scans (a two-slice cine, a real-time series, partial Fourier with an
 asymmetric echo); each case applies one to three random mutations (a header XML number set to
@@ -9,6 +9,15 @@ duplicated or moved) and replays the scan through a ``ReconSession`` in process.
 end in images or an error of a clean type naming the problem, within 60 s, with finite images;
 anything else is listed at the end as BAD (exit code 1). Not a test: it found the cases that
 ``test_corrupted_input.py`` now tests, and is here to run again after changes to the data path.
+
+``buffers``: Gadgetron ReconData buffers instead (what AcquisitionAccumulateTrigger and
+BucketToBuffer deliver, :func:`gadgetron_peer.recon_data_from_file`, of the same scans' first
+slice), each case one to three mutations of a buffer: a sample NaN, inf, 1e30 or 0; a line or a
+frame zeroed; a sampling limit or matrix size set to a random value; a line header's sample
+count, centre or counter; the reference buffer left out, with a coil fewer, or of another shape;
+the data's dimensions changed. Needs gadgetron. In both modes an error of a clean type whose
+message is numpy's or Python's own (``UNCLEAN_PHRASES``: "zero-size array", "could not
+broadcast", ...) counts as BAD too: it names no problem of the data.
 """
 import copy
 import re
@@ -35,6 +44,9 @@ FIELDS_IDX = ["kspace_encode_step_1", "kspace_encode_step_2", "average", "slice"
 FIELDS = ["flags", "center_sample", "discard_pre", "discard_post", "encoding_space_ref", "sample_time_us",
           "available_channels", "trajectory_dimensions", "measurement_uid", "scan_counter"]
 VALUES = [0, 1, 2, 3, 7, 15, 31, 63, 64, 100, 255, 1000, 32767, 65535]
+UNCLEAN_PHRASES = ("zero-size array", "could not broadcast", "operands could not", "out of bounds",
+                   "invalid index", "has no attribute", "unsupported operand", "object is not", "cannot reshape",
+                   "must be real number", "not subscriptable", "too many indices", "unhashable")
 
 
 def load(path):
@@ -110,6 +122,83 @@ def mutate_acq(acqs, rng):
     return f"swap {i},{j}"
 
 
+def mutate_buffer(rd, rng):
+    """One mutation of a ReconData (one bit, data [E0, E1, E2, CHA, N, S, LOC]) in place; its description."""
+    bit = rd.bits[0]
+    buf = bit.data
+    d = buf.data
+    r = rng.random()
+    if d.ndim != 7 and (r < 0.25 or r >= 0.8):
+        return "(data not 7D: left as it is)"
+    if r < 0.25:
+        idx = tuple(int(rng.integers(n)) for n in d.shape)
+        kind = str(rng.choice(["nan", "inf", "huge", "zero line", "zero frame", "tiny"]))
+        if kind == "zero line":
+            d[:, idx[1], :, :, idx[4]] = 0
+        elif kind == "zero frame":
+            d[..., idx[4], :, :] = 0
+        else:
+            d[idx] = {"nan": np.nan, "inf": np.inf, "huge": 1e30, "tiny": 1e-38}[kind]
+        return f"data {kind} at {idx}"
+    if r < 0.45:
+        sd = buf.sampling
+        which = str(rng.choice(["limit", "encoded", "recon"]))
+        axis, v = int(rng.integers(3)), int(rng.choice(VALUES))
+        if which == "limit":
+            field = str(rng.choice(["min", "center", "max"]))
+            setattr(sd.sampling_limits[axis], field, v)
+            return f"sampling_limits[{axis}].{field}={v}"
+        getattr(sd, f"{which}_matrix")[axis] = v
+        return f"{which}_matrix[{axis}]={v}"
+    if r < 0.65:
+        heads = buf.headers
+        idx = tuple(int(rng.integers(n)) for n in heads.shape)
+        h = heads[idx]
+        field = str(rng.choice(["number_of_samples", "center_sample", "active_channels", "kspace_encode_step_1",
+                                "phase", "repetition", "slice", "sample_time_us"]))
+        v = float(rng.choice([0.0, -1.0, float("nan"), 1e30])) if field == "sample_time_us" else int(rng.choice(VALUES))
+        if field in ("kspace_encode_step_1", "phase", "repetition", "slice"):
+            setattr(h.idx, field, v)
+        else:
+            setattr(h, field, v)
+        return f"header {idx} {field}={v}"
+    if r < 0.8:
+        kind = str(rng.choice(["none", "coil fewer", "6D", "one frame"]))
+        if bit.ref is None:
+            return "ref already none"
+        if kind == "none":
+            bit.ref = None
+        elif kind == "coil fewer":
+            bit.ref.data = np.ascontiguousarray(bit.ref.data[:, :, :, :-1])
+        elif kind == "6D":
+            bit.ref.data = bit.ref.data[..., 0]
+        else:
+            bit.ref.data = np.ascontiguousarray(bit.ref.data[:, :, :, :, :1])
+        return f"ref {kind}"
+    kind = str(rng.choice(["6D", "E2=2", "N=1", "swap E0 E1", "S=2", "E1 halved"]))
+    heads = buf.headers
+    if kind == "6D":
+        buf.data = d[..., 0]
+    elif kind == "E2=2":
+        buf.data = np.ascontiguousarray(np.concatenate([d, d], axis=2))
+        heads = np.concatenate([heads, heads], axis=1)
+    elif kind == "N=1":
+        buf.data = np.ascontiguousarray(d[:, :, :, :, :1])
+        heads = heads[:, :, :1]
+    elif kind == "swap E0 E1":
+        buf.data = np.ascontiguousarray(np.swapaxes(d, 0, 1))
+    elif kind == "S=2":
+        buf.data = np.ascontiguousarray(np.concatenate([d, d], axis=5))
+        heads = np.concatenate([heads, heads], axis=3)
+    else:
+        buf.data = np.ascontiguousarray(d[:, : d.shape[1] // 2])
+        heads = heads[: d.shape[1] // 2]
+    if heads is not buf.headers and rng.random() < 0.7:  # mostly the headers to match (else: a mismatch)
+        buf.headers = heads
+        kind += ", headers too"
+    return f"data {kind}"
+
+
 class Timeout(Exception):
     pass
 
@@ -134,7 +223,27 @@ def run_case(xml, acqs, props, engine):
     return s, out
 
 
-def main(n=200, seed=0, method="zero_filled") -> int:
+def run_buffer_case(path, mutate, props, engine):
+    from gadgetron_peer import recon_data_from_file
+
+    header, rd = recon_data_from_file(path)
+    muts = mutate(rd)
+    lim = Limits()
+    cfg, gs = load_settings(props, None, limits=lim)
+    s = ReconSession(header, cfg, gs, engine, lim)
+    out = s.handle(rd) + s.finish()
+    for item in out:
+        d = np.asarray(item.data) if hasattr(item, "data") else None
+        if d is not None and d.dtype.kind in "fc" and not np.all(np.isfinite(d)):
+            raise AssertionError("non-finite image")
+    return s, out, muts
+
+
+def unclean(message: str) -> bool:
+    return any(p in message for p in UNCLEAN_PHRASES)
+
+
+def main(n=200, seed=0, method="zero_filled", buffers=False) -> int:
     d = tempfile.mkdtemp()
     files = []
     for k, kw in enumerate([dict(frames=3, size=16, coils=2, accel=2, acs=4, noise=0.002, slices=2),
@@ -148,26 +257,34 @@ def main(n=200, seed=0, method="zero_filled") -> int:
     engine = Engine()
     bad = []
     signal.signal(signal.SIGALRM, alarm)
+    if buffers:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # gadgetron_peer
     for case in range(n):
         rng = np.random.default_rng(seed * 100000 + case)
         xml, acqs = files[case % len(files)]
-        acqs = [copy.deepcopy(a) for a in acqs]
         muts = []
-        for _ in range(int(rng.integers(1, 4))):
-            if rng.random() < 0.3:
-                xml, m = mutate_xml(xml, rng)
-            else:
-                m = mutate_acq(acqs, rng)
-            muts.append(m)
+        if not buffers:
+            acqs = [copy.deepcopy(a) for a in acqs]
+            for _ in range(int(rng.integers(1, 4))):
+                if rng.random() < 0.3:
+                    xml, m = mutate_xml(xml, rng)
+                else:
+                    m = mutate_acq(acqs, rng)
+                muts.append(m)
         t0 = time.time()
         signal.alarm(60)
         try:
-            s, out = run_case(xml, acqs, props, engine)
+            if buffers:
+                def mutate(rd, rng=rng):
+                    return [mutate_buffer(rd, rng) for _ in range(int(rng.integers(1, 4)))]
+                s, out, muts = run_buffer_case(f"{d}/f{case % len(files)}.h5", mutate, props, engine)
+            else:
+                s, out = run_case(xml, acqs, props, engine)
             errs = s.errors
             res = f"{len(out)} out, {len(errs)} errors"
             for e in errs:
                 tname = e.split(": ")[1] if ": " in e else "?"
-                if tname not in CLEAN:
+                if tname not in CLEAN or unclean(e):
                     bad.append((case, muts, e))
                     res += " UNCLEAN " + e[:300]
         except Timeout:
@@ -176,7 +293,7 @@ def main(n=200, seed=0, method="zero_filled") -> int:
         except Exception as e:  # noqa: BLE001 - every other type is what the fuzzer looks for
             tname = type(e).__name__
             res = f"raised {tname}: {str(e)[:200]}"
-            if tname not in CLEAN:
+            if tname not in CLEAN or unclean(str(e)):
                 bad.append((case, muts, traceback.format_exc()[-1500:]))
         finally:
             signal.alarm(0)
@@ -192,4 +309,4 @@ def main(n=200, seed=0, method="zero_filled") -> int:
 if __name__ == "__main__":
     args = sys.argv[1:]
     sys.exit(main(int(args[0]) if args else 200, int(args[1]) if len(args) > 1 else 0,
-                  args[2] if len(args) > 2 else "zero_filled"))
+                  args[2] if len(args) > 2 else "zero_filled", len(args) > 3 and args[3] == "buffers"))

@@ -454,3 +454,94 @@ def test_recon_data_echo_outside_the_acquired_samples(tmp_path):
         assert not s.errors and len(arrays) == 1, s.errors
         images.append(np.abs(np.asarray(arrays[0].data)))
     np.testing.assert_allclose(images[1], images[0], rtol=1e-5, atol=1e-6 * images[0].max())
+
+
+@pytest.mark.parametrize("frames", [1, 2])
+def test_a_huge_sample_without_a_peak_reference_leaves_out_its_line(tmp_path, frames):
+    """With fewer than 3 frames there is no robust k-space peak to compare with, so only NaN and
+    inf were left out: a sample of 1e30 went on and broke the coil compression ("the zero_filled
+    reconstruction broke down numerically ...: settings far outside their usual range"). A sample
+    beyond 1e15, which single precision cannot square and sum, is now left out like NaN."""
+    path = tmp_path / "s.h5"
+    simulate(str(path), frames=frames, size=32, coils=3, accel=2, acs=6, noise=0.002, seed=3)
+    ds = open_dataset(str(path))
+    xml = ds.read_xml_header()
+    acqs = [ds.read_acquisition(i) for i in range(ds.number_of_acquisitions())]
+    ds.close()
+    xml = xml.decode() if isinstance(xml, bytes) else xml
+    i = _imaging(acqs)[len(_imaging(acqs)) // 3]
+    without, _ = _run(xml, [a for j, a in enumerate(acqs) if j != i])
+    acqs[i] = copy.deepcopy(acqs[i])
+    acqs[i].data[1, 11] = 1e30
+    out, s = _run(xml, acqs)
+    assert not s.errors, s.errors
+    for a, b in zip(out, without):
+        np.testing.assert_allclose(a.data, b.data, rtol=1e-5, atol=1e-5 * np.abs(b.data).max())
+    assert "1 k-space line(s) left out, 1 with NaN, inf or beyond 1e+15" in out[0].meta["DDUGM_Warning"]
+
+
+def test_a_huge_sample_is_named_by_the_library():
+    """The library's own check, for callers of Reconstructor.recon."""
+    from ddugm_core.reconstruction import prepare_inputs
+
+    k = np.ones((2, 1, 8, 8), np.complex64)
+    k[1, 0, 3, 3] = 1e30
+    with pytest.raises(ValueError, match="kspace holds a sample of 1e[+]30, beyond 1e[+]15"):
+        prepare_inputs(k)
+    k[1, 0, 3, 3] = 1e14
+    prepare_inputs(k)
+
+
+def test_recon_data_headers_of_another_shape_are_named(tmp_path):
+    """Data of 2 slices (S) with headers of 1 ended the stream with an IndexError, which Gadgetron's
+    handler takes as a close; data of 1 frame with headers of 3 failed with numpy's "non-broadcastable
+    output operand". Both are now an error for the buffer naming the two shapes."""
+    from gadgetron_peer import recon_data_from_file
+
+    path = tmp_path / "rd.h5"
+    simulate(str(path), frames=3, size=16, coils=2, accel=2, acs=4, noise=0.002, seed=0)
+    for cut in ("S=2", "N=1"):
+        hdr, rd = recon_data_from_file(str(path))
+        d = rd.bits[0].data.data
+        rd.bits[0].data.data = np.concatenate([d, d], axis=5) if cut == "S=2" else np.ascontiguousarray(d[:, :, :, :, :1])
+        s = ReconSession(hdr, *load_settings(dict(ZF)))
+        assert s.handle(rd) + s.finish() == [] and len(s.errors) == 1
+        assert "ValueError: ReconData headers have shape" in s.errors[0] and "need [E1, E2, N, S, LOC]" in s.errors[0]
+
+
+def test_an_unforeseen_failure_reading_a_buffer_fails_its_bit_not_the_stream(tmp_path, monkeypatch):
+    """Any exception while reading a ReconData buffer is that buffer's error: the session goes on."""
+    from gadgetron_peer import recon_data_from_file
+
+    import gadgets.session as session
+
+    path = tmp_path / "rd.h5"
+    simulate(str(path), frames=3, size=16, coils=2, accel=2, acs=4, noise=0.002, seed=0)
+    hdr, rd = recon_data_from_file(str(path))
+    s = ReconSession(hdr, *load_settings(dict(ZF)))
+
+    def broken(*_):
+        raise IndexError("index 1 is out of bounds for axis 3 with size 1")
+    monkeypatch.setattr(session, "cine_from_recon_bit", broken)
+    assert s.handle(rd) == [] and s.errors == ["ReconData: IndexError: index 1 is out of bounds for axis 3 with size 1"]
+    monkeypatch.undo()
+    hdr, rd = recon_data_from_file(str(path))
+    assert len(s.handle(rd) + s.finish()) == 1  # the next buffer is reconstructed
+
+
+def test_recon_data_frame_left_empty_by_corrupted_lines_is_named(tmp_path):
+    """A buffer frame whose only line is corrupted: named as such (it failed with the library's
+    "frame(s) [1] have no acquired samples", which did not say why)."""
+    from gadgetron_peer import recon_data_from_file
+
+    path = tmp_path / "rd.h5"
+    simulate(str(path), frames=3, size=16, coils=2, accel=2, acs=4, noise=0.002, seed=0)
+    hdr, rd = recon_data_from_file(str(path))
+    d = rd.bits[0].data.data
+    rows = np.nonzero(np.abs(d[:, :, 0, :, 1]).sum(axis=(0, 2)))[0]
+    d[:, rows[1:], :, :, 1] = 0  # frame 1: one line left
+    d[3, rows[0], 0, 0, 1, 0, 0] = np.nan
+    s = ReconSession(hdr, *load_settings(dict(ZF)))
+    assert s.handle(rd) + s.finish() == [] and len(s.errors) == 1
+    assert "frame(s) [1] have no acquired lines left after leaving out the corrupted ones (1 k-space line(s)" \
+        in s.errors[0]
