@@ -244,7 +244,11 @@ def unclean(message: str) -> bool:
 
 
 def main(n=200, seed=0, method="zero_filled", buffers=False) -> int:
-    d = tempfile.mkdtemp()
+    with tempfile.TemporaryDirectory(prefix="ddugm_fuzz_") as d:
+        return _main(d, n, seed, method, buffers)
+
+
+def _main(d, n, seed, method, buffers) -> int:
     files = []
     for k, kw in enumerate([dict(frames=3, size=16, coils=2, accel=2, acs=4, noise=0.002, slices=2),
                             dict(frames=3, size=16, coils=3, accel=2, acs=4, noise=0.002, real_time=True),

@@ -545,3 +545,13 @@ def test_recon_data_frame_left_empty_by_corrupted_lines_is_named(tmp_path):
     assert s.handle(rd) + s.finish() == [] and len(s.errors) == 1
     assert "frame(s) [1] have no acquired lines left after leaving out the corrupted ones (1 k-space line(s)" \
         in s.errors[0]
+
+
+@pytest.mark.parametrize("buffers", [False, True])
+def test_the_session_fuzzer_runs_clean(buffers, capsys):
+    """A few seeded cases of ``tests/fuzz_session.py`` (acquisitions, and ReconData buffers), so that
+    the fuzzer cannot rot between runs: every case ends in images or an error of a clean type."""
+    import fuzz_session
+
+    assert fuzz_session.main(24, 5, "zero_filled", buffers) == 0
+    assert "BAD: 0" in capsys.readouterr().out
