@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import yaml
 
-from . import baselines
+from . import MAX_SAMPLE, baselines
 from .checkpoints import DEFAULT_WEIGHTS, load_model
 from .coils import compress_coils, estimate_coil_maps, estimate_noise_std, refine_coil_maps, time_averaged_kspace
 from .consistency import DataConsistency
@@ -290,11 +290,6 @@ def _as_tensor(x, name: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(x))
     raise ValueError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
-
-
-#: The largest k-space sample (either real component) a reconstruction takes: its square times a
-#: hundred million samples stays within single precision (3.4e38). Scanner data are far below it.
-MAX_SAMPLE = 1e15
 
 
 def prepare_inputs(kspace, mask=None, coil_maps=None, device="cpu"):

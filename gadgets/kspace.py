@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ddugm_core.reconstruction import MAX_SAMPLE
+from ddugm_core import MAX_SAMPLE
 
 from .geometry import Geometry
 
@@ -223,9 +223,9 @@ def _unusable_words(x: np.ndarray, finite: str = "NaN or inf") -> str:
 
 def _corrupted(k: np.ndarray, mask: np.ndarray, peak) -> np.ndarray:
     """The acquired positions ``[..., ky, kx]`` of every line (all of its readout) where any
-    coil's sample is not finite or more than ``SPIKE_RATIO`` times that coil's ``peak`` (None:
-    non-finite samples only): a corrupted raw sample spreads over its whole line when the
-    readout oversampling is removed."""
+    coil's sample is unusable (:func:`_unusable`) or more than ``SPIKE_RATIO`` times that coil's
+    ``peak`` (None: unusable samples only): a corrupted raw sample spreads over its whole line when
+    the readout oversampling is removed."""
     with np.errstate(all="ignore"):
         bad = _unusable(k)
         if peak is not None:
@@ -244,7 +244,7 @@ def drop_spikes(cine: CineData, spiky: np.ndarray | None = None, spiky_ref: int 
     any sample not acquired), in the calibration lines too, and zeroed; returns a warning saying
     how many, or None. More than ``CORRUPT_SHARE`` of the acquired samples corrupted is a
     ValueError: such data are not to be repaired. Without a robust reference (fewer than 3 frames
-    with their centre): non-finite samples only. ``spiky [frame, ky]``: the lines over the local
+    with their centre): unusable samples only (NaN, inf, beyond ``MAX_SAMPLE``). ``spiky [frame, ky]``: the lines over the local
     RF-spike test on the buffer's own readouts (:func:`_buffer_lines`), left out likewise (kept
     and said where more than ``CORRUPT_SHARE`` of the lines); ``spiky_ref``: how many calibration
     lines that test already left out. For Gadgetron's ReconData buffers, already on the grid;
@@ -629,7 +629,8 @@ class AcquisitionCollector:
         line ``ECHO_ROWS`` or more rows from the centre. Checked on the raw readouts, where a spike
         is one sample; removing the readout oversampling spreads it over the whole line, below any
         threshold on the grid. Without a robust peak reference (fewer than 3 frames with their
-        centre): the peak and echo tests are skipped. More than ``CORRUPT_SHARE`` of the imaging
+        centre): the peak and echo tests are skipped; samples beyond ``MAX_SAMPLE``, which single
+        precision cannot square and sum, are left out like NaN either way. More than ``CORRUPT_SHARE`` of the imaging
         lines NaN, inf or over the peak test is a ValueError (not repaired); more than that share
         only over the local or echo tests are kept (data unlike any measured, rather than spikes),
         and the note says so. Returns the notes for the slice's warning."""
