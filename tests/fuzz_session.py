@@ -1,10 +1,11 @@
 """Mutation fuzzing of the gadgets' acquisition path: ``python tests/fuzz_session.py [CASES] [SEED]
 [METHOD] [buffers]``.
 
-Three small simulated scans (a two-slice cine, a real-time series, partial Fourier with an
-asymmetric echo); each case applies one to three random mutations (a header XML number set to
-0, -1, 65535, nan, inf, text or deleted; an acquisition's counter, flag bit, centre, discards,
-channel count, dwell time, sample count or data (NaN, inf, 1e30, zeros); a line deleted,
+Four small simulated scans (a two-slice cine, a real-time series, partial Fourier with an
+asymmetric echo, a free-running scan binned by its ECG trigger times with ``frame_axis: ecg``);
+each case applies one to three random mutations (a header XML number set to 0, -1, 65535, nan,
+inf, text or deleted; an acquisition's counter, flag bit, centre, discards, channel count, dwell
+time, ECG trigger delay, sample count or data (NaN, inf, 1e30, zeros); a line deleted,
 duplicated or moved) and replays the scan through a ``ReconSession`` in process. Every case must
 end in images or an error of a clean type naming the problem, within 60 s, with finite images;
 anything else is listed at the end as BAD (exit code 1). Not a test: it found the cases that
@@ -42,7 +43,7 @@ CLEAN = {"ValueError", "ProtocolError", "ScanErrors", "FloatingPointError", "Unl
 FIELDS_IDX = ["kspace_encode_step_1", "kspace_encode_step_2", "average", "slice", "contrast", "phase",
               "repetition", "set", "segment"]
 FIELDS = ["flags", "center_sample", "discard_pre", "discard_post", "encoding_space_ref", "sample_time_us",
-          "available_channels", "trajectory_dimensions", "measurement_uid", "scan_counter"]
+          "available_channels", "trajectory_dimensions", "measurement_uid", "scan_counter", "trigger"]
 VALUES = [0, 1, 2, 3, 7, 15, 31, 63, 64, 100, 255, 1000, 32767, 65535]
 UNCLEAN_PHRASES = ("zero-size array", "could not broadcast", "operands could not", "out of bounds",
                    "invalid index", "has no attribute", "unsupported operand", "object is not", "cannot reshape",
@@ -84,6 +85,10 @@ def mutate_acq(acqs, rng):
             v = int(a.flags) ^ (1 << int(rng.integers(64)))
         elif f == "sample_time_us":
             v = float(rng.choice([0.0, -1.0, float("nan"), float("inf"), 1e-30, 1e30]))
+        elif f == "trigger":  # the ECG trigger delay, physiology_time_stamp[0]
+            v = int(rng.choice([0, 1, 100, 65535, 2**31 - 1, 2**32 - 1]))
+            a.physiology_time_stamp[0] = v
+            return f"acq{i} trigger={v}"
         else:
             v = int(rng.choice(VALUES))
         try:
@@ -250,14 +255,17 @@ def main(n=200, seed=0, method="zero_filled", buffers=False) -> int:
 
 def _main(d, n, seed, method, buffers) -> int:
     files = []
-    for k, kw in enumerate([dict(frames=3, size=16, coils=2, accel=2, acs=4, noise=0.002, slices=2),
-                            dict(frames=3, size=16, coils=3, accel=2, acs=4, noise=0.002, real_time=True),
-                            dict(frames=3, size=16, coils=2, accel=2, acs=4, noise=0.002, partial_fourier=0.75,
-                                 asymmetric_echo=0.8)]):
+    scans = [dict(frames=3, size=16, coils=2, accel=2, acs=4, noise=0.002, slices=2),
+             dict(frames=3, size=16, coils=3, accel=2, acs=4, noise=0.002, real_time=True),
+             dict(frames=3, size=16, coils=2, accel=2, acs=4, noise=0.002, partial_fourier=0.75, asymmetric_echo=0.8)]
+    if not buffers:  # a free-running scan binned by its ECG trigger times (plain acquisitions only)
+        scans.append(dict(frames=4, size=16, coils=2, accel=2, acs=None, noise=0.002, ecg_beats=3))
+    for k, kw in enumerate(scans):
         p = f"{d}/f{k}.h5"
         simulate(p, seed=k, **kw)
         files.append(load(p))
     props = {"method": method, "device": "cpu", "llr_iters": "3", "llr_cg_iters": "2", "coil_refine": "0"}
+    ecg = {**props, "frame_axis": "ecg", "cardiac_phases": "4"}
     engine = Engine()
     bad = []
     signal.signal(signal.SIGALRM, alarm)
@@ -283,7 +291,7 @@ def _main(d, n, seed, method, buffers) -> int:
                     return [mutate_buffer(rd, rng) for _ in range(int(rng.integers(1, 4)))]
                 s, out, muts = run_buffer_case(f"{d}/f{case % len(files)}.h5", mutate, props, engine)
             else:
-                s, out = run_case(xml, acqs, props, engine)
+                s, out = run_case(xml, acqs, ecg if "ecg_beats" in scans[case % len(files)] else props, engine)
             errs = s.errors
             res = f"{len(out)} out, {len(errs)} errors"
             for e in errs:
