@@ -146,6 +146,8 @@ LOCAL_RATIO = 30.0  # a sample this many times its readout neighbours is an RF s
 ECHO_ZONE = 2  # samples either side of the echo, where k-space peaks sharply: the local test skips them
 ECHO_ROWS, ECHO_PEAK = 4, 2.0  # there, on lines this many rows or more from the centre, a sample over this
 #                               many times the k-space peak is a spike (clean data: <= 0.43 of it, README)
+ECHO_SHIFT = 0.1  # the centre lines' echo this fraction of the readout from its stated centre: a warning
+#                   (clean data: within 0.011 of it, the real Siemens file 1 sample of 384; README)
 
 
 _SORT6 = ((1, 2), (4, 5), (0, 2), (3, 5), (0, 1), (3, 4), (1, 4), (0, 3), (2, 5), (1, 3), (2, 4), (2, 3))  # 6 inputs
@@ -196,6 +198,28 @@ def _peak_reference(peaks: np.ndarray, frames: np.ndarray, rows: np.ndarray, ny:
     if len(kept) < 3 or 2 * len(kept) < len(set(frames.tolist())):
         return None
     return np.median(np.stack([peaks[frames == f].max(axis=0) for f in kept]), axis=0)
+
+
+def _echo_offset(mag: np.ndarray, center: int) -> float:
+    """Where a readout's echo peaks ``[coil, samples]`` magnitudes, from ``center``, as a fraction of its length."""
+    total = np.where(np.isfinite(mag), mag, 0).sum(axis=0)
+    return (int(np.argmax(total)) - center) / max(total.shape[-1], 1)
+
+
+def _echo_note(offsets: list) -> str | None:
+    """A warning where the k-space centre lines' echoes (their :func:`_echo_offset`, the median)
+    lie more than ``ECHO_SHIFT`` of the readout from the stated centre (``center_sample``, a
+    buffer's sampling limits): the k-space is then misplaced along the readout, a wrong image
+    (relative error 0.67 on a simulated buffer with its centre at sample 0) that no other check sees."""
+    if not offsets:
+        return None
+    med = float(np.median(offsets))
+    if abs(med) <= ECHO_SHIFT:
+        return None
+    return (f"on the k-space centre lines the echo peaks {100 * abs(med):.0f} % of the readout "
+            f"{'after' if med > 0 else 'before'} the stated echo centre (center_sample; median of {len(offsets)} "
+            "line(s)): a wrong echo centre misplaces the k-space along the readout, and the images may be wrong; "
+            "check the sequence's headers")
 
 
 def _kept_note(n: int) -> str:
@@ -505,6 +529,7 @@ class AcquisitionCollector:
         self.frames = 0  # largest frame index + 1 so far
         self.samples = 0  # grid samples buffered (coils x nx per line)
         self.center_noted = False  # an unset center_sample was said once
+        self.echo_offsets = []  # the k-space centre lines' echo offsets (_echo_offset), for _echo_note
         self.noise_stds = []  # prewhitened image lines: their noise std on the grid (None: a line not whitened)
 
     def add(self, acq, whitener: NoiseWhitener | None):
@@ -556,6 +581,9 @@ class AcquisitionCollector:
         row = int(ky_to_grid(int(acq.idx.kspace_encode_step_1), g.ky_center, g.ny))
         is_ref = flag_set(acq.flags, CALIBRATION) or flag_set(acq.flags, CALIBRATION_AND_IMAGING)
         is_image = not flag_set(acq.flags, CALIBRATION)
+        if is_image and abs(row - g.ny // 2) <= 1:
+            with np.errstate(all="ignore"):
+                self.echo_offsets.append(_echo_offset(mag, center))
         if is_image:
             self.noise_stds.append(whitened_noise_std(data.shape[1], center, g) if whitened else None)
         frame = self.frame_of(acq)
@@ -573,6 +601,10 @@ class AcquisitionCollector:
         if self.axis == "ecg":
             self._bin()
         notes = self._drop_corrupted()
+        echo = _echo_note(self.echo_offsets)
+        if echo:
+            log.warning("%s: %s", self.describe(), echo)
+            notes.append(echo)
         images = [ln for ln in self.lines if ln[5]]
         if not images:
             raise ValueError(f"group {self.describe()}: no imaging lines (only calibration or no data)")
@@ -769,7 +801,8 @@ class AcquisitionCollector:
 def _buffer_lines(buf, s: int, loc: int, geometry: Geometry, whitener: NoiseWhitener | None):
     """One ReconBuffer's (S, LOC) slab -> (grid k-space [coil, N, ny, nx], mask [N, ny, nx],
     frame headers, spiky [N, ny]: the lines over the local RF-spike test, :func:`local_spike_ratio`,
-    on the buffer's readouts before the grid's, whose oversampling removal would spread a spike).
+    on the buffer's readouts before the grid's, whose oversampling removal would spread a spike;
+    the centre lines' echo offsets, :func:`_buffer_spikes`).
     Lines are acquired where the header says so (number_of_samples > 0) and the data are not zero."""
     data = np.asarray(buf.data)
     if data.ndim != 7:
@@ -814,10 +847,11 @@ def _buffer_lines(buf, s: int, loc: int, geometry: Geometry, whitener: NoiseWhit
     grid, sampled = readout_to_grid(seg, center_e0 - a, geometry)
     ny = max(geometry.ny, e1)
     k = np.zeros((cha, n, ny, geometry.nx), np.complex64)
-    rows = ky_to_grid(np.arange(e1), center_e1, ny) if e1 <= ny else None
+    ky_to_grid(rows_acquired, center_e1, ny)  # the acquired lines must fall on the grid (an error naming one)
+    rows = np.arange(e1) - center_e1 + ny // 2  # (of E1's lines never acquired, some may fall off it: unused)
     # RF spikes, on the buffer's readouts as they came (with their oversampling, if the chain kept it):
     # the local test and the echo test, as the collector's (AcquisitionCollector._drop_corrupted)
-    spiky_lines = _buffer_spikes(seg, center_e0 - a, acquired, rows, ny)
+    spiky_lines, offsets = _buffer_spikes(seg, center_e0 - a, acquired, rows, ny)
     mask = np.zeros((n, ny, geometry.nx), bool)
     spiky = np.zeros((n, ny), bool)
     for f in range(n):
@@ -834,7 +868,7 @@ def _buffer_lines(buf, s: int, loc: int, geometry: Geometry, whitener: NoiseWhit
             headers.append(hs[ky, f].__class__.from_buffer_copy(hs[ky, f]))
         else:
             headers.append(None)
-    return k, mask, headers, spiky
+    return k, mask, headers, spiky, offsets
 
 
 def _buffer_spikes(seg: np.ndarray, center: int, acquired: np.ndarray, rows: np.ndarray, ny: int) -> np.ndarray:
@@ -843,7 +877,8 @@ def _buffer_spikes(seg: np.ndarray, center: int, acquired: np.ndarray, rows: np.
     (:func:`local_spike_ratio`) or the echo test: a sample within ``ECHO_ZONE`` of the echo more than
     ``ECHO_PEAK`` times its coil's k-space peak (:func:`_peak_reference` of the lines' largest
     samples) on a line ``ECHO_ROWS`` or more rows from the centre. One frame at a time, to bound
-    the memory; each line's magnitudes taken once."""
+    the memory; each line's magnitudes taken once. Also the echo offsets (:func:`_echo_offset`) of
+    the lines within a row of the centre, for :func:`_echo_note`."""
     cha, n, e1, samples = seg.shape
     if not 0 <= center < samples:  # an echo outside the acquired samples: the middle, as readout_to_grid takes
         center = samples // 2
@@ -851,6 +886,8 @@ def _buffer_spikes(seg: np.ndarray, center: int, acquired: np.ndarray, rows: np.
     peaks = np.zeros((n, e1, cha), np.float32)
     echo = np.zeros((n, e1, cha), np.float32)
     zone = slice(max(0, center - ECHO_ZONE), center + ECHO_ZONE + 1)  # (never empty)
+    central = acquired & (np.abs(np.asarray(rows) - ny // 2) <= 1)[None]  # [N, E1]
+    offsets = []
     for f in range(n):
         with np.errstate(all="ignore"):
             mag = np.abs(seg[:, f].transpose(1, 0, 2)).astype(np.float32, copy=False)  # [E1, CHA, samples]
@@ -858,6 +895,7 @@ def _buffer_spikes(seg: np.ndarray, center: int, acquired: np.ndarray, rows: np.
         ratio[f] = local_spike_ratio(mag, center).max(axis=-1)
         peaks[f] = mag.max(axis=-1)
         echo[f] = mag[..., zone].max(axis=-1)
+        offsets += [_echo_offset(mag[ky], center) for ky in np.nonzero(central[f])[0]]
     spiky = ratio > LOCAL_RATIO
     f, ky = np.nonzero(acquired)
     grid_rows = np.asarray(rows)[ky]
@@ -865,7 +903,7 @@ def _buffer_spikes(seg: np.ndarray, center: int, acquired: np.ndarray, rows: np.
     if ref is not None:
         outer = np.abs(grid_rows - ny // 2) >= ECHO_ROWS
         spiky[f, ky] |= outer & (echo[f, ky] > ECHO_PEAK * ref[None]).any(axis=1)
-    return spiky
+    return spiky, offsets
 
 
 def _buffer_axis(headers: list) -> str:
@@ -885,7 +923,7 @@ def cine_from_recon_bit(bit, geometry: Geometry, whitener: NoiseWhitener | None 
     out = []
     for loc in range(data.shape[6]):
         for s in range(data.shape[5]):
-            k, mask, headers, spiky = _buffer_lines(bit.data, s, loc, geometry, whitener)
+            k, mask, headers, spiky, offsets = _buffer_lines(bit.data, s, loc, geometry, whitener)
             empty = [f for f in range(mask.shape[0]) if not mask[f].any()]
             if empty:
                 raise ValueError(f"ReconData S={s} LOC={loc}: frame(s) {empty} have no acquired lines")
@@ -894,7 +932,7 @@ def cine_from_recon_bit(bit, geometry: Geometry, whitener: NoiseWhitener | None 
             if bit.ref is not None:
                 rdata = np.asarray(bit.ref.data)
                 if rdata.ndim == 7 and rdata.shape[3] == data.shape[3]:
-                    rk, rm, _, ref_spiky = _buffer_lines(bit.ref, min(s, rdata.shape[5] - 1),
+                    rk, rm, _, ref_spiky, _ = _buffer_lines(bit.ref, min(s, rdata.shape[5] - 1),
                                                          min(loc, rdata.shape[6] - 1), geometry, whitener)
                     if (rm.any(axis=-1) & ~ref_spiky).any():  # calibration lines with an RF spike: left out of
                         rm &= ~ref_spiky[..., None]  # the maps, as the collector does, while any line is left
@@ -914,8 +952,9 @@ def cine_from_recon_bit(bit, geometry: Geometry, whitener: NoiseWhitener | None 
             if empty:
                 raise ValueError(f"ReconData S={s} LOC={loc}: frame(s) {empty} have no acquired lines left after "
                                  f"leaving out the corrupted ones ({note})")
-            if note:
-                log.warning("ReconData S=%d LOC=%d: %s", s, loc, note)
-                cine.notes.append(note)
+            for said in (note, _echo_note(offsets)):
+                if said:
+                    log.warning("ReconData S=%d LOC=%d: %s", s, loc, said)
+                    cine.notes.append(said)
             out.append(cine)
     return out

@@ -2,6 +2,7 @@
 flips on the wire): each case used to end in an error that blamed the wrong thing, a lost
 slice, or a silent wrong image. Each test fails on the code before."""
 import copy
+import re
 from pathlib import Path
 
 import ismrmrd
@@ -555,3 +556,48 @@ def test_the_session_fuzzer_runs_clean(buffers, capsys):
 
     assert fuzz_session.main(24, 5, "zero_filled", buffers) == 0
     assert "BAD: 0" in capsys.readouterr().out
+
+
+def test_a_wrong_echo_centre_inside_the_line_is_said(scan):
+    """A center_sample that is wrong but still on the line (a research sequence's header) misplaced
+    the k-space along the readout without a word; the centre lines' echo says so now. A clean scan
+    says nothing (the other tests' clean images carry no warning)."""
+    xml, acqs = scan
+    bad = [copy.deepcopy(a) for a in acqs]
+    n = int(acqs[_imaging(acqs)[0]].number_of_samples)
+    for i in _imaging(acqs):
+        bad[i].center_sample = int(acqs[i].center_sample) + n // 5
+    out, s = _run(xml, bad)
+    assert not s.errors and len(out) == 4
+    assert re.search(r"the echo peaks (19|20) % of the readout before the stated echo centre", out[0].meta["DDUGM_Warning"])
+    clean, _ = _run(xml, acqs)
+    assert "DDUGM_Warning" not in clean[0].meta
+
+
+def test_a_wrong_echo_centre_of_a_recon_data_buffer_is_said(tmp_path):
+    from gadgetron_peer import recon_data_from_file
+
+    path = tmp_path / "rd.h5"
+    simulate(str(path), frames=4, size=32, coils=3, accel=2, acs=6, noise=0.002, seed=3)
+    for center, said in ((None, False), (0, True)):
+        hdr, rd = recon_data_from_file(str(path))
+        if center is not None:
+            rd.bits[0].data.sampling.sampling_limits[0].center = center
+        s = ReconSession(hdr, *load_settings(dict(ZF)))
+        arrays = s.handle(rd) + s.finish()
+        assert not s.errors and len(arrays) == 1
+        meta = ismrmrd.Meta.deserialize(arrays[0].meta[0])
+        assert ("after the stated echo centre" in meta.get("DDUGM_Warning", "")) == said
+
+
+@pytest.mark.skipif(not SIEMENS.exists(), reason="needs ../shared/data/siemens_grappa_r3.h5")
+def test_recon_data_lines_never_acquired_may_fall_off_the_grid():
+    """The real Siemens file as a buffer of E1 = 144 lines (its encoded matrix) with the centre at
+    line 54 and lines 0 to 105 acquired: E1's lines 126 to 143, never acquired, fall beyond the
+    grid, and the buffer was refused ("phase-encoding line 126 (centre 54) lies outside the encoded
+    matrix of 144 lines"). Only the acquired lines must fall on the grid."""
+    from gadgetron_peer import recon_data_from_file
+
+    hdr, rd = recon_data_from_file(str(SIEMENS))
+    s = ReconSession(hdr, *load_settings(dict(ZF)))
+    assert len(s.handle(rd) + s.finish()) == 1 and not s.errors, s.errors
