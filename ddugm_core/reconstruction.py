@@ -305,9 +305,9 @@ def prepare_inputs(kspace, mask=None, coil_maps=None, device="cpu"):
     if min(k.shape) == 0:
         raise ValueError(f"kspace is empty: shape {tuple(k.shape)}")
     k = k.to(device=device, dtype=torch.complex64)
-    if not torch.isfinite(torch.view_as_real(k)).all():
+    largest = float(torch.view_as_real(k).abs().max())  # (NaN where any sample is NaN: max propagates it)
+    if not math.isfinite(largest):
         raise ValueError("kspace contains NaN or Inf values")
-    largest = float(torch.view_as_real(k).abs().max())
     if largest > MAX_SAMPLE:  # (squared and summed, as coil covariances and norms are, it overflows float32)
         raise ValueError(f"kspace holds a sample of {largest:.3g}, beyond {MAX_SAMPLE:.0e}, which single precision "
                          "cannot square and sum: a corrupted sample, or data in far larger units than any scanner's?")
