@@ -134,7 +134,9 @@ def recon_data_from_file(path: str, slice_: int = 0, n_dimension: str = "phase")
     """What AcquisitionAccumulateTrigger + BucketToBuffer (with NoiseAdjust upstream, so
     no noise scan) would deliver for one slice of a raw file: one ReconBit, data
     [E0, E1, 1, CHA, N, 1, 1] (phases, or another counter, along N: BucketToBuffer's
-    N_dimension), headers [E1, 1, N, 1, 1], embedded ACS lines also in a reference buffer."""
+    N_dimension), headers [E1, 1, N, 1, 1]; calibration lines in a reference buffer, and
+    calibration-only ones (ACQ_IS_PARALLEL_CALIBRATION) there only, as AcquisitionAccumulateTrigger
+    sorts them."""
     ds = open_dataset(path)
     hdr = ismrmrd.xsd.CreateFromDocument(ds.read_xml_header())
     enc = hdr.encoding[0]
@@ -156,9 +158,11 @@ def recon_data_from_file(path: str, slice_: int = 0, n_dimension: str = "phase")
     for a in acqs:
         off = e0 // 2 - a.center_sample
         ky, ph = a.idx.kspace_encode_step_1, getattr(a.idx, n_dimension)
-        data[off:off + a.number_of_samples, ky, 0, :, ph, 0, 0] = a.data.T
-        heads[ky, 0, ph, 0, 0] = a.getHead()
-        if a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING):
+        calibration_only = a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
+        if not calibration_only:  # AcquisitionAccumulateTrigger: calibration-only lines go to the reference only
+            data[off:off + a.number_of_samples, ky, 0, :, ph, 0, 0] = a.data.T
+            heads[ky, 0, ph, 0, 0] = a.getHead()
+        if calibration_only or a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING):
             ref[off:off + a.number_of_samples, ky, 0, :, 0, 0, 0] += a.data.T / n
             rheads[ky, 0, 0, 0, 0] = a.getHead()
     sd = SamplingDescription()
