@@ -207,8 +207,11 @@ def pnp_sample(x0: torch.Tensor, dc: DataConsistency, score_i: Optional[Score], 
         denoised = pnp_denoise(x_in, sigma, score_i, score_xt, w, s.ensemble, planes, s.phase) if s.gamma > 0 else None
         if trace is not None:  # the networks' input and their denoised anchor (None without a prior)
             trace({"step": i, "sigma": sigma, "image_input": x_in, "anchor": denoised})
+        # the caller's callback is polled after every inner iteration too, the count staying at the
+        # levels done: a level of pnp_inner iterations (up to a server's max_iterations) is long
+        poll = None if callback is None else (lambda j, m, i=i: callback(i, s.steps))
         x = llr_ttv(dc, s.inner, **(s.llr or {}), seed=i + 1, x0=x, anchor=denoised, gamma=s.gamma,
-                    state=state)
+                    state=state, callback=poll)
         if callback is not None:
             callback(i + 1, s.steps)
     return x

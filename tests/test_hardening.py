@@ -285,6 +285,20 @@ def test_a_job_past_max_job_seconds_stops_with_a_named_error_and_the_server_goes
         Limits(max_job_seconds=-1).validate()
 
 
+def test_max_job_seconds_is_polled_within_a_sampler_level(server, heavy):
+    """The pnp sampler's levels each run pnp_inner ADMM iterations (up to max_iterations = 1000),
+    and the limit was checked only between levels: one level of 1000 iterations ran to its end
+    past the limit (about a minute here). The limit is now polled after every inner iteration."""
+    _, port = server(Limits(max_job_seconds=2.0))
+    _, xml, acqs = heavy
+    t0 = time.perf_counter()  # (no map refinement, one start iteration: the sampler's level is reached)
+    r = _ask(port, _props(method="ddugm", steps=1, pnp_inner=1000, coil_refine=0, llr_iters=1, device="cpu"), xml,
+             acqs, timeout=120)
+    took = time.perf_counter() - t0
+    assert r.errors and "max_job_seconds = 2 s" in r.errors[0] and "iteration 1 of 2" in r.errors[0], r
+    assert took < 15, took
+
+
 def test_the_fire_module_keeps_max_job_seconds_too(heavy, tmp_path, monkeypatch):
     """python-ismrmrd-server is a network service as well: a FIRE client's settings must not hold
     its process for hours either. The operator's max_job_seconds applies to the FIRE module."""
