@@ -37,6 +37,7 @@ METHOD_NAMES = {"zero_filled": "zero-filled", "low_rank": "low-rank only", "l_pl
                 "ddugm": "DD-UGM (default)", "ddugm_pnp": "DD-UGM (pnp)", "ddugm_dual": "DD-UGM (dual)",
                 "ddugm_paper": "DD-UGM (paper)"}
 ALL_METHODS = tuple(METHOD_NAMES)
+MASKS = ("random", "lattice", "equispaced")  # --mask: case_mask
 
 
 RAW_SUFFIXES = (".h5", ".hdf5", ".mrd")  # ISMRMRD raw files (read by gadgets.rawcine)
@@ -164,14 +165,13 @@ def raw_series(items, max_series: int = 0, max_frames: int = 0) -> list[RawSerie
     return out
 
 
-def raw_case(rs: RawSeries, accel: float, noise: float, seed: int) -> Case:
+def raw_case(rs: RawSeries, accel: float, noise: float, seed: int, mask: str = "random",
+             acs: int | None = None) -> Case:
     """Retrospective undersampling of a fully sampled acquisition by the masks of
     :func:`simulate_case`, with optional extra complex Gaussian noise (std ``noise`` per real
     component, normalised units) on top of the data's own."""
-    from .masks import variable_density_mask
-
     _, t, ny, _ = rs.kspace.shape
-    lines = variable_density_mask(t, ny, accel, seed=_case_seed(seed, accel))
+    lines = case_mask(mask, t, ny, accel, _case_seed(seed, accel), acs)
     mask = lines[:, :, None] & rs.sampled[None]
     k = rs.kspace
     if noise:
@@ -207,13 +207,36 @@ def _case_seed(seed: int, accel: float) -> int:
     return seed + int(round(accel * 100))
 
 
-def simulate_case(name: str, truth: np.ndarray, accel: float, coils: int, noise: float, seed: int) -> Case:
-    from .masks import variable_density_mask
+def case_mask(kind: str, frames: int, ny: int, accel: float, seed: int, acs: int | None = None) -> np.ndarray:
+    """The lines ``[frame, ky]`` of one case: ``random``, a variable-density random set per frame
+    with the centre lines always sampled (``acs`` of them; None: about 4 % of the lines);
+    ``lattice``, every R-th line shifted by one line per frame (k-t SENSE, TGRAPPA; ``acs`` centre
+    lines in every frame, None: 0); ``equispaced``, every R-th line, the same in every frame, with
+    ``acs`` calibration lines (None: :func:`default_acs`), as clinical cine with GRAPPA or SENSE."""
+    from .masks import equispaced_mask, lattice_mask, variable_density_mask
+
+    if kind == "random":
+        return variable_density_mask(frames, ny, accel, center_lines=acs, seed=seed)
+    if kind == "lattice":
+        return lattice_mask(frames, ny, int(accel), center_lines=acs or 0)
+    if kind == "equispaced":
+        return equispaced_mask(frames, ny, int(accel), default_acs(ny) if acs is None else acs)
+    raise ValueError(f"unknown mask {kind!r}; choose from {', '.join(MASKS)}")
+
+
+def default_acs(ny: int) -> int:
+    """The calibration lines of an ``equispaced`` case: an eighth of the lines, even (24 of a
+    192-line scan, a scanner's usual GRAPPA reference)."""
+    return max(2, 2 * round(ny / 16))
+
+
+def simulate_case(name: str, truth: np.ndarray, accel: float, coils: int, noise: float, seed: int,
+                  mask: str = "random", acs: int | None = None) -> Case:
     from .phantom import coil_maps, simulate_kspace
 
     t, ny, nx = truth.shape
     maps = coil_maps(coils, (ny, nx), seed=seed) if coils > 1 else None
-    mask = variable_density_mask(t, ny, accel, seed=_case_seed(seed, accel))
+    mask = case_mask(mask, t, ny, accel, _case_seed(seed, accel), acs)
     k = simulate_kspace(truth, maps, mask, noise=noise, seed=_case_seed(seed, accel))
     return Case(name, truth, k, mask, maps, accel, noise_std=noise)  # known, as a noise scan tells it
 
@@ -250,6 +273,13 @@ def add_parser(sub):
     p.add_argument("--max-series", type=int, default=0, help="use at most this many series (0: all)")
     p.add_argument("--max-frames", type=int, default=0, help="use at most this many frames per series (0: all)")
     p.add_argument("--accels", default="4,8,12", help="accelerations R, comma separated (default: %(default)s)")
+    p.add_argument("--mask", default="random", choices=MASKS,
+                   help="random: variable-density random lines, a new set per frame (default); lattice: every R-th "
+                        "line shifted by one line per frame (k-t SENSE, TGRAPPA); equispaced: every R-th line, the "
+                        "same in every frame, with --acs calibration lines (clinical cine with GRAPPA or SENSE)")
+    p.add_argument("--acs", type=int, default=None,
+                   help="centre lines sampled in every frame (default: random about 4 %% of the lines, lattice 0, "
+                        "equispaced an eighth of them)")
     p.add_argument("--coils", type=int, default=None,
                    help=f"simulated receive coils (default: {SIM_COILS}; raw data bring their own)")
     p.add_argument("--noise", type=finite_float, default=None,
@@ -339,6 +369,11 @@ def run(a, raw_reader=None) -> int:
     if negative:  # (a negative --max-frames used to drop the last frame, --max-series -1 kept one series)
         raise ValueError(f"need --max-series, --max-frames and --paper-series >= 0 (0: all), got {', '.join(negative)}")
     raw = _resolve_source(a, raw_reader)
+    if a.mask != "random" and any(r != int(r) for r in accels):
+        raise ValueError(f"--mask {a.mask} samples every R-th line: it needs whole accelerations, got "
+                         f"{', '.join(f'{r:g}' for r in accels)}")
+    if a.acs is not None and a.acs < 0:
+        raise ValueError(f"--acs must be >= 0, got {a.acs}")
     if any(not 1 <= r < math.inf for r in accels) or (a.coils is not None and a.coils < 1) or a.noise < 0:
         raise ValueError(f"need finite accelerations >= 1 (got {', '.join(f'{r:g}' for r in accels)}), --coils >= 1 "
                          "and --noise >= 0")
@@ -375,9 +410,9 @@ def run(a, raw_reader=None) -> int:
 
     def case_of(i: int, r: float) -> Case:
         if raw:
-            case = raw_case(series[i], r, a.noise, a.seed * 1000 + i)
+            case = raw_case(series[i], r, a.noise, a.seed * 1000 + i, a.mask, a.acs)
         else:
-            case = simulate_case(series[i][0], truth_of(i), r, a.coils, a.noise, a.seed * 1000 + i)
+            case = simulate_case(series[i][0], truth_of(i), r, a.coils, a.noise, a.seed * 1000 + i, a.mask, a.acs)
         if a.noise_known == "no":
             case.noise_std = None
         return case
@@ -508,7 +543,7 @@ def trace_noise(series, rec, accels: list[float], a) -> int:
     for i, (name, frames) in enumerate(series):
         truth = make_truth(frames, a.seed * 1000 + i)
         for r in accels:
-            case = simulate_case(name, truth, r, a.coils, a.noise, a.seed * 1000 + i)
+            case = simulate_case(name, truth, r, a.coils, a.noise, a.seed * 1000 + i, a.mask, a.acs)
             ref = torch.from_numpy(case.truth).to(rec.device)
 
             def record(rec_, r=r, ref=ref):
@@ -557,7 +592,8 @@ def summary_table(results: list[dict], methods: list[str], accels: list[float],
             if not sel:
                 continue
             row = {"accel": r, "method": m, "series": len(sel), "frames": sum(e["frames"] for e in sel),
-                   "seconds": summarise([e["seconds"] for e in sel])}
+                   "seconds": summarise([e["seconds"] for e in sel]),
+                   "net_accel": float(np.mean([e.get("measured_accel", r) for e in sel]))}
             for key in ("psnr", "ssim", "hfen"):
                 row[key] = summarise([v for e in sel for v in e[key]])
             rows.append(row)
@@ -568,7 +604,9 @@ def render_table(rows: list[dict], names=METHOD_NAMES.get) -> str:
     """The Markdown table of :func:`summary_table`'s rows (``names``: a method's name in it)."""
     lines = ["| R | method | series | PSNR (dB) | SSIM | HFEN | s / slice |", "|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['accel']:g} | {names(row['method'])} | {row['series']} | "
+        net = row.get("net_accel", row["accel"])
+        r = f"{row['accel']:g}" + (f" (net {net:.2f})" if abs(net / row["accel"] - 1) > 0.02 else "")
+        lines.append(f"| {r} | {names(row['method'])} | {row['series']} | "
                      f"{row['psnr'][0]:.2f} ± {row['psnr'][1]:.2f} | {row['ssim'][0]:.4f} ± {row['ssim'][1]:.4f} | "
                      f"{row['hfen'][0]:.3f} ± {row['hfen'][1]:.3f} | {row['seconds'][0]:.1f} |")
     return "\n".join(lines)
@@ -580,8 +618,22 @@ def _simulated_text(e: dict) -> list[str]:
         "(such as ACDC's clinical reconstructions) get a smooth random phase, the same for all frames. The coil "
         "sensitivities and the noise are always simulated, so these numbers are not those of a real raw acquisition.",
         f"- Acquisition: {e['coils']} simulated coil(s) (smooth ring sensitivities, normalised), complex Gaussian "
-        f"k-space noise std {e['noise']} per real component (normalised image units, orthonormal FFT), one "
-        "variable-density random Cartesian mask per frame with the centre lines always sampled."] + _withheld_text(e)
+        f"k-space noise std {e['noise']} per real component (normalised image units, orthonormal FFT), "
+        f"{_mask_text(e)}."] + _withheld_text(e)
+
+
+def _mask_text(e: dict) -> str:
+    kind, acs = e.get("mask", "random"), e.get("acs")
+    if kind == "lattice":
+        return ("every R-th line, shifted by one line per frame (`--mask lattice`)"
+                + (f", with {acs} centre lines in every frame" if acs else ""))
+    if kind == "equispaced":
+        return ("every R-th line, the same in every frame, through the centre line, with "
+                + (f"{acs}" if acs is not None else "an eighth of the lines as") + " calibration lines in every frame "
+                "(`--mask equispaced`: clinical cine with GRAPPA or SENSE); R is the lattice's step, the net "
+                "acceleration (all lines over those sampled) is in the table")
+    return ("one variable-density random Cartesian mask per frame with the centre lines always sampled"
+            + (f" ({acs} of them)" if acs is not None else ""))
 
 
 def _withheld_text(e: dict) -> list[str]:
@@ -596,9 +648,9 @@ def _raw_text(e: dict) -> list[str]:
         "oversampling removed), coil-combined with Walsh maps estimated from all of it, divided by the 99th "
         "percentile of its time-averaged magnitude. Real coils, real noise and real phase; the truth keeps the "
         "data's own noise.",
-        f"- Acquisition: the same data retrospectively undersampled{extra}: one variable-density random Cartesian "
-        "mask per frame with the centre lines always sampled, within the lines and readout points the scan acquired "
-        "(partial Fourier and asymmetric echoes stay as acquired; R counts all phase-encoding lines)."] + \
+        f"- Acquisition: the same data retrospectively undersampled{extra}: {_mask_text(e)}, within the lines and "
+        "readout points the scan acquired (partial Fourier and asymmetric echoes stay as acquired; R counts all "
+        "phase-encoding lines)."] + \
         _withheld_text(e)
 
 

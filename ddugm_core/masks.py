@@ -41,3 +41,19 @@ def lattice_mask(frames: int, ny: int, accel: int, center_lines: int = 0) -> np.
         c = ny // 2 - center_lines // 2
         mask[:, c:c + center_lines] = True
     return mask
+
+
+def equispaced_mask(frames: int, ny: int, accel: int, center_lines: int = 0) -> np.ndarray:
+    """What most clinical cine acquires with GRAPPA or SENSE: every ``accel``-th line, the same in
+    every frame, through the centre line ky = ny // 2, plus ``center_lines`` calibration (ACS)
+    lines around it in every frame (integrated reference)."""
+    accel = int(accel)
+    if accel < 1:
+        raise ValueError("acceleration must be >= 1")
+    if not 0 <= center_lines <= ny:
+        raise ValueError(f"center_lines must be within 0 ... {ny}, got {center_lines}")
+    lines = (np.arange(ny) - ny // 2) % accel == 0
+    if center_lines:
+        c = ny // 2 - center_lines // 2
+        lines[c:c + center_lines] = True
+    return np.repeat(lines[None], frames, axis=0)

@@ -101,6 +101,10 @@ def run(a) -> int:
     if a.maps == "true" or a.trace or a.tune_l_plus_s:
         raise ValueError("--free-running reconstructs through the gadgets, which estimate their own coil maps: leave "
                          "out --maps true, --trace and --tune-l-plus-s")
+    if getattr(a, "mask", "random") != "random" or getattr(a, "acs", None) is not None:
+        raise ValueError("--mask and --acs choose the lines of a cine's frames; a free-running scan samples a new "
+                         "random set per real-time frame (ddugm simulate --ecg-beats): leave them out with "
+                         "--free-running")
     if getattr(a, "noise_known", "yes") == "no":
         raise ValueError("--noise-known no: a free-running scan is simulated with its noise scan, which tells the "
                          "gadgets the noise; leave it out with --free-running")

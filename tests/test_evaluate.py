@@ -113,7 +113,9 @@ def test_evaluate_paper_preset_subset(series_dir, fast_yaml, tmp_path, monkeypat
                                             (["--accels", "4,nan"], "need finite accelerations >= 1 (got 4, nan)"),
                                             (["--accels", "inf"], "need finite accelerations >= 1 (got inf)"),
                                             (["--max-frames", "-1"], "got --max-frames -1"),
-                                            (["--max-series", "-2"], "got --max-series -2")])
+                                            (["--max-series", "-2"], "got --max-series -2"),
+                                            (["--mask", "lattice", "--accels", "2.5"], "needs whole accelerations"),
+                                            (["--mask", "equispaced", "--acs", "-1"], "--acs must be >= 0")])
 def test_evaluate_errors_are_named(extra, message, tmp_path, capsys):
     assert main(["evaluate", "--out", str(tmp_path), "--quiet", "--split", "all"] + extra) == 2
     assert message in capsys.readouterr().err
@@ -473,3 +475,32 @@ def test_the_noise_can_be_withheld_from_the_methods(series_dir, tmp_path, monkey
     assert seen == [(None, "estimated")]
     assert "not told to the methods" in (tmp_path / "withheld" / "report.md").read_text()
     assert "not told to the methods" not in (tmp_path / "told" / "report.md").read_text()
+
+
+def test_evaluate_masks_of_clinical_and_k_t_acquisitions(series_dir, fast_yaml, tmp_path):
+    """`--mask equispaced`: every R-th line the same in every frame, with --acs calibration lines
+    (clinical cine with GRAPPA); `--mask lattice`: shifted by one line per frame. The table gives
+    the net acceleration where it differs from R."""
+    from ddugm_core.evaluate import case_mask
+
+    eq = case_mask("equispaced", 4, 24, 3, seed=0, acs=4)
+    assert (eq == eq[0]).all() and eq[0, 12] and eq[0, 10:14].all() and eq[0].sum() == 8 + 3
+    assert case_mask("equispaced", 2, 32, 4, seed=0)[0, 14:18].all()  # default: an eighth of the lines
+    lat = case_mask("lattice", 3, 24, 3, seed=0)
+    assert (lat.sum(axis=0) == 1).all() and not (lat[0] & lat[1]).any()
+    out = tmp_path / "eq"
+    assert main(["evaluate", "--data", str(series_dir), "--split", "all", "--max-series", "1", "--accels", "3",
+                 "--coils", "3", "--methods", "zero_filled,llr_ttv", "--mask", "equispaced", "--acs", "4",
+                 "--config", str(fast_yaml), "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())["results"]
+    assert all(abs(e["measured_accel"] - 24 / 11) < 1e-6 for e in res)  # 24 lines over 11
+    report = (out / "report.md").read_text()
+    assert "| 3 (net 2.18) | LLR + temporal TV | 1 |" in report and "the same in every frame" in report
+    by = {e["method"]: np.mean(e["psnr"]) for e in res}
+    assert by["llr_ttv"] > by["zero_filled"] + 1
+
+
+def test_free_running_refuses_a_mask(tmp_path, capsys):
+    assert main(["evaluate", "--free-running", "2", "--mask", "lattice", "--split", "all", "--out", str(tmp_path),
+                 "--quiet"]) == 2
+    assert "--mask and --acs choose the lines" in capsys.readouterr().err
