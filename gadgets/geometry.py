@@ -22,6 +22,7 @@ class Geometry:
     coils: int | None
     repetitions: int = 1  # repetitions announced by the header (>= 1)
     repetitions_announced: bool = False  # the header has a repetition limit (else the count is unknown, not 1)
+    calibration_mode: str = ""  # parallelImaging calibrationMode (embedded, interleaved, separate, ...; "": none)
 
     @property
     def readout_oversampling(self) -> float:
@@ -128,6 +129,9 @@ def geometry_from_header(header, encoding: int = 0) -> Geometry:
     asi = getattr(header, "acquisitionSystemInformation", None)
     bw = getattr(asi, "relativeReceiverNoiseBandwidth", None) if asi is not None else None
     coils = getattr(asi, "receiverChannels", None) if asi is not None else None
+    pi = getattr(e, "parallelImaging", None)
+    mode = getattr(pi, "calibrationMode", None) if pi is not None else None
+    mode = str(getattr(mode, "value", mode) or "").strip().lower()[:40]
     g = Geometry(
         enc_matrix=enc_matrix, enc_fov=fov(ef, "encodedSpace"),
         recon_matrix=recon_matrix, recon_fov=fov(rf, where),
@@ -137,6 +141,7 @@ def geometry_from_header(header, encoding: int = 0) -> Geometry:
         trajectory=str(traj), coils=_number(coils, "acquisitionSystemInformation receiverChannels") if coils else None,
         repetitions=(rep[2] + 1) if rep is not None else 1,
         repetitions_announced=rep is not None,
+        calibration_mode=mode,
     )
     over = g.readout_oversampling
     if not math.isfinite(over) or g.nx < 2:  # an infinite or absurd field of view would crop the readout to 1 pixel

@@ -505,15 +505,28 @@ class UnlabelledCine(ValueError):
     acquired; the session does so under frame_axis auto."""
 
 
+def calibration_as_data(setting: str, mode: str) -> bool:
+    """Whether calibration-only lines (``ACQ_IS_PARALLEL_CALIBRATION``) are also measured data of
+    their frame: with the setting ``data``, or ``auto`` where the header's calibrationMode is
+    ``embedded`` (the reference lines acquired within the frames, as a GRAPPA cine's integrated
+    reference is). Gadgetron's own recons keep them for calibration only: GRAPPA needs a uniform
+    lattice. A data-consistent reconstruction throws away measured centre lines that way; on a
+    simulated GRAPPA cine (R = 3, 12 reference lines) with them as reference only, the coil maps
+    of the reference could not unfold the lattice's aliasing (README "Calibration lines")."""
+    return setting == "data" or (setting == "auto" and mode == "embedded")
+
+
 class AcquisitionCollector:
     """Collects the acquisitions of one group (slice, contrast, repetition, set, average; with
     ``axis`` ``repetition`` the repetitions are the frames, and the key's repetition is the phase;
     with ``block`` > 0 the group holds repetitions ``k * block`` to ``(k + 1) * block - 1``, ``k``
-    the key's last element)."""
+    the key's last element). ``calibration_data``: calibration-only lines are also image data of
+    their frame (:func:`calibration_as_data`)."""
 
     def __init__(self, key: tuple, geometry: Geometry, axis: str = "phase", block: int = 0, phases: int = 0,
-                 rr_tolerance: float = 0.0):
+                 rr_tolerance: float = 0.0, calibration_data: bool = False):
         self.key = key
+        self.calibration_data = calibration_data
         self.geometry = geometry
         self.axis = axis
         self.phases = phases if axis == "ecg" else 0  # ecg: the cardiac phases the lines are binned into
@@ -580,7 +593,7 @@ class AcquisitionCollector:
         grid, sampled = readout_to_grid(data, center, g)
         row = int(ky_to_grid(int(acq.idx.kspace_encode_step_1), g.ky_center, g.ny))
         is_ref = flag_set(acq.flags, CALIBRATION) or flag_set(acq.flags, CALIBRATION_AND_IMAGING)
-        is_image = not flag_set(acq.flags, CALIBRATION)
+        is_image = self.calibration_data or not flag_set(acq.flags, CALIBRATION)
         if is_image and abs(row - g.ny // 2) <= 1:
             with np.errstate(all="ignore"):
                 self.echo_offsets.append(_echo_offset(mag, center))
@@ -802,7 +815,8 @@ def _buffer_lines(buf, s: int, loc: int, geometry: Geometry, whitener: NoiseWhit
     """One ReconBuffer's (S, LOC) slab -> (grid k-space [coil, N, ny, nx], mask [N, ny, nx],
     frame headers, spiky [N, ny]: the lines over the local RF-spike test, :func:`local_spike_ratio`,
     on the buffer's readouts before the grid's, whose oversampling removal would spread a spike;
-    the centre lines' echo offsets, :func:`_buffer_spikes`).
+    the centre lines' echo offsets, :func:`_buffer_spikes`; calibration_only [N, ny]: the lines whose
+    header flags them ``ACQ_IS_PARALLEL_CALIBRATION``).
     Lines are acquired where the header says so (number_of_samples > 0) and the data are not zero."""
     data = np.asarray(buf.data)
     if data.ndim != 7:
@@ -854,12 +868,14 @@ def _buffer_lines(buf, s: int, loc: int, geometry: Geometry, whitener: NoiseWhit
     spiky_lines, offsets = _buffer_spikes(seg, center_e0 - a, acquired, rows, ny)
     mask = np.zeros((n, ny, geometry.nx), bool)
     spiky = np.zeros((n, ny), bool)
+    calibration_only = np.zeros((n, ny), bool)
     for f in range(n):
         for ky in np.nonzero(acquired[f])[0]:
             r = int(rows[ky])
             k[:, f, r] = grid[:, f, ky]
             mask[f, r] = sampled
             spiky[f, r] = spiky_lines[f, ky]
+            calibration_only[f, r] = hs is not None and flag_set(int(hs[ky, f].flags), CALIBRATION)
     headers = []
     for f in range(n):
         lines = np.nonzero(acquired[f])[0]
@@ -868,7 +884,7 @@ def _buffer_lines(buf, s: int, loc: int, geometry: Geometry, whitener: NoiseWhit
             headers.append(hs[ky, f].__class__.from_buffer_copy(hs[ky, f]))
         else:
             headers.append(None)
-    return k, mask, headers, spiky, offsets
+    return k, mask, headers, spiky, offsets, calibration_only
 
 
 def _buffer_spikes(seg: np.ndarray, center: int, acquired: np.ndarray, rows: np.ndarray, ny: int) -> np.ndarray:
@@ -906,6 +922,18 @@ def _buffer_spikes(seg: np.ndarray, center: int, acquired: np.ndarray, rows: np.
     return spiky, offsets
 
 
+def _merge_reference(k, mask, spiky, rk, rm, ref_spiky, calibration_only) -> None:
+    """Into a buffer's grid k-space ``k`` [coil, N, ny, nx] (``mask`` [N, ny, nx], ``spiky`` [N, ny]),
+    in place: the reference buffer's calibration-only lines (``rk``, ``rm``, ``ref_spiky``,
+    ``calibration_only`` [N, ny]; the same frames), which the data lack, on rows the data lack in
+    that frame (a calibration-and-imaging line missing from the data stays missing)."""
+    new = calibration_only & rm.any(axis=-1) & ~mask.any(axis=-1)  # [N, ny]
+    f, r = np.nonzero(new)
+    k[:, f, r] = rk[:, f, r]
+    mask[f, r] = rm[f, r]
+    spiky[f, r] = ref_spiky[f, r]
+
+
 def _buffer_axis(headers: list) -> str:
     """The counter the chain's BucketToBufferGadget put along N (``N_dimension``): repetition where
     the frames' headers all differ in repetition and share one phase (a real-time series), else phase."""
@@ -915,15 +943,19 @@ def _buffer_axis(headers: list) -> str:
     return "repetition" if len(heads) > 1 and len(set(reps)) == len(heads) and len(phases) == 1 else "phase"
 
 
-def cine_from_recon_bit(bit, geometry: Geometry, whitener: NoiseWhitener | None = None) -> list:
-    """All (S, LOC) slabs of one ReconBit as :class:`CineData` (frames along N)."""
+def cine_from_recon_bit(bit, geometry: Geometry, whitener: NoiseWhitener | None = None,
+                        calibration_data: bool = False) -> list:
+    """All (S, LOC) slabs of one ReconBit as :class:`CineData` (frames along N). With
+    ``calibration_data`` (:func:`calibration_as_data`) the reference buffer's lines that the data
+    buffer lacks (AcquisitionAccumulateTrigger puts calibration-only lines there alone) are also
+    data of their frame, where the reference has the data's frames along N."""
     data = np.asarray(bit.data.data)
     if data.ndim != 7:
         raise ValueError(f"ReconData buffer has {data.ndim} dimensions, expected 7 [E0, E1, E2, CHA, N, S, LOC]")
     out = []
     for loc in range(data.shape[6]):
         for s in range(data.shape[5]):
-            k, mask, headers, spiky, offsets = _buffer_lines(bit.data, s, loc, geometry, whitener)
+            k, mask, headers, spiky, offsets, _ = _buffer_lines(bit.data, s, loc, geometry, whitener)
             empty = [f for f in range(mask.shape[0]) if not mask[f].any()]
             if empty:
                 raise ValueError(f"ReconData S={s} LOC={loc}: frame(s) {empty} have no acquired lines")
@@ -932,8 +964,10 @@ def cine_from_recon_bit(bit, geometry: Geometry, whitener: NoiseWhitener | None 
             if bit.ref is not None:
                 rdata = np.asarray(bit.ref.data)
                 if rdata.ndim == 7 and rdata.shape[3] == data.shape[3]:
-                    rk, rm, _, ref_spiky, _ = _buffer_lines(bit.ref, min(s, rdata.shape[5] - 1),
+                    rk, rm, _, ref_spiky, _, cal_only = _buffer_lines(bit.ref, min(s, rdata.shape[5] - 1),
                                                          min(loc, rdata.shape[6] - 1), geometry, whitener)
+                    if calibration_data and rm.shape[0] == mask.shape[0]:
+                        _merge_reference(k, mask, spiky, rk, rm, ref_spiky, cal_only)
                     if (rm.any(axis=-1) & ~ref_spiky).any():  # calibration lines with an RF spike: left out of
                         rm &= ~ref_spiky[..., None]  # the maps, as the collector does, while any line is left
                         spiky_ref = int(ref_spiky.sum())

@@ -48,6 +48,7 @@ from .kspace import (
     CineData,
     NoiseWhitener,
     UnlabelledCine,
+    calibration_as_data,
     cine_from_recon_bit,
     finalize_images,
     flag_set,
@@ -322,6 +323,7 @@ class ReconSession:
         self.alive = alive
         self.buffered = 0  # k-space samples held by the collectors
         self.cfg, self.gs = cfg, gs
+        self.calibration_data = calibration_as_data(gs.calibration_lines, self.geometry.calibration_mode)
         self.engine = engine or Engine(self.limits.max_cached)
         self.whitener = NoiseWhitener()
         self.collectors: dict[tuple, AcquisitionCollector] = {}
@@ -357,7 +359,7 @@ class ReconSession:
             for bit in item.bits:
                 try:
                     self._check_recon_bit(bit)
-                    cines = cine_from_recon_bit(bit, self.geometry, self.whitener)
+                    cines = cine_from_recon_bit(bit, self.geometry, self.whitener, self.calibration_data)
                 except Exception as e:  # noqa: BLE001 - a buffer this reader did not foresee fails its bit, not the
                     self._fail("ReconData", e)  # stream (Gadgetron's handler ends the stream on any exception)
                     continue
@@ -405,7 +407,8 @@ class ReconSession:
         col = self.collectors.get(key)
         if col is None:
             col = self.collectors[key] = AcquisitionCollector(key, self.geometry, self.frame_axis, self.block,
-                                                              self.cardiac_phases, self.gs.arrhythmia_rejection)
+                                                              self.cardiac_phases, self.gs.arrhythmia_rejection,
+                                                              self.calibration_data)
         try:
             self._check_size(col, acq)
             col.add(acq, self.whitener)

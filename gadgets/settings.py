@@ -42,6 +42,7 @@ MAX_YAML_BYTES = 1 << 20
 MAX_TIMEOUT_S = 1e6  # server timeouts: about 11.6 days at most (an infinite one overflows the socket layer)
 SENDS = ("auto", "images", "image_array")
 FRAME_AXES = ("auto", "phase", "repetition", "ecg")
+CALIBRATION_LINES = ("auto", "data", "reference")
 
 
 @dataclass
@@ -59,6 +60,10 @@ class GadgetSettings:
     #                          (0: the header's phase count if above 1, else 20)
     arrhythmia_rejection: float = 0.0  # frame_axis ecg: leave out beats whose RR is this fraction off the median (0: none)
     realtime_block: int = 0  # real-time series: repetitions per reconstruction (0: all, or even blocks within the limits)
+    # calibration-only lines (ACQ_IS_PARALLEL_CALIBRATION): reference (coil maps only, as Gadgetron's own
+    # recons) | data (also measured data of their frame) | auto (data where the header's
+    # parallelImaging calibrationMode is embedded: acquired within the frames, else reference)
+    calibration_lines: str = "auto"
 
     def validate(self):
         if self.output not in OUTPUTS:
@@ -67,6 +72,8 @@ class GadgetSettings:
             raise ValueError(f"send must be one of {SENDS}, got {self.send!r}")
         if not 0 <= self.series_index < 65536:
             raise ValueError(f"series_index must be in [0, 65535], got {self.series_index}")
+        if self.calibration_lines not in CALIBRATION_LINES:
+            raise ValueError(f"calibration_lines must be one of {CALIBRATION_LINES}, got {self.calibration_lines!r}")
         if self.frame_axis not in FRAME_AXES:
             raise ValueError(f"frame_axis must be one of {FRAME_AXES}, got {self.frame_axis!r}")
         if not 0 <= self.arrhythmia_rejection < 1:

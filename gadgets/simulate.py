@@ -20,11 +20,11 @@ import torch
 
 from ddugm_core.cli import finite_float
 from ddugm_core.data import read_named_array
-from ddugm_core.masks import variable_density_mask
+from ddugm_core.masks import equispaced_mask, lattice_mask, variable_density_mask
 from ddugm_core.operators import fft2c
 from ddugm_core.phantom import cine_phantom, coil_maps
 
-from .kspace import CALIBRATION_AND_IMAGING, LAST_IN_MEASUREMENT, LAST_IN_SLICE, NOISE
+from .kspace import CALIBRATION, CALIBRATION_AND_IMAGING, LAST_IN_MEASUREMENT, LAST_IN_SLICE, NOISE
 
 FIRST_IN_SLICE = 7
 LAST_IN_REPETITION = 14
@@ -99,7 +99,8 @@ def build_header(ny: int, nx: int, os: int, frames: int, slices: int, coils: int
 def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 64, slices: int = 1, coils: int = 8,
              accel: float = 4.0, acs: int | None = 12, noise: float = 0.002, oversampling: int = 2,
              partial_fourier: float = 1.0, asymmetric_echo: float = 1.0, noise_scan: bool = True, fov_mm: float = 320.0,
-             seed: int = 0, truth: str | None = None, real_time: bool = False, ecg_beats: int = 0) -> dict:
+             seed: int = 0, truth: str | None = None, real_time: bool = False, ecg_beats: int = 0,
+             mask: str = "random") -> dict:
     """Write the raw file; return a summary. ``truth``: also save the coil-combined ground truth
     ``[slice, frame, y, x]`` (recon matrix) as .npy for tests and comparisons. ``real_time``: the
     frames are repetitions acquired one after another (a real-time series: each slice's repetitions
@@ -110,11 +111,20 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
     that moment (the frames are the cardiac cycle, frame ``j`` at ``(j + 0.5) / frames`` of it,
     linearly interpolated between them) and stamped with its time after the last ECG trigger:
     what retrospective binning (``frame_axis: ecg``) is for. The truth is then the frames, the
-    binned phases' centres when ``cardiac_phases`` equals ``frames``."""
+    binned phases' centres when ``cardiac_phases`` equals ``frames``. ``mask``: ``random`` (a
+    variable-density random set of lines per frame, the ``acs`` centre lines among them, flagged
+    calibration and imaging), ``equispaced`` (every ``accel``-th line through the centre, the same in
+    every frame, as clinical cine with GRAPPA: of the ``acs`` centre lines, those off the lattice are
+    calibration-only, ``ACQ_IS_PARALLEL_CALIBRATION``, as a Siemens scan with embedded reference
+    lines flags them) or ``lattice`` (every ``accel``-th line shifted by one line per frame)."""
     if coils < 1 or frames < 1 or slices < 1 or size < 16:
         raise ValueError("need coils >= 1, frames >= 1, slices >= 1 and size >= 16")
     if accel < 1:
         raise ValueError(f"accel must be >= 1, got {accel}")
+    if mask not in ("random", "equispaced", "lattice"):
+        raise ValueError(f"mask must be random, equispaced or lattice, got {mask!r}")
+    if mask != "random" and accel != int(accel):
+        raise ValueError(f"mask {mask} samples every accel-th line: accel must be a whole number, got {accel:g}")
     if ecg_beats < 0:
         raise ValueError(f"ecg_beats must be >= 0, got {ecg_beats}")
     if noise < 0:
@@ -130,7 +140,7 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
         acs = min(12, per_frame // 2) if accel > 1 else 12
     if not 0 <= acs <= ny:
         raise ValueError(f"acs must be 0 to the {ny} phase-encoding lines, got {acs}")
-    if accel > 1 and acs >= per_frame:  # the mask would be the centre band alone in every frame
+    if mask == "random" and accel > 1 and acs >= per_frame:  # the mask would be the centre band alone in every frame
         raise ValueError(f"acs ({acs}) takes all of the {per_frame} lines a frame gets at accel {accel:g} "
                          f"({ny} lines): no line outside the centre would be sampled; lower acs or accel")
     rng = np.random.default_rng(seed)
@@ -206,13 +216,19 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
         img[:, :, nxo // 2 - nx // 2:nxo // 2 - nx // 2 + nx] = imgs[s]  # centre pixel nx // 2 at nxo // 2 (odd nx too)
         truth_out[s] = imgs[s]
         k = fft2c(torch.from_numpy(maps[:, None] * img[None])).numpy()  # [C, T, ny, nxo]
-        mask = variable_density_mask(n_reps or nt, ny, accel, center_lines=acs, seed=seed + 100 * s)
-        mask[:, ky_max + 1:] = False
         c0 = ny // 2 - acs // 2
         acs_rows = set(range(c0, c0 + acs))
+        if mask == "random":
+            lines = variable_density_mask(n_reps or nt, ny, accel, center_lines=acs, seed=seed + 100 * s)
+            imaging = lines
+        else:  # the lattice's lines are imaging lines; the centre lines off it are calibration-only
+            make = equispaced_mask if mask == "equispaced" else lattice_mask
+            imaging = make(n_reps or nt, ny, int(accel), 0)
+            lines = make(n_reps or nt, ny, int(accel), acs)
+        lines[:, ky_max + 1:] = False
         delays = {}
         if ecg_beats:  # free-running: line i at tick i after a random point of the first beat
-            order = [(row, r) for r in range(n_reps) for row in range(ny) if mask[r, row]]
+            order = [(row, r) for r in range(n_reps) for row in range(ny) if lines[r, row]]
             rr = rr_ticks * (1 + 0.1 * rng.uniform(-1, 1, ecg_beats + 2))
             triggers = np.concatenate([[0.0], np.cumsum(rr)])
             times = rng.uniform(0, rr[0]) + np.arange(len(order))
@@ -223,9 +239,9 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
             w = (pos - j0).astype(np.float32)
             delays = {i: (int(round(delay[i])), j0[i] % nt, (j0[i] + 1) % nt, w[i]) for i in range(len(order))}
         elif real_time:  # frame by frame
-            order = [(row, t) for t in range(nt) for row in range(ny) if mask[t, row]]
+            order = [(row, t) for t in range(nt) for row in range(ny) if lines[t, row]]
         else:  # segmented: each line through all phases
-            order = [(row, t) for row in range(ny) for t in range(nt) if mask[t, row]]
+            order = [(row, t) for row in range(ny) for t in range(nt) if lines[t, row]]
         for i, (row, t) in enumerate(order):
             flags = 0
             first = i == 0 or (real_time and order[i - 1][1] != t)
@@ -233,7 +249,7 @@ def simulate(out: str, images: str | None = None, frames: int = 12, size: int = 
             if first:
                 flags |= 1 << (FIRST_IN_SLICE - 1)
             if row in acs_rows:
-                flags |= 1 << (CALIBRATION_AND_IMAGING - 1)
+                flags |= 1 << ((CALIBRATION_AND_IMAGING if imaging[t, row] else CALIBRATION) - 1)
             if last:
                 flags |= 1 << (LAST_IN_SLICE - 1)
                 if real_time:
@@ -275,6 +291,10 @@ def add_parser(sub):
     p.add_argument("--acs", type=int, default=None,
                    help="fully sampled centre lines, flagged as embedded ACS (default: 12, or half the lines a "
                         "frame gets where that is fewer)")
+    p.add_argument("--mask", default="random", choices=["random", "equispaced", "lattice"],
+                   help="random: variable-density random lines, a new set per frame (default); equispaced: every "
+                        "accel-th line, the same in every frame, the --acs lines off it calibration-only (GRAPPA "
+                        "cine with embedded reference lines); lattice: every accel-th line, shifted by one per frame")
     p.add_argument("--noise", type=finite_float, default=0.002, help="complex noise std per sample, image max ~1")
     p.add_argument("--oversampling", type=int, default=2, choices=[1, 2], help="readout oversampling (default: 2)")
     p.add_argument("--partial-fourier", type=finite_float, default=1.0, help="fraction of phase-encoding lines (0.5-1]")
@@ -289,6 +309,6 @@ def run(a: argparse.Namespace) -> int:
 
     summary = simulate(a.out, a.images, a.frames, a.size, a.slices, a.coils, a.accel, a.acs, a.noise, a.oversampling,
                        a.partial_fourier, a.asymmetric_echo, not a.no_noise_scan, seed=a.seed, truth=a.truth,
-                       real_time=a.real_time, ecg_beats=a.ecg_beats)
+                       real_time=a.real_time, ecg_beats=a.ecg_beats, mask=a.mask)
     print(json.dumps(summary))
     return 0

@@ -134,7 +134,8 @@ def recon_data_from_file(path: str, slice_: int = 0, n_dimension: str = "phase")
     """What AcquisitionAccumulateTrigger + BucketToBuffer (with NoiseAdjust upstream, so
     no noise scan) would deliver for one slice of a raw file: one ReconBit, data
     [E0, E1, 1, CHA, N, 1, 1] (phases, or another counter, along N: BucketToBuffer's
-    N_dimension), headers [E1, 1, N, 1, 1]; calibration lines in a reference buffer, and
+    N_dimension), headers [E1, 1, N, 1, 1]; calibration lines in a reference buffer of the same
+    frames (BucketToBuffer sizes its N from the lines it holds), and
     calibration-only ones (ACQ_IS_PARALLEL_CALIBRATION) there only, as AcquisitionAccumulateTrigger
     sorts them."""
     ds = open_dataset(path)
@@ -147,10 +148,10 @@ def recon_data_from_file(path: str, slice_: int = 0, n_dimension: str = "phase")
     n = max(getattr(a.idx, n_dimension) for a in acqs) + 1
     cha = acqs[0].active_channels
     data = np.zeros((e0, e1, 1, cha, n, 1, 1), np.complex64)
-    ref = np.zeros((e0, e1, 1, cha, 1, 1, 1), np.complex64)
+    ref = np.zeros((e0, e1, 1, cha, n, 1, 1), np.complex64)
     empty = ismrmrd.AcquisitionHeader()
     heads = np.empty((e1, 1, n, 1, 1), dtype=object)
-    rheads = np.empty((e1, 1, 1, 1, 1), dtype=object)
+    rheads = np.empty((e1, 1, n, 1, 1), dtype=object)
     for idx in np.ndindex(heads.shape):
         heads[idx] = ismrmrd.AcquisitionHeader.from_buffer_copy(empty)
     for idx in np.ndindex(rheads.shape):
@@ -163,8 +164,8 @@ def recon_data_from_file(path: str, slice_: int = 0, n_dimension: str = "phase")
             data[off:off + a.number_of_samples, ky, 0, :, ph, 0, 0] = a.data.T
             heads[ky, 0, ph, 0, 0] = a.getHead()
         if calibration_only or a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING):
-            ref[off:off + a.number_of_samples, ky, 0, :, 0, 0, 0] += a.data.T / n
-            rheads[ky, 0, 0, 0, 0] = a.getHead()
+            ref[off:off + a.number_of_samples, ky, 0, :, ph, 0, 0] = a.data.T
+            rheads[ky, 0, ph, 0, 0] = a.getHead()
     sd = SamplingDescription()
     lim = enc.encodingLimits.kspace_encoding_step_1
     sd.encoded_matrix[:] = (e0, e1, 1)

@@ -42,14 +42,15 @@ def read_file(path):
     return hdr, acqs
 
 
-def run_session(path, settings=None, edit=None, header=None, limits=None):
+def run_session(path, settings=None, edit=None, header=None, limits=None, operator=None):
     """Replay a file through a ReconSession (``edit(acq)`` changes each imaging acquisition
-    first); the images and the session, whose ``errors`` name the slices that failed."""
+    first; ``operator``: trusted settings); the images and the session, whose ``errors`` name the
+    slices that failed."""
     from gadgets.session import ScanErrors
 
     hdr, acqs = read_file(path)
-    s = ReconSession(header or hdr, *load_settings(settings or {"method": "zero_filled", "device": "cpu"}),
-                     limits=limits)
+    s = ReconSession(header or hdr, *load_settings(settings or {"method": "zero_filled", "device": "cpu"},
+                                                   operator=operator), limits=limits)
     out = []
     for a in acqs:
         if edit is not None and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
@@ -1062,3 +1063,83 @@ def test_data_whitened_upstream_get_their_noise_estimated(tmp_path, caplog):
         assert meta["DDUGM_NoiseSource"] == ("estimated" if upstream else "noise scan")
         assert float(meta["DDUGM_NoiseRatio"]) == pytest.approx(ratios[upstream], abs=0.01)
     assert ratios[True] == pytest.approx(ratios[False], rel=0.15), ratios
+
+
+# ---------------------------------------------------------------- calibration lines
+@pytest.fixture(scope="module")
+def grappa_cine(tmp_path_factory):
+    """A GRAPPA-style cine: every 3rd line in every frame and 12 reference lines, those off the
+    lattice flagged calibration-only (as a Siemens scan with embedded reference lines)."""
+    d = tmp_path_factory.mktemp("grappa")
+    path, truth = d / "grappa.h5", d / "truth.npy"
+    simulate(str(path), frames=12, size=48, coils=8, accel=3, acs=12, noise=0.002, seed=2, truth=str(truth),
+             mask="equispaced", noise_scan=False)  # (no noise scan: the ReconData peer has none, NoiseAdjust upstream)
+    return path, np.abs(np.load(truth)[0])
+
+
+def _cine_psnr(out, truth):
+    rec = np.stack([np.abs(np.asarray(im.data[0, 0])) for im in out]).astype(np.float64)
+    scale = (rec * truth).sum() / (rec * rec).sum()
+    return psnr(scale * rec, truth)
+
+
+def test_simulated_grappa_cine_flags_its_reference_lines_as_a_scanner_does(grappa_cine):
+    _, acqs = read_file(grappa_cine[0])
+    rows = {}
+    for a in acqs:
+        if a.idx.phase == 3 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            cal = a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
+            both = a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
+            rows[a.idx.kspace_encode_step_1] = "C" if cal else "CI" if both else "I"
+    lattice = [r for r in range(48) if (r - 24) % 3 == 0]
+    assert sorted(r for r, f in rows.items() if f != "C") == lattice
+    assert sorted(r for r, f in rows.items() if f != "I") == list(range(18, 30))
+    assert [r for r, f in rows.items() if f == "CI"] == [18, 21, 24, 27]
+
+
+def test_embedded_calibration_lines_are_data_of_their_frame(grappa_cine, tmp_path):
+    """The reference lines of an embedded-calibration scan were acquired within the frames: as
+    data of their frame they add to the lattice's lines (auto, data); as coil-map reference only
+    (Gadgetron's convention, and ours before) the lattice's aliasing was left to maps from 12
+    lines, far worse. A header whose reference is separate keeps them as reference (auto)."""
+    path, truth = grappa_cine
+    fast = {"method": "llr_ttv", "device": "cpu", "coil_refine": "0"}
+    got = {}
+    for setting in ("auto", "data", "reference"):
+        out, s = run_session(path, {**fast, "calibration_lines": setting}, operator={"debug_dir": str(tmp_path / setting)})
+        assert not s.errors and len(out) == 12
+        got[setting] = _cine_psnr(out, truth)
+        rows = np.load(next((tmp_path / setting).glob("*.npz")))["mask"].any(axis=-1)  # [frame, ky]
+        assert (rows.sum(axis=1) == (16 + 8 if setting != "reference" else 16)).all(), setting
+    assert got["auto"] == got["data"] and got["auto"] > got["reference"] + 3, got
+    hdr, _ = read_file(path)
+    hdr.encoding[0].parallelImaging.calibrationMode = ismrmrd.xsd.calibrationModeType.SEPARATE
+    out, s = run_session(path, {**fast, "calibration_lines": "auto"}, header=hdr)
+    assert not s.errors and _cine_psnr(out, truth) == got["reference"]
+    with pytest.raises(ValueError, match="calibration_lines must be one of"):
+        load_settings({"calibration_lines": "sometimes"})
+
+
+def test_embedded_calibration_lines_from_a_recon_data_reference_buffer(grappa_cine, tmp_path):
+    """Gadgetron's AcquisitionAccumulateTrigger puts calibration-only lines into the reference
+    buffer alone: they are taken back as data of their frame there, and the image is the
+    acquisitions' own."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gadgetron_peer import recon_data_from_file
+
+    path, truth = grappa_cine
+    fast = {"method": "zero_filled", "device": "cpu"}
+    plain, s = run_session(path, fast)
+    assert not s.errors
+    hdr, rd = recon_data_from_file(str(path))
+    assert rd.bits[0].ref.data.shape[4] == 12  # the reference buffer holds the frames too
+    s = ReconSession(hdr, *load_settings(fast, operator={"debug_dir": str(tmp_path)}))
+    arrays = s.handle(rd) + s.finish()
+    assert not s.errors and len(arrays) == 1
+    rows = np.load(next(tmp_path.glob("*.npz")))["mask"].any(axis=-1)  # [frame, ky]
+    assert (rows.sum(axis=1) == 16 + 8).all()  # the lattice's 16 lines and the 8 calibration-only ones
+    a = np.stack([np.asarray(im.data[0, 0]) for im in plain])  # [frame, y, x]
+    b = np.moveaxis(np.asarray(arrays[0].data)[:, :, 0, 0, :, 0, 0], -1, 0).transpose(0, 2, 1)
+    assert a.shape == b.shape and np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a)

@@ -67,9 +67,14 @@ def test_recon_errors_are_clear(tmp_path):
 
 
 @pytest.mark.skipif(not SIEMENS.is_file(), reason="../shared/data/siemens_grappa_r3.h5 not present")
-def test_real_siemens_raw_file(tmp_path):
+@pytest.mark.parametrize("calibration_lines, lines", [("auto", 68), ("reference", 36)])
+def test_real_siemens_raw_file(tmp_path, calibration_lines, lines):
+    """Its 32 calibration-only lines are data too where the header says the reference is embedded
+    (calibration_lines auto: 68 lines), or coil-map reference only (36 lines: every 3rd plus the
+    embedded ACS lines flagged calibration and imaging)."""
     out = tmp_path / "siemens.h5"
-    summary = replay(str(SIEMENS), str(out), overrides={"device": "cpu", "debug_dir": str(tmp_path / "dbg")}, quiet=True)
+    summary = replay(str(SIEMENS), str(out), overrides={"device": "cpu", "debug_dir": str(tmp_path / "dbg"),
+                                                         "calibration_lines": calibration_lines}, quiet=True)
     assert summary["images"] == 1 and not summary["errors"]
     (img,) = read_images(out)
     h = img.getHead()
@@ -79,10 +84,10 @@ def test_real_siemens_raw_file(tmp_path):
     assert np.isfinite(x).all() and x.max() > 0
     dbg = np.load(next((tmp_path / "dbg").glob("*.npz")))
     rows = dbg["mask"][0].any(axis=1)
-    # 36 imaging lines (every 3rd plus the embedded ACS), centred: encoding line 54 sits at row 72
-    assert rows.sum() == 36 and rows[72] and dbg["kspace"].shape == (14, 1, 144, 192)
-    # an independent reference: the root-sum-of-squares of the 48 fully sampled calibration
-    # lines. At that resolution the reconstruction (R = 3 imaging lines only) must agree with it.
+    # centred: encoding line 54 sits at row 72
+    assert rows.sum() == lines and rows[72] and dbg["kspace"].shape == (14, 1, 144, 192)
+    # a reference: the root-sum-of-squares of the 48 fully sampled calibration lines. At that
+    # resolution the reconstruction must agree with it (independent of it with the R = 3 lines alone).
     assert dbg["ref_mask"].any(axis=1).sum() == 48
     band = slice(48, 96)
 
