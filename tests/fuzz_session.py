@@ -1,8 +1,9 @@
 """Mutation fuzzing of the gadgets' acquisition path: ``python tests/fuzz_session.py [CASES] [SEED]
 [METHOD] [buffers]``.
 
-Four small simulated scans (a two-slice cine, a real-time series, partial Fourier with an
-asymmetric echo, a free-running scan binned by its ECG trigger times with ``frame_axis: ecg``);
+Five small simulated scans (a two-slice cine, a real-time series, partial Fourier with an
+asymmetric echo, a GRAPPA-style cine whose reference lines off its lattice are calibration-only,
+a free-running scan binned by its ECG trigger times with ``frame_axis: ecg``);
 each case applies one to three random mutations (a header XML number set to 0, -1, 65535, nan,
 inf, text or deleted; an acquisition's counter, flag bit, centre, discards, channel count, dwell
 time, ECG trigger delay, sample count or data (NaN, inf, 1e30, zeros); a line deleted,
@@ -257,7 +258,9 @@ def _main(d, n, seed, method, buffers) -> int:
     files = []
     scans = [dict(frames=3, size=16, coils=2, accel=2, acs=4, noise=0.002, slices=2),
              dict(frames=3, size=16, coils=3, accel=2, acs=4, noise=0.002, real_time=True),
-             dict(frames=3, size=16, coils=2, accel=2, acs=4, noise=0.002, partial_fourier=0.75, asymmetric_echo=0.8)]
+             dict(frames=3, size=16, coils=2, accel=2, acs=4, noise=0.002, partial_fourier=0.75, asymmetric_echo=0.8),
+             # GRAPPA-style: the same lattice every frame, reference lines off it calibration-only (data: embedded)
+             dict(frames=3, size=16, coils=2, accel=2, acs=5, noise=0.002, mask="equispaced")]
     if not buffers:  # a free-running scan binned by its ECG trigger times (plain acquisitions only)
         scans.append(dict(frames=4, size=16, coils=2, accel=2, acs=None, noise=0.002, ecg_beats=3))
     for k, kw in enumerate(scans):
