@@ -66,7 +66,8 @@ def header_to_v1(h) -> x.ismrmrdHeader:
         limits = x.encodingLimitsType(**{n: limit(getattr(lim, n, None)) for n in _LIMITS}) if lim is not None else None
         traj = getattr(e.trajectory, "name", str(e.trajectory)).lower()
         encodings.append(x.encodingType(encodedSpace=space(e.encoded_space), reconSpace=space(e.recon_space),
-                                        encodingLimits=limits, trajectory=x.trajectoryType(traj)))
+                                        encodingLimits=limits, trajectory=x.trajectoryType(traj),
+                                        parallelImaging=_parallel_to_v1(e.parallel_imaging)))
     asi = h.acquisition_system_information
     system = None
     if asi is not None:
@@ -78,6 +79,34 @@ def header_to_v1(h) -> x.ismrmrdHeader:
     freq = getattr(ec, "h1resonance_frequency_hz", None) if ec is not None else None
     return x.ismrmrdHeader(version=_v(h.version, 1), acquisitionSystemInformation=system, encoding=encodings,
                            experimentalConditions=x.experimentalConditionsType(H1resonanceFrequency_Hz=int(_v(freq, 0))))
+
+
+def _parallel_to_v1(p):
+    """MRD v2 parallel imaging (acceleration, calibration mode: the gadgets' ``calibration_lines``
+    reads it) as ISMRMRD v1's, or None."""
+    if p is None:
+        return None
+    a = p.acceleration_factor
+    mode = getattr(p.calibration_mode, "name", "").lower()
+    modes = {m.value for m in x.calibrationModeType}
+    return x.parallelImagingType(
+        accelerationFactor=x.accelerationFactorType(kspace_encoding_step_1=_v(getattr(a, "kspace_encoding_step_1", 1), 1),
+                                                    kspace_encoding_step_2=_v(getattr(a, "kspace_encoding_step_2", 1), 1)),
+        calibrationMode=x.calibrationModeType(mode) if mode in modes else None)
+
+
+def _parallel_to_v2(p):
+    """ISMRMRD v1 parallel imaging as MRD v2's, or None."""
+    if p is None:
+        return None
+    mrd = _mrd()
+    a = p.accelerationFactor
+    mode = getattr(p.calibrationMode, "value", p.calibrationMode)
+    return mrd.ParallelImagingType(
+        acceleration_factor=mrd.AccelerationFactorType(
+            kspace_encoding_step_1=int(_v(getattr(a, "kspace_encoding_step_1", 1), 1)),
+            kspace_encoding_step_2=int(_v(getattr(a, "kspace_encoding_step_2", 1), 1))),
+        calibration_mode=mrd.CalibrationMode[str(mode).upper()] if mode else mrd.CalibrationMode.NOACCELERATION)
 
 
 def header_to_v2(h: x.ismrmrdHeader):
@@ -101,7 +130,8 @@ def header_to_v2(h: x.ismrmrdHeader):
         limits = mrd.EncodingLimitsType(**{n: limit(getattr(lim, n, None)) for n in _LIMITS}) if lim else None
         traj = getattr(e.trajectory, "value", str(e.trajectory)).upper()
         encodings.append(mrd.EncodingType(encoded_space=space(e.encodedSpace), recon_space=space(e.reconSpace),
-                                          encoding_limits=limits, trajectory=mrd.Trajectory[traj]))
+                                          encoding_limits=limits, trajectory=mrd.Trajectory[traj],
+                                          parallel_imaging=_parallel_to_v2(e.parallelImaging)))
     asi = h.acquisitionSystemInformation
     system = None
     if asi is not None:

@@ -84,6 +84,10 @@ def test_conversion_keeps_every_field_the_reconstruction_reads(tmp_path):
                                                                           b.fieldOfView_mm.x)
     assert back.encoding[0].encodingLimits.kspace_encoding_step_1.center == \
         hdr.encoding[0].encodingLimits.kspace_encoding_step_1.center
+    # the calibration mode (calibration_lines: auto reads it) and the acceleration
+    pi, pi0 = back.encoding[0].parallelImaging, hdr.encoding[0].parallelImaging
+    assert pi.calibrationMode.value == pi0.calibrationMode.value == "embedded"
+    assert pi.accelerationFactor.kspace_encoding_step_1 == pi0.accelerationFactor.kspace_encoding_step_1 == 2
     for a in acqs[:5]:
         b = acquisition_to_v1(acquisition_to_v2(a))
         assert bytes(b.getHead()) == bytes(a.getHead())
