@@ -350,6 +350,9 @@ def add_parser(sub):
     p.add_argument("--realtime-block", default=None,
                    help="a real-time series: repetitions per reconstruction, each block sent when it is complete (0: "
                         "the whole series, split into even blocks only where the server's limits require)")
+    p.add_argument("--calibration-lines", default=None, choices=["auto", "data", "reference"],
+                   help="calibration-only lines: data of their frame too, coil-map reference only, or auto (data "
+                        "where the header says the reference is embedded; the default)")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -385,7 +388,8 @@ def run(a: argparse.Namespace) -> int:
                                        ("device", a.device), ("output", a.output_type),
                                        ("frame_axis", a.frame_axis), ("realtime_block", a.realtime_block),
                                        ("cardiac_phases", a.cardiac_phases),
-                                   ("arrhythmia_rejection", a.arrhythmia_rejection))
+                                   ("arrhythmia_rejection", a.arrhythmia_rejection),
+                                   ("calibration_lines", a.calibration_lines))
                      if v is not None}
         summary = stream(inp, a.output or sys.stdout.buffer, a.config, overrides)  # no output file for a bad input
     finally:

@@ -254,6 +254,9 @@ def add_parser(sub):
     p.add_argument("--realtime-block", default=None,
                    help="a real-time series: repetitions per reconstruction, each block sent when it is complete (0: "
                         "the whole series, split into even blocks only where the server's limits require)")
+    p.add_argument("--calibration-lines", default=None, choices=["auto", "data", "reference"],
+                   help="calibration-only lines: data of their frame too, coil-map reference only, or auto (data "
+                        "where the header says the reference is embedded; the default)")
     p.add_argument("--seed", default=None)
     p.add_argument("--group", default="dataset", help="HDF5 group of the raw data (default: %(default)s)")
     p.add_argument("--quiet", action="store_true")
@@ -264,7 +267,8 @@ def run(a: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("method", a.method), ("preset", a.preset), ("steps", a.steps), ("device", a.device),
                                    ("output", a.output_type), ("seed", a.seed), ("frame_axis", a.frame_axis),
                                    ("realtime_block", a.realtime_block), ("cardiac_phases", a.cardiac_phases),
-                                   ("arrhythmia_rejection", a.arrhythmia_rejection))
+                                   ("arrhythmia_rejection", a.arrhythmia_rejection),
+                                   ("calibration_lines", a.calibration_lines))
                  if v is not None}
     try:
         summary = replay(a.input, a.output, a.config, a.png, overrides, a.group, a.quiet)

@@ -1165,3 +1165,19 @@ def test_a_grappa_cine_whose_maps_are_refined_takes_them_from_its_data(grappa_ci
     assert coil_maps_from_ref(cine, ReconConfig(device="cpu"), "cpu") is None
     assert coil_maps_from_ref(cine, ReconConfig(device="cpu", coil_refine=0), "cpu") is not None
     assert coil_maps_from_ref(cine, ReconConfig(device="cpu", coil_refine_min_frames=13), "cpu") is not None
+
+
+def test_recon_command_takes_calibration_lines(grappa_cine, tmp_path):
+    """`ddugm recon --calibration-lines reference` gives Gadgetron's convention, the default the data."""
+    from gadgets.cli import main
+
+    images = {}
+    for setting in ("auto", "reference"):
+        out = tmp_path / f"{setting}.h5"
+        assert main(["recon", str(grappa_cine[0]), str(out), "--method", "zero_filled", "--device", "cpu",
+                     "--calibration-lines", setting, "--quiet"]) == 0
+        ds = ismrmrd.Dataset(str(out), "dataset", False)
+        group = next(k for k in ds._dataset.keys() if k.startswith("image"))
+        images[setting] = np.stack([np.asarray(ds.read_image(group, i).data) for i in range(ds.number_of_images(group))])
+        ds.close()
+    assert images["auto"].shape == images["reference"].shape and not np.allclose(images["auto"], images["reference"])
