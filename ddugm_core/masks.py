@@ -36,9 +36,13 @@ def lattice_mask(frames: int, ny: int, accel: int, center_lines: int = 0) -> np.
     if accel < 1:
         raise ValueError("acceleration must be >= 1")
     ky = np.arange(ny)
-    mask = ((ky[None, :] - np.arange(frames)[:, None]) % accel) == 0
+    return _with_centre(((ky[None, :] - np.arange(frames)[:, None]) % accel) == 0, center_lines)
+
+
+def _with_centre(mask: np.ndarray, center_lines: int) -> np.ndarray:
+    """``mask`` ``[frame, ky]`` with the ``center_lines`` lines around ky = ny // 2 acquired in every frame."""
     if center_lines:
-        c = ny // 2 - center_lines // 2
+        c = mask.shape[-1] // 2 - center_lines // 2
         mask[:, c:c + center_lines] = True
     return mask
 
@@ -53,7 +57,4 @@ def equispaced_mask(frames: int, ny: int, accel: int, center_lines: int = 0) -> 
     if not 0 <= center_lines <= ny:
         raise ValueError(f"center_lines must be within 0 ... {ny}, got {center_lines}")
     lines = (np.arange(ny) - ny // 2) % accel == 0
-    if center_lines:
-        c = ny // 2 - center_lines // 2
-        lines[c:c + center_lines] = True
-    return np.repeat(lines[None], frames, axis=0)
+    return _with_centre(np.repeat(lines[None], frames, axis=0), center_lines)

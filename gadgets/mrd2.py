@@ -329,6 +329,8 @@ def stream(inp, out, config: str | None = None, overrides: dict | None = None) -
 
 
 def add_parser(sub):
+    from .settings import CALIBRATION_LINES
+
     p = sub.add_parser("stream", help="MRD v2 stream in (stdin), MRD v2 images out (stdout): for Pingvin and "
                                       "mrd_hdf5_to_stream / mrd_stream_to_hdf5 pipelines")
     p.add_argument("--input", default=None, help="read this MRD v2 binary file instead of stdin")
@@ -350,7 +352,7 @@ def add_parser(sub):
     p.add_argument("--realtime-block", default=None,
                    help="a real-time series: repetitions per reconstruction, each block sent when it is complete (0: "
                         "the whole series, split into even blocks only where the server's limits require)")
-    p.add_argument("--calibration-lines", default=None, choices=["auto", "data", "reference"],
+    p.add_argument("--calibration-lines", default=None, choices=CALIBRATION_LINES,
                    help="calibration-only lines: data of their frame too, coil-map reference only, or auto (data "
                         "where the header says the reference is embedded; the default)")
     p.add_argument("--log-level", default="INFO")

@@ -14,7 +14,7 @@ import numpy as np
 
 from .protocol import parse_header
 from .session import ReconSession, ScanErrors
-from .settings import load_limits, load_settings
+from .settings import CALIBRATION_LINES, load_limits, load_settings
 
 log = logging.getLogger("ddugm.replay")
 
@@ -254,7 +254,7 @@ def add_parser(sub):
     p.add_argument("--realtime-block", default=None,
                    help="a real-time series: repetitions per reconstruction, each block sent when it is complete (0: "
                         "the whole series, split into even blocks only where the server's limits require)")
-    p.add_argument("--calibration-lines", default=None, choices=["auto", "data", "reference"],
+    p.add_argument("--calibration-lines", default=None, choices=CALIBRATION_LINES,
                    help="calibration-only lines: data of their frame too, coil-map reference only, or auto (data "
                         "where the header says the reference is embedded; the default)")
     p.add_argument("--seed", default=None)
