@@ -39,6 +39,88 @@ def _mrd():
     return mrd
 
 
+# ---------------------------------------------------------------------- a bounded reader
+#: stream items ``ddugm stream`` reads: acquisitions are reconstructed, waveforms and images passed on
+_READ = {"Acquisition", "WaveformUint32", "ImageUint16", "ImageInt16", "ImageUint32", "ImageInt32", "ImageFloat",
+         "ImageDouble", "ImageComplexFloat", "ImageComplexDouble", "ArrayComplexFloat"}
+
+
+def bounded_reader(stream, max_array_bytes: int, max_text_bytes: int):
+    """An mrd-python reader of ``stream`` that never allocates more than the operator's limits for
+    one field. mrd-python allocates (and zero-fills) whatever size a length field asks for before
+    it reads a byte, so a corrupted length could take all the memory: here an array (acquisition
+    or image data) above ``max_array_bytes`` and a string above ``max_text_bytes`` are refused
+    first. Items whose header arrays mrd-python allocates from their shape alone (ReconData,
+    AcquisitionBucket, ImageArray: a Gadgetron-internal buffer, not what a scan sends) are refused
+    by name; the reconstruction takes acquisitions."""
+    mrd = _mrd()
+    from mrd import _binary
+
+    class BoundedInput(_binary.CodedInputStream):
+        def _check(self, count, limit, what, setting):
+            if count > limit:
+                raise ValueError(f"an MRD v2 {what} of {count} bytes is larger than the operator's {setting} "
+                                 f"({limit} bytes): a corrupted length field, or raise the limit")
+
+        def read_bytearray(self, count):
+            self._check(count, max_array_bytes, "array", "max_message_mb")
+            return super().read_bytearray(count)
+
+        def read_view(self, count):
+            self._check(count, max_text_bytes, "string", "max_text_kb")
+            return super().read_view(count)
+
+    class Refused(_binary.TypeSerializer):
+        def __init__(self, name):
+            super().__init__(np.object_)
+            self.name = name
+
+        def read(self, stream):
+            raise ValueError(f"the MRD v2 stream holds an item of type {self.name}; ddugm stream reads acquisitions (and "
+                             f"passes waveforms and images on), not Gadgetron-internal buffers")
+
+        write = write_numpy = read_numpy = read
+
+    b = mrd.binary
+    scalar = {"Uint16": _binary.uint16_serializer, "Int16": _binary.int16_serializer,
+              "Uint32": _binary.uint32_serializer, "Int32": _binary.int32_serializer,
+              "Float": _binary.float32_serializer, "Double": _binary.float64_serializer,
+              "ComplexFloat": _binary.complexfloat32_serializer, "ComplexDouble": _binary.complexfloat64_serializer}
+
+    def serializer(name):
+        if name not in _READ:
+            return Refused(name)
+        if name == "Acquisition":
+            return b.AcquisitionSerializer()
+        if name == "WaveformUint32":
+            return b.WaveformSerializer(_binary.uint32_serializer)
+        if name == "ArrayComplexFloat":
+            return _binary.DynamicNDArraySerializer(_binary.complexfloat32_serializer)
+        return b.ImageSerializer(scalar[name[len("Image"):]])
+
+    cases = {getattr(mrd.StreamItem, n).index: (getattr(mrd.StreamItem, n), n) for n in dir(mrd.StreamItem)
+             if isinstance(getattr(getattr(mrd.StreamItem, n), "index", None), int)}
+    if sorted(cases) != list(range(len(cases))):  # pragma: no cover - another mrd-python's stream items
+        raise ValueError(f"mrd-python {getattr(mrd, '__version__', '')}: unexpected stream item numbering")
+    union = _binary.UnionSerializer(mrd.StreamItem, [(cases[i][0], serializer(cases[i][1])) for i in sorted(cases)])
+
+    class Reader(b.BinaryMrdReader):
+        def __init__(self, stream):  # the preamble as mrd-python checks it, through the bounded input
+            mrd.protocols.MrdReaderBase.__init__(self)
+            self._stream = BoundedInput(stream)
+            if bytes(self._stream.read_view(len(_binary.MAGIC_BYTES))) != _binary.MAGIC_BYTES:
+                raise ValueError("invalid magic bytes")
+            if _binary.read_fixed_int32(self._stream) != _binary.CURRENT_BINARY_FORMAT_VERSION:
+                raise ValueError("another binary format version")
+            if _binary.string_serializer.read(self._stream) != self.schema:
+                raise ValueError("another schema")
+
+        def _read_data(self):
+            return _binary.StreamSerializer(union).read(self._stream)
+
+    return Reader(stream)
+
+
 # ---------------------------------------------------------------------- headers
 def _v(value, default=0):
     return default if value is None else value
@@ -263,7 +345,7 @@ def stream(inp, out, config: str | None = None, overrides: dict | None = None) -
     cfg, gs = load_settings(None, config, operator=overrides, limits=limits)
     gs.send = "images"
     try:
-        reader = mrd.BinaryMrdReader(inp)
+        reader = bounded_reader(inp, limits.max_message_bytes, limits.max_text_bytes)
         header = reader.read_header()
     except Exception as e:  # noqa: BLE001 - bad magic bytes, another schema, an empty input
         raise ValueError(f"the input is not an MRD v2 binary stream ({type(e).__name__}: {e})") from None

@@ -232,3 +232,72 @@ def test_ecg_binning_through_mrd_v2_gives_the_images_recon_gives(tmp_path):
     for p, (a, b) in enumerate(zip(items, ref)):
         assert (a.value.head.phase, a.value.head.repetition, b.phase, b.repetition) == (p, 0, p, 0)
         np.testing.assert_allclose(a.value.data, b.data, atol=1e-5 * np.abs(b.data).max())
+
+
+def _stream_bytes(items, header=None) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    w = mrd.BinaryMrdWriter(buf)
+    w.write_header(header or mrd.Header())
+    w.write_data(items)
+    w.close()
+    return buf.getvalue()
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while n >= 0x80:
+        out += bytes([(n & 0x7F) | 0x80])
+        n >>= 7
+    return out + bytes([n])
+
+
+def _run_stream(data: bytes, tmp_path, server: str = ""):
+    import io
+
+    from gadgets.mrd2 import stream
+
+    cfg = tmp_path / "operator.yaml"
+    cfg.write_text(f"server:\n{server or '  max_message_mb: 1024'}\n")
+    with pytest.raises(ValueError) as e:
+        stream(io.BytesIO(data), io.BytesIO(), str(cfg), {"method": "zero_filled", "device": "cpu"})
+    return str(e.value)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    """mrd-python's phantom stream: its header and items."""
+    raw = tmp_path_factory.mktemp("phantom") / "p.bin"
+    subprocess.run([sys.executable, "-m", "mrd.tools.phantom", "-m", "32", "-c", "2", "-o", str(raw)], check=True,
+                   timeout=120)
+    return _images(raw.read_bytes())
+
+
+def test_a_corrupted_array_length_is_refused_before_anything_is_allocated(tmp_path, phantom):
+    # mrd-python allocates (and zero-fills) what a length field asks for before reading a byte: a corrupted
+    # one could take all the memory. Asked for 64 MiB under a limit of 1 MiB, the stream is refused first.
+    header, items = phantom
+    acq = items[0].value
+    acq.data = np.full((2, 16), 1234.5 + 6.5j, np.complex64)
+    data = _stream_bytes([mrd.StreamItem.Acquisition(acq)], header)
+    at = data.index(acq.data.tobytes())
+    assert data[at - 2:at] == b"\x02\x10"  # the data's shape [2, 16], as varints
+    bad = data[:at - 1] + _varint(1 << 22) + data[at:]  # [2, 4 Mi] complex64: 64 MiB
+    err = _run_stream(bad, tmp_path, "  max_message_mb: 1")
+    assert "array of 67108864 bytes" in err and "max_message_mb" in err, err
+
+
+def test_a_corrupted_string_length_is_refused_before_anything_is_allocated(tmp_path, phantom):
+    data = _stream_bytes([], phantom[0])
+    at = data.index(b'{"protocol"')  # the schema (JSON), after the magic bytes, the format version and its length
+    assert data[:5] == b"yardl" and data[9:at] == _varint(len(mrd.BinaryMrdReader.schema.encode()))
+    bad = data[:9] + _varint(1 << 26) + data[at:]  # a 64 MiB schema string
+    err = _run_stream(bad, tmp_path)
+    assert "not an MRD v2 binary stream" in err and "string of 67108864 bytes" in err and "max_text_kb" in err, err
+
+
+def test_gadgetron_internal_buffers_in_the_stream_are_refused_by_name(tmp_path, phantom):
+    data = _stream_bytes([mrd.StreamItem.AcquisitionBucket(mrd.AcquisitionBucket())], phantom[0])
+    err = _run_stream(data, tmp_path)
+    assert "holds an item of type AcquisitionBucket" in err and "reads acquisitions" in err, err
