@@ -45,8 +45,8 @@ _READ = {"Acquisition", "WaveformUint32", "ImageUint16", "ImageInt16", "ImageUin
          "ImageDouble", "ImageComplexFloat", "ImageComplexDouble", "ArrayComplexFloat"}
 
 
-def bounded_reader(stream, max_array_bytes: int, max_text_bytes: int):
-    """An mrd-python reader of ``stream`` that never allocates more than the operator's limits for
+def bounded_reader_class(max_array_bytes: int, max_text_bytes: int):
+    """The class of an mrd-python reader that never allocates more than the operator's limits for
     one field. mrd-python allocates (and zero-fills) whatever size a length field asks for before
     it reads a byte, so a corrupted length could take all the memory: here an array (acquisition
     or image data) above ``max_array_bytes`` and a string above ``max_text_bytes`` are refused
@@ -54,6 +54,16 @@ def bounded_reader(stream, max_array_bytes: int, max_text_bytes: int):
     AcquisitionBucket, ImageArray: a Gadgetron-internal buffer, not what a scan sends) are refused
     by name; the reconstruction takes acquisitions."""
     mrd = _mrd()
+    try:
+        return _reader_class(mrd, max_array_bytes, max_text_bytes)
+    except (AttributeError, ImportError, TypeError) as e:  # pragma: no cover - another mrd-python's internals
+        from importlib.metadata import version
+
+        raise RuntimeError(f"mrd-python {version('mrd-python')} reads streams differently from 2.1, which ddugm "
+                           f"stream's bounded reader is written for ({type(e).__name__}: {e})") from None
+
+
+def _reader_class(mrd, max_array_bytes: int, max_text_bytes: int):
     from mrd import _binary
 
     class BoundedInput(_binary.CodedInputStream):
@@ -101,7 +111,7 @@ def bounded_reader(stream, max_array_bytes: int, max_text_bytes: int):
     cases = {getattr(mrd.StreamItem, n).index: (getattr(mrd.StreamItem, n), n) for n in dir(mrd.StreamItem)
              if isinstance(getattr(getattr(mrd.StreamItem, n), "index", None), int)}
     if sorted(cases) != list(range(len(cases))):  # pragma: no cover - another mrd-python's stream items
-        raise ValueError(f"mrd-python {getattr(mrd, '__version__', '')}: unexpected stream item numbering")
+        raise TypeError("unexpected stream item numbering")
     union = _binary.UnionSerializer(mrd.StreamItem, [(cases[i][0], serializer(cases[i][1])) for i in sorted(cases)])
 
     class Reader(b.BinaryMrdReader):
@@ -118,7 +128,7 @@ def bounded_reader(stream, max_array_bytes: int, max_text_bytes: int):
         def _read_data(self):
             return _binary.StreamSerializer(union).read(self._stream)
 
-    return Reader(stream)
+    return Reader
 
 
 # ---------------------------------------------------------------------- headers
@@ -344,8 +354,9 @@ def stream(inp, out, config: str | None = None, overrides: dict | None = None) -
     limits = load_limits(config)
     cfg, gs = load_settings(None, config, operator=overrides, limits=limits)
     gs.send = "images"
+    reader_class = bounded_reader_class(limits.max_message_bytes, limits.max_text_bytes)
     try:
-        reader = bounded_reader(inp, limits.max_message_bytes, limits.max_text_bytes)
+        reader = reader_class(inp)
         header = reader.read_header()
     except Exception as e:  # noqa: BLE001 - bad magic bytes, another schema, an empty input
         raise ValueError(f"the input is not an MRD v2 binary stream ({type(e).__name__}: {e})") from None
