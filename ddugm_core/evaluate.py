@@ -182,9 +182,15 @@ def raw_case(rs: RawSeries, accel: float, noise: float, seed: int, mask: str = "
                 full=t * int(rs.sampled.sum()), noise_std=None if own is None else math.hypot(own, noise))
 
 
-def make_truth(frames: np.ndarray, seed: int) -> np.ndarray:
+PHASES = ("random", "none")  # --phase: what phase magnitude series are given
+
+
+def make_truth(frames: np.ndarray, seed: int, phase: str = "random") -> np.ndarray:
     """Normalised complex truth: magnitude (or the complex data) / robust scale, with a smooth
-    random phase (shared by all frames) added to magnitude data."""
+    random phase (shared by all frames) added to magnitude data (``phase`` ``random``), or
+    none (``none``: a real-valued object, as after a phase correction)."""
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; choose from {', '.join(PHASES)}")
     import torch
 
     from .data import robust_scale, smooth_phase
@@ -194,7 +200,7 @@ def make_truth(frames: np.ndarray, seed: int) -> np.ndarray:
     if not np.isfinite(x).all() or not scale > 0:
         raise ValueError("series is empty or not finite")
     x = x / scale
-    if not np.iscomplexobj(frames):
+    if not np.iscomplexobj(frames) and phase == "random":
         ny, nx = x.shape[-2:]
         g = torch.Generator().manual_seed(int(seed))
         ph = smooth_phase(1, max(ny, nx), g, "cpu")[0, :ny, :nx].numpy()
@@ -291,6 +297,9 @@ def add_parser(sub):
                         "(no: as in a Gadgetron chain that whitens upstream; noise_estimate may estimate it)")
     p.add_argument("--maps", default="estimated", choices=["estimated", "true"],
                    help="coil maps given to every method: estimated from the data (default) or the simulated ones")
+    p.add_argument("--phase", default="random", choices=PHASES,
+                   help="the phase simulated magnitude series get: a random smooth phase map (default), or none (a "
+                        "real-valued object, as after a phase correction); complex series keep their own")
     p.add_argument("--methods", default=",".join(ALL_METHODS),
                    help=f"comma separated, from {', '.join(ALL_METHODS)} (default: all)")
     p.add_argument("--paper-series", type=int, default=1,
@@ -344,6 +353,9 @@ def _resolve_source(a, raw_reader) -> bool:
         raise ValueError("--coils sets the simulated coils; raw data bring their own (leave --coils out)")
     if a.maps == "true" or a.trace:
         raise ValueError("--maps true and --trace need simulated coils (raw data have no true coil maps)")
+    if getattr(a, "phase", "random") != "random":
+        raise ValueError("--phase sets the phase of simulated magnitude series; raw data bring their own (leave "
+                         "--phase out)")
     a.split, a.noise = "all", (a.noise or 0.0)
     return True
 
@@ -405,7 +417,7 @@ def run(a, raw_reader=None) -> int:
         if raw:
             return series[i].truth
         if i not in truths:
-            truths[i] = make_truth(series[i][1], a.seed * 1000 + i)
+            truths[i] = make_truth(series[i][1], a.seed * 1000 + i, a.phase)
         return truths[i]
 
     def case_of(i: int, r: float) -> Case:
@@ -541,7 +553,7 @@ def trace_noise(series, rec, accels: list[float], a) -> int:
     out.mkdir(parents=True, exist_ok=True)
     table: dict = {}
     for i, (name, frames) in enumerate(series):
-        truth = make_truth(frames, a.seed * 1000 + i)
+        truth = make_truth(frames, a.seed * 1000 + i, a.phase)
         for r in accels:
             case = simulate_case(name, truth, r, a.coils, a.noise, a.seed * 1000 + i, a.mask, a.acs)
             ref = torch.from_numpy(case.truth).to(rec.device)
@@ -615,8 +627,11 @@ def render_table(rows: list[dict], names=METHOD_NAMES.get) -> str:
 def _simulated_text(e: dict) -> list[str]:
     return [
         "- Truth: each series divided by the 99th percentile of its time-averaged magnitude; magnitude-only data "
-        "(such as ACDC's clinical reconstructions) get a smooth random phase, the same for all frames. The coil "
-        "sensitivities and the noise are always simulated, so these numbers are not those of a real raw acquisition.",
+        "(such as ACDC's clinical reconstructions) "
+        + ("stay real-valued (`--phase none`)" if e.get("phase") == "none"
+           else "get a smooth random phase, the same for all frames")
+        + ". The coil sensitivities and the noise are always simulated, so these numbers are not those of a real raw "
+        "acquisition.",
         f"- Acquisition: {e['coils']} simulated coil(s) (smooth ring sensitivities, normalised), complex Gaussian "
         f"k-space noise std {e['noise']} per real component (normalised image units, orthonormal FFT), "
         f"{_mask_text(e)}."] + _withheld_text(e)

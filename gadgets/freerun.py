@@ -105,6 +105,9 @@ def run(a) -> int:
         raise ValueError("--mask and --acs choose the lines of a cine's frames; a free-running scan samples a new "
                          "random set per real-time frame (ddugm simulate --ecg-beats): leave them out with "
                          "--free-running")
+    if getattr(a, "phase", "random") != "random":
+        raise ValueError("--phase sets the phase of the library's simulated cases; a free-running scan is simulated by "
+                         "ddugm simulate, with its own phase: leave it out with --free-running")
     if getattr(a, "noise_known", "yes") == "no":
         raise ValueError("--noise-known no: a free-running scan is simulated with its noise scan, which tells the "
                          "gadgets the noise; leave it out with --free-running")

@@ -49,6 +49,11 @@ def test_truth_and_case(series_dir):
     t = make_truth(mag, seed=2)
     assert np.allclose(np.abs(t) * np.percentile(mag.mean(0), 99), mag, rtol=1e-4, atol=1e-6)
     assert np.ptp(np.angle(t[0][np.abs(t[0]) > 0.1])) > 0.1  # a phase was added
+    real = make_truth(mag, seed=2, phase="none")  # --phase none: a real-valued object, the same magnitude
+    assert np.isrealobj(real) or not np.any(real.imag)
+    assert np.allclose(np.abs(real), np.abs(t), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown phase 'flat'; choose from random, none"):
+        make_truth(mag, seed=2, phase="flat")
     case = simulate_case("x", t, 4, 3, 0.01, seed=0)
     assert case.kspace.shape == (3, 5, 24, 20) and case.mask.shape == (5, 24)
     assert abs(case.mask.size / case.mask.sum() - 4) < 0.5
@@ -287,6 +292,7 @@ def test_raw_reference_with_a_corrupted_line_names_it(tmp_path):
     ("full", ["--coils", "8"], "bring their own"),
     ("full", ["--split", "test"], "evaluated whole"),
     ("full", ["--maps", "true"], "no true coil maps"),
+    ("full", ["--phase", "none"], "raw data bring their own"),
 ])
 def test_raw_evaluate_errors_are_named(tmp_path, capsys, kind, extra, message):
     raw = _raw(tmp_path, accel=3.0, acs=8) if kind == "undersampled" else _raw(tmp_path)
@@ -498,9 +504,16 @@ def test_evaluate_masks_of_clinical_and_k_t_acquisitions(series_dir, fast_yaml, 
     assert "| 3 (net 2.18) | LLR + temporal TV | 1 |" in report and "the same in every frame" in report
     by = {e["method"]: np.mean(e["psnr"]) for e in res}
     assert by["llr_ttv"] > by["zero_filled"] + 1
+    assert main(["evaluate", "--data", str(series_dir), "--split", "all", "--max-series", "1", "--accels", "3",
+                 "--coils", "3", "--methods", "zero_filled", "--mask", "equispaced", "--phase", "none",
+                 "--device", "cpu", "--quiet", "--out", str(tmp_path / "none")]) == 0
+    assert "stay real-valued (`--phase none`)" in (tmp_path / "none" / "report.md").read_text()
 
 
 def test_free_running_refuses_a_mask(tmp_path, capsys):
     assert main(["evaluate", "--free-running", "2", "--mask", "lattice", "--split", "all", "--out", str(tmp_path),
                  "--quiet"]) == 2
     assert "--mask and --acs choose the lines" in capsys.readouterr().err
+    assert main(["evaluate", "--free-running", "2", "--phase", "none", "--split", "all", "--out", str(tmp_path),
+                 "--quiet"]) == 2
+    assert "a free-running scan is simulated by ddugm simulate, with its own phase" in capsys.readouterr().err
