@@ -22,7 +22,7 @@ import yaml
 
 from . import MAX_SAMPLE, baselines
 from .checkpoints import DEFAULT_WEIGHTS, load_model
-from .coils import compress_coils, estimate_coil_maps, estimate_noise_std, refine_coil_maps, time_averaged_kspace
+from .coils import compress_coils, estimate_coil_maps, estimate_noise_std, refine_coil_maps, static_lines, time_averaged_kspace
 from .consistency import DataConsistency
 from .lowrank import default_rank
 from .networks import ATTENTION, PlaneScore, ScoreFunction, bf16_is_fast
@@ -116,6 +116,8 @@ class ReconConfig:
     coil_threshold: float = 0.02        # coil-map support: pixels below this fraction of the max signal are zeroed (0: none)
     coil_refine: int = 5                # estimated maps refined this many times from a first LLR + TV reconstruction (0: off)
     coil_refine_window: int = 5         #   neighbourhood (pixels) the refined maps are averaged over,
+    coil_refine_window_static: int = 9  #   and where the frames' lines together sample hardly more of the centre than
+                                        #   one frame's (the same lines in every frame: GRAPPA / SENSE-style cine)
     coil_refine_iters: int = 10         #   ADMM iterations per round, each round continuing the last (0: llr_iters)
     coil_refine_continue: int = 10      #   the LLR + TV after the rounds continues theirs this many iterations (0: afresh)
     coil_refine_min_frames: int = 12    #   only series with at least this many frames are refined (fewer: unreliable)
@@ -230,12 +232,12 @@ class ReconConfig:
             raise ValueError(f"lowrank_momentum must be in [0, 1) (0: none), got {self.lowrank_momentum}")
         if not 0 < self.scale_percentile <= 100 or not 0 <= self.coil_threshold < 1 or 0 < self.coil_calib < 3:
             raise ValueError("scale_percentile in (0, 100], coil_threshold in [0, 1), coil_calib 0 (no limit) or >= 3")
-        if self.coil_refine < 0 or self.coil_refine_window < 1 or self.coil_refine_iters < 0 or self.coil_refine_continue < 0 \
-                or self.coil_refine_min_frames < 0:
-            raise ValueError(f"coil_refine must be >= 0 (0: off), coil_refine_window >= 1, and coil_refine_iters, "
-                             f"coil_refine_continue and coil_refine_min_frames >= 0, got {self.coil_refine}, "
-                             f"{self.coil_refine_window}, {self.coil_refine_iters}, {self.coil_refine_continue} and "
-                             f"{self.coil_refine_min_frames}")
+        if self.coil_refine < 0 or self.coil_refine_window < 1 or self.coil_refine_window_static < 1 \
+                or self.coil_refine_iters < 0 or self.coil_refine_continue < 0 or self.coil_refine_min_frames < 0:
+            raise ValueError(f"coil_refine must be >= 0 (0: off), coil_refine_window and coil_refine_window_static "
+                             f">= 1, and coil_refine_iters, coil_refine_continue and coil_refine_min_frames >= 0, got "
+                             f"{self.coil_refine}, {self.coil_refine_window}, {self.coil_refine_window_static}, "
+                             f"{self.coil_refine_iters}, {self.coil_refine_continue} and {self.coil_refine_min_frames}")
         if self.device != "auto":
             try:
                 kind = torch.device(self.device).type
@@ -495,6 +497,7 @@ class Reconstructor:
         k, m, maps = prepare_inputs(kspace, mask, coil_maps, self.device)
         coils = k.shape[0]
         self.noise_source = "told" if noise_std is not None else None
+        self.coil_window = None  # the refinement's window (None: the maps were not refined)
         if noise_std is None and cfg.noise_estimate == "coils":  # before compression drops the noise-only coils
             noise_std = estimate_noise_std(k, m)
             self.noise_source = "estimated" if noise_std is not None else None
@@ -533,10 +536,12 @@ class Reconstructor:
             per_round = cfg.coil_refine_iters or cfg.llr_iters
             before, total = refine * per_round, refine * per_round + self._iterations(method, llr_iters)
             carry = {}  # each round's ADMM continues from the previous one's iterates
+            window = cfg.coil_refine_window_static if static_lines(m) else cfg.coil_refine_window
+            self.coil_window = window
             for r in range(refine):
                 cb = None if callback is None else (lambda i, n, r=r: callback(r * per_round + i, total))
                 first = self._classical("llr_ttv", dc, cb, carry, iters=per_round, accel=accel, reg=reg)
-                maps = refine_coil_maps(kn, m, first, maps, cfg.coil_refine_window)
+                maps = refine_coil_maps(kn, m, first, maps, window)
                 dc = DataConsistency(kn, m, maps, cg_iters=cfg.dc_iters, lam=cfg.dc_lambda, mode=cfg.dc_mode)
             if callback is not None:
                 user_callback = callback

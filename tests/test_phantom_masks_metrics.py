@@ -55,6 +55,24 @@ def test_refined_coil_maps_fit_the_data_better():
     assert misfit(same) < 1e-5
 
 
+def test_static_lines_tell_the_same_lines_in_every_frame_from_masks_that_fill_the_centre():
+    """Segmented GRAPPA / SENSE cine (the same lines in every frame, a few frames with an extra
+    line among them) against random and shifted-lattice masks, also with few frames, and
+    an empty mask."""
+    from ddugm_core.coils import static_lines
+    from ddugm_core.masks import equispaced_mask, lattice_mask
+
+    for accel in (2, 3, 4):
+        eq = torch.from_numpy(equispaced_mask(15, 100, accel, 12))
+        assert static_lines(eq) and static_lines(eq[:, :, None].expand(15, 100, 8))
+        eq[::5, 52] = True  # an extra line in some frames
+        assert static_lines(eq)
+    for frames, accel in ((15, 4), (12, 12), (30, 8)):
+        assert not static_lines(torch.from_numpy(variable_density_mask(frames, 100, accel, seed=0)))
+    assert not static_lines(torch.from_numpy(lattice_mask(6, 100, 8, 0)))
+    assert not static_lines(torch.zeros(4, 32, dtype=torch.bool))
+
+
 def test_variable_density_mask():
     m = variable_density_mask(10, 96, 8, seed=0)
     assert m.shape == (10, 96) and (m.sum(1) == 12).all()

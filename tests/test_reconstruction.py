@@ -426,6 +426,7 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
     assert seen[-1] == (4 + 3 + 4, 4 + 3 + 4) and all(n == 11 for _, n in seen)
     assert [i for i, _ in seen] == list(range(1, 12))
     for bad, msg in [({"coil_refine": -1}, "coil_refine"), ({"coil_refine_window": 0}, "coil_refine"),
+                     ({"coil_refine_window_static": 0}, "coil_refine_window_static >= 1"),
                      ({"coil_refine_continue": -1}, "coil_refine_continue"), ({"lowrank_momentum": 1.0}, "lowrank_momentum"),
                      ({"lowrank_momentum": -0.1}, "lowrank_momentum"), ({"coil_refine_min_frames": -1}, "coil_refine_min"),
                      ({"sampler": "dps"}, "sampler must be"), ({"pnp_gamma": -1.0}, "pnp_gamma"),
@@ -562,3 +563,24 @@ def test_unknown_noise_is_estimated_and_strengthens_the_weights(tiny_config):
     assert off.noise_source is None and off.noise_factor == 1.0 and not np.allclose(plain, est)
     with pytest.raises(ValueError, match="noise_estimate must be one of"):
         ReconConfig.from_dict({"noise_estimate": "scan"})
+
+
+def test_maps_of_the_same_lines_in_every_frame_are_refined_with_their_own_window(tiny_config):
+    """``coil_refine_window_static`` where every frame has the same lines (GRAPPA-style cine),
+    ``coil_refine_window`` where the frames' lines fill the centre; the image follows the window."""
+    from ddugm_core.masks import equispaced_mask
+
+    x = cine_phantom(12, 32, seed=1)
+    maps = coil_maps(4, 32)
+    cfg = ReconConfig.from_dict({**tiny_config.to_dict(), "coil_refine": 2, "coil_refine_iters": 2,
+                                 "coil_refine_min_frames": 12})
+    out = {}
+    for name, m in (("static", equispaced_mask(12, 32, 3, 6)), ("random", variable_density_mask(12, 32, 3, seed=0))):
+        k = simulate_kspace(x, maps, m, noise=0.002, seed=0)
+        for w in (3, 9):
+            rec = Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine_window_static": w}))
+            out[name, w] = rec.recon(k, m, method="llr_ttv")
+            assert rec.coil_window == (w if name == "static" else cfg.coil_refine_window)
+    assert not torch.allclose(torch.as_tensor(out["static", 3]), torch.as_tensor(out["static", 9]))
+    assert torch.equal(torch.as_tensor(out["random", 3]), torch.as_tensor(out["random", 9]))
+    assert cfg.coil_refine_window == 5 and ReconConfig().coil_refine_window_static == 9
