@@ -118,6 +118,7 @@ class ReconConfig:
     coil_refine_window: int = 5         #   neighbourhood (pixels) the refined maps are averaged over,
     coil_refine_window_static: int = 9  #   and where the frames' lines together sample hardly more of the centre than
                                         #   one frame's (the same lines in every frame: GRAPPA / SENSE-style cine)
+    coil_refine_static: int = 10        #   rounds there (coil_refine elsewhere; 0: as coil_refine)
     coil_refine_iters: int = 10         #   ADMM iterations per round, each round continuing the last (0: llr_iters)
     coil_refine_continue: int = 10      #   the LLR + TV after the rounds continues theirs this many iterations (0: afresh)
     coil_refine_min_frames: int = 12    #   only series with at least this many frames are refined (fewer: unreliable)
@@ -232,12 +233,15 @@ class ReconConfig:
             raise ValueError(f"lowrank_momentum must be in [0, 1) (0: none), got {self.lowrank_momentum}")
         if not 0 < self.scale_percentile <= 100 or not 0 <= self.coil_threshold < 1 or 0 < self.coil_calib < 3:
             raise ValueError("scale_percentile in (0, 100], coil_threshold in [0, 1), coil_calib 0 (no limit) or >= 3")
-        if self.coil_refine < 0 or self.coil_refine_window < 1 or self.coil_refine_window_static < 1 \
-                or self.coil_refine_iters < 0 or self.coil_refine_continue < 0 or self.coil_refine_min_frames < 0:
-            raise ValueError(f"coil_refine must be >= 0 (0: off), coil_refine_window and coil_refine_window_static "
-                             f">= 1, and coil_refine_iters, coil_refine_continue and coil_refine_min_frames >= 0, got "
-                             f"{self.coil_refine}, {self.coil_refine_window}, {self.coil_refine_window_static}, "
-                             f"{self.coil_refine_iters}, {self.coil_refine_continue} and {self.coil_refine_min_frames}")
+        if self.coil_refine < 0 or self.coil_refine_static < 0 or self.coil_refine_window < 1 \
+                or self.coil_refine_window_static < 1 or self.coil_refine_iters < 0 or self.coil_refine_continue < 0 \
+                or self.coil_refine_min_frames < 0:
+            raise ValueError(f"coil_refine and coil_refine_static must be >= 0 (0: off; coil_refine_static 0: as "
+                             f"coil_refine), coil_refine_window and coil_refine_window_static >= 1, and "
+                             f"coil_refine_iters, coil_refine_continue and coil_refine_min_frames >= 0, got "
+                             f"{self.coil_refine}, {self.coil_refine_static}, {self.coil_refine_window}, "
+                             f"{self.coil_refine_window_static}, {self.coil_refine_iters}, {self.coil_refine_continue} "
+                             f"and {self.coil_refine_min_frames}")
         if self.device != "auto":
             try:
                 kind = torch.device(self.device).type
@@ -515,7 +519,9 @@ class Reconstructor:
         s = cfg.sampler_settings()
         refinable = maps is not None and (estimated if refine_maps is None else bool(refine_maps)) \
             and k.shape[1] >= cfg.coil_refine_min_frames  # few frames sample the coil covariance too little
-        refine = cfg.coil_refine if refinable and method != "zero_filled" else 0  # (zero-filled: the plain adjoint)
+        static = refinable and static_lines(m)  # the same lines in every frame: its own rounds and window
+        rounds = (cfg.coil_refine_static or cfg.coil_refine) if static and cfg.coil_refine else cfg.coil_refine
+        refine = rounds if refinable and method != "zero_filled" else 0  # (zero-filled: the plain adjoint)
         # DD-UGM starts from a more strongly regularised LLR + TV than the plain ADMM's own optimum
         # (the sampler then continues at pnp_reg_scale of it; chosen on validation); the llr_ttv
         # method starts the same way and continues at llr_continue_scale without any prior
@@ -536,7 +542,7 @@ class Reconstructor:
             per_round = cfg.coil_refine_iters or cfg.llr_iters
             before, total = refine * per_round, refine * per_round + self._iterations(method, llr_iters)
             carry = {}  # each round's ADMM continues from the previous one's iterates
-            window = cfg.coil_refine_window_static if static_lines(m) else cfg.coil_refine_window
+            window = cfg.coil_refine_window_static if static else cfg.coil_refine_window
             self.coil_window = window
             for r in range(refine):
                 cb = None if callback is None else (lambda i, n, r=r: callback(r * per_round + i, total))

@@ -160,11 +160,12 @@ class Limits:
                                  f"max_iterations = {self.max_iterations}")
         # the coil-map refinement: rounds of ADMM iterations, so its total is what is capped
         # (the round count has no "_iters" name and was not capped: coil_refine 10^9 held the queue)
-        rounds = cfg.coil_refine * (cfg.coil_refine_iters or cfg.llr_iters)
-        if rounds > self.max_iterations:
-            raise ValueError(f"coil_refine = {cfg.coil_refine} rounds of {cfg.coil_refine_iters or cfg.llr_iters} "
-                             f"iterations ({rounds} in all) exceed the server's limit max_iterations = "
-                             f"{self.max_iterations}")
+        for name in ("coil_refine", "coil_refine_static"):  # (the latter: cines with the same lines in every frame)
+            rounds = getattr(cfg, name) * (cfg.coil_refine_iters or cfg.llr_iters)
+            if rounds > self.max_iterations:
+                raise ValueError(f"{name} = {getattr(cfg, name)} rounds of {cfg.coil_refine_iters or cfg.llr_iters} "
+                                 f"iterations ({rounds} in all) exceed the server's limit max_iterations = "
+                                 f"{self.max_iterations}")
         if cfg.window > self.max_window:
             raise ValueError(f"window = {cfg.window} exceeds the server's limit max_window = {self.max_window}")
 

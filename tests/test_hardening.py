@@ -262,6 +262,7 @@ def test_work_limits_steps_iterations_compile(server, small):
                            # the coil-map refinement's rounds and continuation (uncapped before this release)
                            ({"coil_refine": 1000000000}, "coil_refine = 1000000000 rounds"),
                            ({"coil_refine": 200, "coil_refine_iters": 10}, "(2000 in all)"),
+                           ({"coil_refine_static": 1000000000}, "coil_refine_static = 1000000000 rounds"),
                            ({"coil_refine_continue": 5000}, "coil_refine_continue")):
         r = _ask(port, _props(**props), xml, acqs[:3])
         assert r.errors and message in r.errors[0], (props, r.errors)

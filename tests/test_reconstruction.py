@@ -427,6 +427,7 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
     assert [i for i, _ in seen] == list(range(1, 12))
     for bad, msg in [({"coil_refine": -1}, "coil_refine"), ({"coil_refine_window": 0}, "coil_refine"),
                      ({"coil_refine_window_static": 0}, "coil_refine_window_static >= 1"),
+                     ({"coil_refine_static": -1}, "coil_refine and coil_refine_static must be >= 0"),
                      ({"coil_refine_continue": -1}, "coil_refine_continue"), ({"lowrank_momentum": 1.0}, "lowrank_momentum"),
                      ({"lowrank_momentum": -0.1}, "lowrank_momentum"), ({"coil_refine_min_frames": -1}, "coil_refine_min"),
                      ({"sampler": "dps"}, "sampler must be"), ({"pnp_gamma": -1.0}, "pnp_gamma"),
@@ -584,3 +585,25 @@ def test_maps_of_the_same_lines_in_every_frame_are_refined_with_their_own_window
     assert not torch.allclose(torch.as_tensor(out["static", 3]), torch.as_tensor(out["static", 9]))
     assert torch.equal(torch.as_tensor(out["random", 3]), torch.as_tensor(out["random", 9]))
     assert cfg.coil_refine_window == 5 and ReconConfig().coil_refine_window_static == 9
+
+
+def test_maps_of_the_same_lines_in_every_frame_get_their_own_refinement_rounds(tiny_config, monkeypatch):
+    """``coil_refine_static`` rounds where every frame has the same lines (0: as ``coil_refine``),
+    ``coil_refine`` elsewhere; ``coil_refine: 0`` stays off for both."""
+    import ddugm_core.reconstruction as rc
+    from ddugm_core.masks import equispaced_mask
+
+    rounds = []
+    real = rc.refine_coil_maps
+    monkeypatch.setattr(rc, "refine_coil_maps", lambda *a, **kw: (rounds.append(1), real(*a, **kw))[1])
+    x, maps = cine_phantom(12, 32, seed=1), coil_maps(4, 32)
+    base = {**tiny_config.to_dict(), "coil_refine": 2, "coil_refine_iters": 1, "coil_refine_min_frames": 12}
+    for m, over, expect in ((equispaced_mask(12, 32, 3, 6), {"coil_refine_static": 3}, 3),
+                            (equispaced_mask(12, 32, 3, 6), {"coil_refine_static": 0}, 2),
+                            (equispaced_mask(12, 32, 3, 6), {"coil_refine": 0, "coil_refine_static": 3}, 0),
+                            (variable_density_mask(12, 32, 3, seed=0), {"coil_refine_static": 3}, 2)):
+        rounds.clear()
+        k = simulate_kspace(x, maps, m, noise=0.002, seed=0)
+        Reconstructor(ReconConfig.from_dict({**base, **over})).recon(k, m, method="llr_ttv")
+        assert len(rounds) == expect, (over, len(rounds))
+    assert ReconConfig().coil_refine_static == 10 and ReconConfig().coil_refine == 5
