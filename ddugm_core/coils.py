@@ -151,19 +151,21 @@ def _hann(n: int, width: int, device) -> torch.Tensor:
     return torch.where(i.abs() < half, 0.5 + 0.5 * torch.cos(torch.pi * i / half), torch.zeros_like(i))
 
 
-def static_lines(mask: torch.Tensor, gain: float = 1.5) -> bool:
-    """Whether the frames of ``mask`` ``[frame, ky, kx]`` (or ``[frame, ky]``) together sample
-    hardly more of the central half of the phase-encoding lines than one frame does (fewer than
-    ``gain`` times as many): the same lines in every frame, as segmented cine with GRAPPA or
-    SENSE acquires them. Random and shifted-lattice masks fill the centre over the frames (on
-    the validation masks: 4 to 8 times one frame's lines); the same lines every frame give 1.
-    There the missing lines are never measured, the coil images of :func:`refine_coil_maps`
-    take them from the model alone, and its maps want a wider average."""
+def static_lines(mask: torch.Tensor, share: float = 0.8) -> bool:
+    """Whether most of the central lines a frame of ``mask`` ``[frame, ky, kx]`` (or ``[frame,
+    ky]``) misses are missed by every frame (more than ``share`` of them, in the central half
+    of the phase-encoding lines): the same lines in every frame, as segmented cine with GRAPPA or
+    SENSE acquires them (1), not random or shifted-lattice masks, whose frames fill in each
+    other's gaps (0 for a lattice; on the validation's random masks at most 0.3). There the
+    missing lines are never measured, the coil images of :func:`refine_coil_maps` take them from
+    the model alone, and its maps want a wider average. A mask that misses no central line is
+    not static."""
     lines = mask.reshape(mask.shape[0], mask.shape[1], -1).any(-1)  # [frame, ky]
     ny = lines.shape[1]
     band = lines[:, ny // 2 - ny // 4:ny // 2 + ny // 4 + 1]
-    per_frame = band.float().mean()
-    return bool(per_frame > 0) and float(band.any(0).float().mean() / per_frame) < gain
+    missed = (~band).float().mean()  # per frame, on average
+    never = (~band.any(0)).float().mean()
+    return bool(missed > 0) and float(never / missed) > share
 
 
 def refine_coil_maps(kspace: torch.Tensor, mask: torch.Tensor, image: torch.Tensor, maps: torch.Tensor,

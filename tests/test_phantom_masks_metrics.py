@@ -55,10 +55,10 @@ def test_refined_coil_maps_fit_the_data_better():
     assert misfit(same) < 1e-5
 
 
-def test_static_lines_tell_the_same_lines_in_every_frame_from_masks_that_fill_the_centre():
+def test_static_lines_tell_the_same_lines_in_every_frame_from_masks_whose_frames_fill_each_others_gaps():
     """Segmented GRAPPA / SENSE cine (the same lines in every frame, a few frames with an extra
-    line among them) against random and shifted-lattice masks, also with few frames, and
-    an empty mask."""
+    line among them) against random and shifted-lattice masks, also with few frames, and a
+    fully sampled one."""
     from ddugm_core.coils import static_lines
     from ddugm_core.masks import equispaced_mask, lattice_mask
 
@@ -70,7 +70,8 @@ def test_static_lines_tell_the_same_lines_in_every_frame_from_masks_that_fill_th
     for frames, accel in ((15, 4), (12, 12), (30, 8)):
         assert not static_lines(torch.from_numpy(variable_density_mask(frames, 100, accel, seed=0)))
     assert not static_lines(torch.from_numpy(lattice_mask(6, 100, 8, 0)))
-    assert not static_lines(torch.zeros(4, 32, dtype=torch.bool))
+    assert not static_lines(torch.ones(4, 32, dtype=torch.bool))  # nothing missing: nothing to fill in
+    assert not static_lines(torch.from_numpy(variable_density_mask(4, 24, 3, seed=1)))  # few frames, dense centre
 
 
 def test_variable_density_mask():
