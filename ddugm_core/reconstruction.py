@@ -116,8 +116,8 @@ class ReconConfig:
     coil_threshold: float = 0.02        # coil-map support: pixels below this fraction of the max signal are zeroed (0: none)
     coil_refine: int = 5                # estimated maps refined this many times from a first LLR + TV reconstruction (0: off)
     coil_refine_window: int = 5         #   neighbourhood (pixels) the refined maps are averaged over,
-    coil_refine_window_static: int = 9  #   and where the frames' lines together sample hardly more of the centre than
-                                        #   one frame's (the same lines in every frame: GRAPPA / SENSE-style cine)
+    coil_refine_window_static: int = 9  #   and where every frame has the same lines (GRAPPA / SENSE-style cine:
+                                        #   coils.static_lines), whose missing lines only the model gives
     coil_refine_static: int = 10        #   rounds there (coil_refine elsewhere; 0: as coil_refine)
     coil_refine_iters: int = 10         #   ADMM iterations per round, each round continuing the last (0: llr_iters)
     coil_refine_continue: int = 10      #   the LLR + TV after the rounds continues theirs this many iterations (0: afresh)
