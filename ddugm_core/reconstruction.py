@@ -22,7 +22,15 @@ import yaml
 
 from . import MAX_SAMPLE, baselines
 from .checkpoints import DEFAULT_WEIGHTS, load_model
-from .coils import compress_coils, estimate_coil_maps, estimate_noise_std, refine_coil_maps, static_lines, time_averaged_kspace
+from .coils import (
+    compress_coils,
+    estimate_coil_maps,
+    estimate_noise_std,
+    fit_coil_maps,
+    refine_coil_maps,
+    static_lines,
+    time_averaged_kspace,
+)
 from .consistency import DataConsistency
 from .lowrank import default_rank
 from .networks import ATTENTION, PlaneScore, ScoreFunction, bf16_is_fast
@@ -53,6 +61,10 @@ PRESETS["default"] = PRESETS["pnp"]  # chosen by measurement on the validation s
 
 #: noise_estimate: where no noise is told, estimate it from the coils (:func:`estimate_noise_std`) or not
 NOISE_ESTIMATES = ("coils", "off")
+
+
+#: how the coil-map refinement forms each round's maps (ReconConfig.coil_refine_mode)
+COIL_REFINE_MODES = ("fit", "average")
 
 
 @dataclass
@@ -122,6 +134,12 @@ class ReconConfig:
     coil_refine_iters: int = 10         #   ADMM iterations per round, each round continuing the last (0: llr_iters)
     coil_refine_continue: int = 10      #   the LLR + TV after the rounds continues theirs this many iterations (0: afresh)
     coil_refine_min_frames: int = 12    #   only series with at least this many frames are refined (fewer: unreliable)
+    coil_refine_mode: str = "fit"       #   each round's maps: fit (smooth maps fitted to the acquired samples
+                                        #   alone, coils.fit_coil_maps) | average (coil images with the missing
+                                        #   samples from the model, averaged over coil_refine_window pixels)
+    coil_fit_band: float = 0.0625       #   fit: the maps' k-space extent, a fraction of the acquired one
+    coil_fit_iters: int = 20            #   fit: conjugate-gradient steps per round
+    coil_fit_lam: float = 0.01          #   fit: weight holding the maps where the image is dark
     scale_percentile: float = 99.0
     image_weights: str = ""             # "" = the shipped weights
     kspace_weights: str = ""
@@ -242,6 +260,12 @@ class ReconConfig:
                              f"{self.coil_refine}, {self.coil_refine_static}, {self.coil_refine_window}, "
                              f"{self.coil_refine_window_static}, {self.coil_refine_iters}, {self.coil_refine_continue} "
                              f"and {self.coil_refine_min_frames}")
+        if self.coil_refine_mode not in COIL_REFINE_MODES:
+            raise ValueError(f"coil_refine_mode must be one of {', '.join(COIL_REFINE_MODES)}, got {self.coil_refine_mode!r}")
+        if not 0 < self.coil_fit_band <= 1 or self.coil_fit_iters < 0 or not self.coil_fit_lam >= 0:
+            raise ValueError(f"coil_fit_band must be in (0, 1] (a fraction of the acquired k-space), coil_fit_iters "
+                             f">= 0 and coil_fit_lam >= 0, got {self.coil_fit_band}, {self.coil_fit_iters} and "
+                             f"{self.coil_fit_lam}")
         if self.device != "auto":
             try:
                 kind = torch.device(self.device).type
@@ -501,7 +525,8 @@ class Reconstructor:
         k, m, maps = prepare_inputs(kspace, mask, coil_maps, self.device)
         coils = k.shape[0]
         self.noise_source = "told" if noise_std is not None else None
-        self.coil_window = None  # the refinement's window (None: the maps were not refined)
+        self.coil_refinement = None  # how the maps were refined: coil_refine_mode (None: not refined)
+        self.coil_window = None  # the average refinement's window (None: not refined so)
         if noise_std is None and cfg.noise_estimate == "coils":  # before compression drops the noise-only coils
             noise_std = estimate_noise_std(k, m)
             self.noise_source = "estimated" if noise_std is not None else None
@@ -543,11 +568,15 @@ class Reconstructor:
             before, total = refine * per_round, refine * per_round + self._iterations(method, llr_iters)
             carry = {}  # each round's ADMM continues from the previous one's iterates
             window = cfg.coil_refine_window_static if static else cfg.coil_refine_window
-            self.coil_window = window
+            self.coil_refinement = cfg.coil_refine_mode
+            self.coil_window = window if cfg.coil_refine_mode == "average" else None
             for r in range(refine):
                 cb = None if callback is None else (lambda i, n, r=r: callback(r * per_round + i, total))
                 first = self._classical("llr_ttv", dc, cb, carry, iters=per_round, accel=accel, reg=reg)
-                maps = refine_coil_maps(kn, m, first, maps, window)
+                if cfg.coil_refine_mode == "fit":
+                    maps = fit_coil_maps(kn, m, first, maps, cfg.coil_fit_band, cfg.coil_fit_iters, cfg.coil_fit_lam)
+                else:
+                    maps = refine_coil_maps(kn, m, first, maps, window)
                 dc = DataConsistency(kn, m, maps, cg_iters=cfg.dc_iters, lam=cfg.dc_lambda, mode=cfg.dc_mode)
             if callback is not None:
                 user_callback = callback

@@ -160,12 +160,13 @@ class Limits:
                                  f"max_iterations = {self.max_iterations}")
         # the coil-map refinement: rounds of ADMM iterations, so its total is what is capped
         # (the round count has no "_iters" name and was not capped: coil_refine 10^9 held the queue)
+        # (each round: its ADMM iterations, and with coil_refine_mode fit the maps' conjugate-gradient steps)
+        per_round = (cfg.coil_refine_iters or cfg.llr_iters) + (cfg.coil_fit_iters if cfg.coil_refine_mode == "fit" else 0)
         for name in ("coil_refine", "coil_refine_static"):  # (the latter: cines with the same lines in every frame)
-            rounds = getattr(cfg, name) * (cfg.coil_refine_iters or cfg.llr_iters)
+            rounds = getattr(cfg, name) * per_round
             if rounds > self.max_iterations:
-                raise ValueError(f"{name} = {getattr(cfg, name)} rounds of {cfg.coil_refine_iters or cfg.llr_iters} "
-                                 f"iterations ({rounds} in all) exceed the server's limit max_iterations = "
-                                 f"{self.max_iterations}")
+                raise ValueError(f"{name} = {getattr(cfg, name)} rounds of {per_round} iterations ({rounds} in all) "
+                                 f"exceed the server's limit max_iterations = {self.max_iterations}")
         if cfg.window > self.max_window:
             raise ValueError(f"window = {cfg.window} exceeds the server's limit max_window = {self.max_window}")
 

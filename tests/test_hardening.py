@@ -261,7 +261,9 @@ def test_work_limits_steps_iterations_compile(server, small):
                            ({"pnp_inner": 5000}, "pnp_inner"), ({"llr_cg_iters": 5000}, "max_iterations"),
                            # the coil-map refinement's rounds and continuation (uncapped before this release)
                            ({"coil_refine": 1000000000}, "coil_refine = 1000000000 rounds"),
-                           ({"coil_refine": 200, "coil_refine_iters": 10}, "(2000 in all)"),
+                           ({"coil_refine": 200, "coil_refine_iters": 10}, "(6000 in all)"),
+                           # each round's map fit counts too (40 rounds of 10 ADMM iterations alone would pass)
+                           ({"coil_refine": 40, "coil_refine_iters": 10, "coil_fit_iters": 20}, "(1200 in all)"),
                            ({"coil_refine_static": 1000000000}, "coil_refine_static = 1000000000 rounds"),
                            ({"coil_refine_continue": 5000}, "coil_refine_continue")):
         r = _ask(port, _props(**props), xml, acqs[:3])

@@ -343,8 +343,8 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
         if i == 2:
             raise Stop
     import ddugm_core.reconstruction as rc
-    refined, real_refine = [], rc.refine_coil_maps
-    monkeypatch.setattr(rc, "refine_coil_maps", lambda *a, **kw: (refined.append(1), real_refine(*a, **kw))[1])
+    refined, real_refine = [], rc.fit_coil_maps  # (each round's maps: coil_refine_mode fit, the default)
+    monkeypatch.setattr(rc, "fit_coil_maps", lambda *a, **kw: (refined.append(1), real_refine(*a, **kw))[1])
     with pytest.raises(Stop):  # raised inside the first refinement round, before its maps
         Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine": 2, "coil_refine_iters": 3})).recon(
             k, callback=stop_at)
@@ -567,14 +567,15 @@ def test_unknown_noise_is_estimated_and_strengthens_the_weights(tiny_config):
 
 
 def test_maps_of_the_same_lines_in_every_frame_are_refined_with_their_own_window(tiny_config):
-    """``coil_refine_window_static`` where every frame has the same lines (GRAPPA-style cine),
-    ``coil_refine_window`` where the frames' lines fill the centre; the image follows the window."""
+    """``coil_refine_mode: average``: ``coil_refine_window_static`` where every frame has the
+    same lines (GRAPPA-style cine), ``coil_refine_window`` where the frames' lines fill the
+    centre; the image follows the window. The default mode, fit, has no window."""
     from ddugm_core.masks import equispaced_mask
 
     x = cine_phantom(12, 32, seed=1)
     maps = coil_maps(4, 32)
     cfg = ReconConfig.from_dict({**tiny_config.to_dict(), "coil_refine": 2, "coil_refine_iters": 2,
-                                 "coil_refine_min_frames": 12})
+                                 "coil_refine_min_frames": 12, "coil_refine_mode": "average"})
     out = {}
     for name, m in (("static", equispaced_mask(12, 32, 3, 6)), ("random", variable_density_mask(12, 32, 3, seed=0))):
         k = simulate_kspace(x, maps, m, noise=0.002, seed=0)
@@ -582,9 +583,13 @@ def test_maps_of_the_same_lines_in_every_frame_are_refined_with_their_own_window
             rec = Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine_window_static": w}))
             out[name, w] = rec.recon(k, m, method="llr_ttv")
             assert rec.coil_window == (w if name == "static" else cfg.coil_refine_window)
+            assert rec.coil_refinement == "average"
     assert not torch.allclose(torch.as_tensor(out["static", 3]), torch.as_tensor(out["static", 9]))
     assert torch.equal(torch.as_tensor(out["random", 3]), torch.as_tensor(out["random", 9]))
     assert cfg.coil_refine_window == 5 and ReconConfig().coil_refine_window_static == 9
+    fit = Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine_mode": "fit"}))
+    fit.recon(k, m, method="llr_ttv")
+    assert fit.coil_refinement == "fit" and fit.coil_window is None and ReconConfig().coil_refine_mode == "fit"
 
 
 def test_maps_of_the_same_lines_in_every_frame_get_their_own_refinement_rounds(tiny_config, monkeypatch):
@@ -594,8 +599,8 @@ def test_maps_of_the_same_lines_in_every_frame_get_their_own_refinement_rounds(t
     from ddugm_core.masks import equispaced_mask
 
     rounds = []
-    real = rc.refine_coil_maps
-    monkeypatch.setattr(rc, "refine_coil_maps", lambda *a, **kw: (rounds.append(1), real(*a, **kw))[1])
+    real = rc.fit_coil_maps  # (coil_refine_mode fit, the default)
+    monkeypatch.setattr(rc, "fit_coil_maps", lambda *a, **kw: (rounds.append(1), real(*a, **kw))[1])
     x, maps = cine_phantom(12, 32, seed=1), coil_maps(4, 32)
     base = {**tiny_config.to_dict(), "coil_refine": 2, "coil_refine_iters": 1, "coil_refine_min_frames": 12}
     for m, over, expect in ((equispaced_mask(12, 32, 3, 6), {"coil_refine_static": 3}, 3),
