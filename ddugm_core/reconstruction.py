@@ -64,7 +64,7 @@ NOISE_ESTIMATES = ("coils", "off")
 
 
 #: how the coil-map refinement forms each round's maps (ReconConfig.coil_refine_mode)
-COIL_REFINE_MODES = ("fit", "average")
+COIL_REFINE_MODES = ("auto", "fit", "average")
 
 
 @dataclass
@@ -134,9 +134,10 @@ class ReconConfig:
     coil_refine_iters: int = 10         #   ADMM iterations per round, each round continuing the last (0: llr_iters)
     coil_refine_continue: int = 10      #   the LLR + TV after the rounds continues theirs this many iterations (0: afresh)
     coil_refine_min_frames: int = 12    #   only series with at least this many frames are refined (fewer: unreliable)
-    coil_refine_mode: str = "fit"       #   each round's maps: fit (smooth maps fitted to the acquired samples
+    coil_refine_mode: str = "auto"      #   each round's maps: fit (smooth maps fitted to the acquired samples
                                         #   alone, coils.fit_coil_maps) | average (coil images with the missing
-                                        #   samples from the model, averaged over coil_refine_window pixels)
+                                        #   samples from the model, averaged over coil_refine_window pixels) |
+                                        #   auto (fit; average where every frame has the same lines)
     coil_fit_band: float = 0.0625       #   fit: the maps' k-space extent, a fraction of the acquired one
     coil_fit_iters: int = 20            #   fit: conjugate-gradient steps per round
     coil_fit_lam: float = 0.01          #   fit: weight holding the maps where the image is dark
@@ -568,12 +569,13 @@ class Reconstructor:
             before, total = refine * per_round, refine * per_round + self._iterations(method, llr_iters)
             carry = {}  # each round's ADMM continues from the previous one's iterates
             window = cfg.coil_refine_window_static if static else cfg.coil_refine_window
-            self.coil_refinement = cfg.coil_refine_mode
-            self.coil_window = window if cfg.coil_refine_mode == "average" else None
+            mode = cfg.coil_refine_mode if cfg.coil_refine_mode != "auto" else ("average" if static else "fit")
+            self.coil_refinement = mode
+            self.coil_window = window if mode == "average" else None
             for r in range(refine):
                 cb = None if callback is None else (lambda i, n, r=r: callback(r * per_round + i, total))
                 first = self._classical("llr_ttv", dc, cb, carry, iters=per_round, accel=accel, reg=reg)
-                if cfg.coil_refine_mode == "fit":
+                if mode == "fit":
                     maps = fit_coil_maps(kn, m, first, maps, cfg.coil_fit_band, cfg.coil_fit_iters, cfg.coil_fit_lam)
                 else:
                     maps = refine_coil_maps(kn, m, first, maps, window)

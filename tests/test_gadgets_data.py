@@ -799,8 +799,10 @@ def test_maps_from_reference_lines_are_refined_and_only_where_the_data_give_less
     from gadgets.kspace import flag_set
 
     rounds, from_ref = [], []
-    real_refine, real_ref = rc.fit_coil_maps, gsess.coil_maps_from_ref  # (coil_refine_mode fit, the default)
-    monkeypatch.setattr(rc, "fit_coil_maps", lambda *a, **kw: (rounds.append(1), real_refine(*a, **kw))[1])
+    real_ref = gsess.coil_maps_from_ref
+    for name in ("fit_coil_maps", "refine_coil_maps"):  # (coil_refine_mode auto: either, by the lines)
+        real = getattr(rc, name)
+        monkeypatch.setattr(rc, name, lambda *a, real=real, **kw: (rounds.append(1), real(*a, **kw))[1])
     monkeypatch.setattr(gsess, "coil_maps_from_ref", lambda *a, **kw: (lambda m: (from_ref.append(m is not None), m)[1])(
         real_ref(*a, **kw)))
     path, truth = sim
