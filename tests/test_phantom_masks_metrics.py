@@ -27,14 +27,13 @@ def test_coil_maps_normalised_and_estimated():
     assert agreement.mean() > 0.99
 
 
-def test_refined_coil_maps_fit_the_data_better():
-    """With a good image the refinement moves estimated maps towards the true ones (the data,
-    not the old maps, decide where lines were acquired); true maps and the true image are a
-    fixed point; phase convention and support of the old maps are kept."""
+def _maps_case(m, noise):
+    """A 12-frame phantom cine with 6 coils under the lines ``m`` ``[frame, ky]``: the image, the
+    true maps, k-space, the mask, the estimated maps, the body, the image in the estimated maps'
+    phase convention, and the maps' misfit 1 - |<S, S_true>| over the body."""
     maps = coil_maps(6, 48)
     x = cine_phantom(12, 48, seed=0)
-    m = variable_density_mask(12, 48, 4, seed=0)
-    k = torch.from_numpy(simulate_kspace(x, maps, m))
+    k = torch.from_numpy(simulate_kspace(x, maps, m, noise=noise, seed=0))
     mask = torch.from_numpy(m).float()[:, :, None].expand(12, 48, 48)
     est = estimate_coil_maps(k, mask)
     body = torch.from_numpy(np.abs(x).mean(0) > 0.2)
@@ -43,7 +42,15 @@ def test_refined_coil_maps_fit_the_data_better():
     def misfit(s):
         return float((1 - (s.conj() * true).sum(0).abs())[body].mean())
 
-    img = torch.from_numpy(x) * torch.exp(1j * torch.angle((est.conj() * true).sum(0)))  # in est's phase convention
+    img = torch.from_numpy(x) * torch.exp(1j * torch.angle((est.conj() * true).sum(0)))
+    return x, true, k, mask, est, body, img, misfit
+
+
+def test_refined_coil_maps_fit_the_data_better():
+    """With a good image the refinement moves estimated maps towards the true ones (the data,
+    not the old maps, decide where lines were acquired); true maps and the true image are a
+    fixed point; phase convention and support of the old maps are kept."""
+    x, true, k, mask, est, body, img, misfit = _maps_case(variable_density_mask(12, 48, 4, seed=0), noise=0.0)
     new = refine_coil_maps(k, mask, img, est, window=3)
     assert misfit(new) < 0.5 * misfit(est)
     assert torch.allclose((new.abs() ** 2).sum(0)[body], torch.ones(()), atol=1e-4)
@@ -63,19 +70,7 @@ def test_fitted_coil_maps_follow_the_acquired_samples_where_every_frame_misses_t
     maps with the true image stay put; a band outside (0, 1] is refused."""
     from ddugm_core.masks import equispaced_mask
 
-    maps = coil_maps(6, 48)
-    x = cine_phantom(12, 48, seed=0)
-    m = equispaced_mask(12, 48, 3, 6)
-    k = torch.from_numpy(simulate_kspace(x, maps, m, noise=0.002, seed=0))
-    mask = torch.from_numpy(m).float()[:, :, None].expand(12, 48, 48)
-    est = estimate_coil_maps(k, mask)
-    body = torch.from_numpy(np.abs(x).mean(0) > 0.2)
-    true = torch.from_numpy(maps)
-
-    def misfit(s):
-        return float((1 - (s.conj() * true).sum(0).abs())[body].mean())
-
-    img = torch.from_numpy(x) * torch.exp(1j * torch.angle((est.conj() * true).sum(0)))  # in est's phase convention
+    x, true, k, mask, est, body, img, misfit = _maps_case(equispaced_mask(12, 48, 3, 6), noise=0.002)
     fitted = fit_coil_maps(k, mask, img, est)
     averaged = refine_coil_maps(k, mask, img, est, window=9)
     assert misfit(fitted) < 0.2 * misfit(est) and misfit(fitted) < 0.5 * misfit(averaged), \
