@@ -64,7 +64,7 @@ NOISE_ESTIMATES = ("coils", "off")
 
 
 #: how the coil-map refinement forms each round's maps (ReconConfig.coil_refine_mode)
-COIL_REFINE_MODES = ("auto", "fit", "average")
+COIL_REFINE_MODES = ("fit", "average")
 
 
 @dataclass
@@ -134,11 +134,11 @@ class ReconConfig:
     coil_refine_iters: int = 10         #   ADMM iterations per round, each round continuing the last (0: llr_iters)
     coil_refine_continue: int = 10      #   the LLR + TV after the rounds continues theirs this many iterations (0: afresh)
     coil_refine_min_frames: int = 12    #   only series with at least this many frames are refined (fewer: unreliable)
-    coil_refine_mode: str = "auto"      #   each round's maps: fit (smooth maps fitted to the acquired samples
+    coil_refine_mode: str = "fit"       #   each round's maps: fit (smooth maps fitted to the acquired samples
                                         #   alone, coils.fit_coil_maps) | average (coil images with the missing
-                                        #   samples from the model, averaged over coil_refine_window pixels) |
-                                        #   auto (fit; average where every frame has the same lines)
-    coil_fit_band: float = 0.0625       #   fit: the maps' k-space extent, a fraction of the acquired one
+                                        #   samples from the model, averaged over coil_refine_window pixels)
+    coil_fit_band: float = 0.0625       #   fit: the maps' k-space extent, a fraction of the acquired one,
+    coil_fit_band_static: float = 0.04  #   and where every frame has the same lines
     coil_fit_iters: int = 20            #   fit: conjugate-gradient steps per round
     coil_fit_lam: float = 0.01          #   fit: weight holding the maps where the image is dark
     scale_percentile: float = 99.0
@@ -263,10 +263,11 @@ class ReconConfig:
                              f"and {self.coil_refine_min_frames}")
         if self.coil_refine_mode not in COIL_REFINE_MODES:
             raise ValueError(f"coil_refine_mode must be one of {', '.join(COIL_REFINE_MODES)}, got {self.coil_refine_mode!r}")
-        if not 0 < self.coil_fit_band <= 1 or self.coil_fit_iters < 0 or not self.coil_fit_lam >= 0:
-            raise ValueError(f"coil_fit_band must be in (0, 1] (a fraction of the acquired k-space), coil_fit_iters "
-                             f">= 0 and coil_fit_lam >= 0, got {self.coil_fit_band}, {self.coil_fit_iters} and "
-                             f"{self.coil_fit_lam}")
+        if not (0 < self.coil_fit_band <= 1 and 0 < self.coil_fit_band_static <= 1) or self.coil_fit_iters < 0 \
+                or not self.coil_fit_lam >= 0:
+            raise ValueError(f"coil_fit_band and coil_fit_band_static must be in (0, 1] (a fraction of the acquired "
+                             f"k-space), coil_fit_iters >= 0 and coil_fit_lam >= 0, got {self.coil_fit_band}, "
+                             f"{self.coil_fit_band_static}, {self.coil_fit_iters} and {self.coil_fit_lam}")
         if self.device != "auto":
             try:
                 kind = torch.device(self.device).type
@@ -569,14 +570,15 @@ class Reconstructor:
             before, total = refine * per_round, refine * per_round + self._iterations(method, llr_iters)
             carry = {}  # each round's ADMM continues from the previous one's iterates
             window = cfg.coil_refine_window_static if static else cfg.coil_refine_window
-            mode = cfg.coil_refine_mode if cfg.coil_refine_mode != "auto" else ("average" if static else "fit")
+            mode = cfg.coil_refine_mode
+            band = cfg.coil_fit_band_static if static else cfg.coil_fit_band
             self.coil_refinement = mode
             self.coil_window = window if mode == "average" else None
             for r in range(refine):
                 cb = None if callback is None else (lambda i, n, r=r: callback(r * per_round + i, total))
                 first = self._classical("llr_ttv", dc, cb, carry, iters=per_round, accel=accel, reg=reg)
                 if mode == "fit":
-                    maps = fit_coil_maps(kn, m, first, maps, cfg.coil_fit_band, cfg.coil_fit_iters, cfg.coil_fit_lam)
+                    maps = fit_coil_maps(kn, m, first, maps, band, cfg.coil_fit_iters, cfg.coil_fit_lam)
                 else:
                     maps = refine_coil_maps(kn, m, first, maps, window)
                 dc = DataConsistency(kn, m, maps, cg_iters=cfg.dc_iters, lam=cfg.dc_lambda, mode=cfg.dc_mode)

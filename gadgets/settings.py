@@ -160,8 +160,8 @@ class Limits:
                                  f"max_iterations = {self.max_iterations}")
         # the coil-map refinement: rounds of ADMM iterations, so its total is what is capped
         # (the round count has no "_iters" name and was not capped: coil_refine 10^9 held the queue)
-        # (each round: its ADMM iterations, and unless coil_refine_mode is average the fit's conjugate-gradient steps)
-        per_round = (cfg.coil_refine_iters or cfg.llr_iters) + (cfg.coil_fit_iters if cfg.coil_refine_mode != "average" else 0)
+        # (each round: its ADMM iterations, and with coil_refine_mode fit its conjugate-gradient steps)
+        per_round = (cfg.coil_refine_iters or cfg.llr_iters) + (cfg.coil_fit_iters if cfg.coil_refine_mode == "fit" else 0)
         for name in ("coil_refine", "coil_refine_static"):  # (the latter: cines with the same lines in every frame)
             rounds = getattr(cfg, name) * per_round
             if rounds > self.max_iterations:

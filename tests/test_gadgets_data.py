@@ -800,7 +800,7 @@ def test_maps_from_reference_lines_are_refined_and_only_where_the_data_give_less
 
     rounds, from_ref = [], []
     real_ref = gsess.coil_maps_from_ref
-    for name in ("fit_coil_maps", "refine_coil_maps"):  # (coil_refine_mode auto: either, by the lines)
+    for name in ("fit_coil_maps", "refine_coil_maps"):  # (the fit, the default, or the average)
         real = getattr(rc, name)
         monkeypatch.setattr(rc, name, lambda *a, real=real, **kw: (rounds.append(1), real(*a, **kw))[1])
     monkeypatch.setattr(gsess, "coil_maps_from_ref", lambda *a, **kw: (lambda m: (from_ref.append(m is not None), m)[1])(

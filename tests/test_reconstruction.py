@@ -343,7 +343,7 @@ def test_pnp_preset_runs_from_the_llr_ttv_start_with_one_progress_count(tiny_con
         if i == 2:
             raise Stop
     import ddugm_core.reconstruction as rc
-    refined, real_refine = [], rc.fit_coil_maps  # (each round's maps: the fit, as auto does on random masks)
+    refined, real_refine = [], rc.fit_coil_maps  # (each round's maps: the fit, the default)
     monkeypatch.setattr(rc, "fit_coil_maps", lambda *a, **kw: (refined.append(1), real_refine(*a, **kw))[1])
     with pytest.raises(Stop):  # raised inside the first refinement round, before its maps
         Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine": 2, "coil_refine_iters": 3})).recon(
@@ -589,12 +589,19 @@ def test_maps_of_the_same_lines_in_every_frame_are_refined_with_their_own_window
     assert cfg.coil_refine_window == 5 and ReconConfig().coil_refine_window_static == 9
     fit = Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine_mode": "fit"}))
     fit.recon(k, m, method="llr_ttv")
-    assert fit.coil_refinement == "fit" and fit.coil_window is None and ReconConfig().coil_refine_mode == "auto"
-    # auto: the fit, but the average where every frame has the same lines
-    auto = Reconstructor(ReconConfig.from_dict({**cfg.to_dict(), "coil_refine_mode": "auto"}))
-    for m, expect in ((equispaced_mask(12, 32, 3, 6), "average"), (variable_density_mask(12, 32, 3, seed=0), "fit")):
-        auto.recon(simulate_kspace(x, maps, m, noise=0.002, seed=0), m, method="llr_ttv")
-        assert auto.coil_refinement == expect
+    assert fit.coil_refinement == "fit" and fit.coil_window is None and ReconConfig().coil_refine_mode == "fit"
+    # the fit's band: coil_fit_band_static where every frame has the same lines, else coil_fit_band
+    import ddugm_core.reconstruction as rc
+    bands = []
+    real = rc.fit_coil_maps
+    try:
+        rc.fit_coil_maps = lambda *a, **kw: (bands[-1].add(a[4]), real(*a, **kw))[1]
+        for m in (equispaced_mask(12, 32, 3, 6), variable_density_mask(12, 32, 3, seed=0)):
+            bands.append(set())
+            fit.recon(simulate_kspace(x, maps, m, noise=0.002, seed=0), m, method="llr_ttv")
+    finally:
+        rc.fit_coil_maps = real
+    assert bands == [{0.04}, {0.0625}] and ReconConfig().coil_fit_band_static == 0.04
 
 
 def test_maps_of_the_same_lines_in_every_frame_get_their_own_refinement_rounds(tiny_config, monkeypatch):
@@ -604,7 +611,7 @@ def test_maps_of_the_same_lines_in_every_frame_get_their_own_refinement_rounds(t
     from ddugm_core.masks import equispaced_mask
 
     rounds = []
-    for name in ("fit_coil_maps", "refine_coil_maps"):  # (auto, the default: average on the same lines, else fit)
+    for name in ("fit_coil_maps", "refine_coil_maps"):  # (the fit, the default, or the average)
         real = getattr(rc, name)
         monkeypatch.setattr(rc, name, lambda *a, real=real, **kw: (rounds.append(1), real(*a, **kw))[1])
     x, maps = cine_phantom(12, 32, seed=1), coil_maps(4, 32)
