@@ -191,10 +191,7 @@ def refine_coil_maps(kspace: torch.Tensor, mask: torch.Tensor, image: torch.Tens
     v = (image.conj()[None] * coil_images).sum(1)                 # [coil, y, x]
     if window > 1:
         v = box_mean(box_mean(v, window, -1), window, -2)
-    v = v / torch.linalg.vector_norm(v, dim=0, keepdim=True).clamp(min=1e-30)
-    v = v * torch.exp(-1j * torch.angle((maps.conj() * v).sum(0)))[None]  # the old maps' phase convention
-    support = (maps.abs() ** 2).sum(0) > 0
-    return torch.where(support[None], v, torch.zeros_like(v)).to(maps.dtype)
+    return _like(v, maps)
 
 
 def fit_coil_maps(kspace: torch.Tensor, mask: torch.Tensor, image: torch.Tensor, maps: torch.Tensor,
@@ -259,6 +256,12 @@ def fit_coil_maps(kspace: torch.Tensor, mask: torch.Tensor, image: torch.Tensor,
 
     rhs = synth_h((xc[None] * ifft2c(m * kspace)).sum(1) + reg * anchor)
     v = synth(conjugate_gradient(normal, rhs, g, iters))
+    return _like(v, maps)
+
+
+def _like(v: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """New maps ``v`` ``[coil, y, x]`` normalised (sum_c |S_c|^2 = 1), their phase referred to that
+    of the old ``maps`` and the old maps' support (zeros) kept."""
     v = v / torch.linalg.vector_norm(v, dim=0, keepdim=True).clamp(min=1e-30)
     v = v * torch.exp(-1j * torch.angle((maps.conj() * v).sum(0)))[None]  # the old maps' phase convention
     support = (maps.abs() ** 2).sum(0) > 0
